@@ -1,0 +1,49 @@
+"""The LLaDA backbone: embedding, scanned bidirectional blocks, final RMSNorm, untied LM head."""
+
+from __future__ import annotations
+
+import jax
+from flax import nnx
+
+from dultra_jax.config import ModelConfig
+from dultra_jax.model.block_stack import BlockStack, RematPolicy
+from dultra_jax.model.layers import AttentionImpl, RMSNorm, rope_tables, trunc_normal
+
+
+class LLaDA(nnx.Module):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        *,
+        dtype,
+        param_dtype,
+        attention_impl: AttentionImpl = "auto",
+        remat: RematPolicy = "none",
+        scan_layers: bool = True,
+        rngs: nnx.Rngs,
+    ):
+        self.cfg = cfg
+        std = 1.0 / cfg.d_model**0.5
+        self.embed = nnx.Embed(
+            cfg.embedding_size, cfg.d_model, dtype=dtype, param_dtype=param_dtype,
+            embedding_init=trunc_normal(std), rngs=rngs,
+        )
+        self.blocks = BlockStack(
+            cfg, cfg.n_layers, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl,
+            remat=remat, scan=scan_layers, rngs=rngs,
+        )
+        self.final_norm = RMSNorm(cfg.d_model, cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
+        self.lm_head = nnx.Linear(
+            cfg.d_model, cfg.embedding_size, use_bias=False, dtype=dtype, param_dtype=param_dtype,
+            kernel_init=trunc_normal(std), rngs=rngs,
+        )
+
+    def __call__(
+        self, input_ids: jax.Array, positions: jax.Array, mask: jax.Array | None
+    ) -> tuple[jax.Array, jax.Array]:
+        """(logits [B, L, V], hidden [B, L, D]) where hidden is the post-``ln_f`` state feeding the LM head."""
+        cos, sin = rope_tables(positions, self.cfg.head_dim, self.cfg.rope_theta)
+        x = self.embed(input_ids)
+        x = self.blocks(x, cos, sin, mask)
+        hidden = self.final_norm(x)
+        return self.lm_head(hidden), hidden

@@ -1,0 +1,147 @@
+"""LLaDA building blocks: RMSNorm, rotate-half RoPE, bidirectional attention, gated MLP, transformer block.
+
+Numerics follow the original (REFERENCE_MODEL.md §1): norm statistics and RoPE in float32 and cast back
+before the weight multiply, softmax in float32, everything else in the compute dtype.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dultra_jax.config import ModelConfig
+
+AttentionImpl = Literal["xla", "cudnn", "auto"]
+
+
+# ----------------------------------------------------------------------------------------- initialisers
+def trunc_normal(std: float | jax.Array, cutoff: float | None = None):
+    """Truncated normal N(0, std^2) cut at +-cutoff (absolute; default 3 std), the original's ``trunc_normal_``.
+
+    ``std`` may be a traced array so per-layer scales work under ``nnx.vmap``.
+    """
+
+    def init(key, shape, dtype=jnp.float32):
+        bound = 3.0 if cutoff is None else cutoff / std
+        return (jax.random.truncated_normal(key, -bound, bound, shape, jnp.float32) * std).astype(dtype)
+
+    return init
+
+
+def mitchell(d_in: int, layer_id: jax.Array | int | None = None):
+    """The original's ``init_fn="mitchell"``: std 1/sqrt(d_in), divided by sqrt(2 (layer_id+1)) for outputs."""
+    std = 1.0 / (d_in**0.5)
+    if layer_id is not None:
+        std = std / jnp.sqrt(2.0 * (jnp.asarray(layer_id, jnp.float32) + 1.0))
+
+    return trunc_normal(std)
+
+
+# ----------------------------------------------------------------------------------------- norms, RoPE
+class RMSNorm(nnx.Module):
+    """RMSNorm with float32 statistics, cast back to the compute dtype *before* the weight multiply."""
+
+    def __init__(self, dim: int, eps: float, *, dtype, param_dtype):
+        self.eps = eps
+        self.dtype = dtype
+        self.scale = nnx.Param(jnp.ones((dim,), param_dtype))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        r = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.scale[...].astype(self.dtype) * r.astype(self.dtype)
+
+
+def rope_tables(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+    """cos/sin [B, L, head_dim] in float32 for integer positions [B, L] (rotate-half layout)."""
+    exponent = jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim
+    inv_freq = 1.0 / (jnp.float32(theta) ** exponent)
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(t: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate t [B, L, N, h] by the tables [B, L, h] in float32; pairs are (d, d + h/2)."""
+    t32 = t.astype(jnp.float32)
+    half = t.shape[-1] // 2
+    rotated = jnp.concatenate([-t32[..., half:], t32[..., :half]], axis=-1)
+    return (t32 * cos[:, :, None, :] + rotated * sin[:, :, None, :]).astype(t.dtype)
+
+
+def positions_and_mask(
+    batch: int, length: int, attention_mask: jax.Array | None
+) -> tuple[jax.Array, jax.Array | None]:
+    """RoPE positions [B, L] and key mask [B, 1, 1, L] (or None).
+
+    Without a mask every row uses positions 0..L-1 and attends everywhere (the original ignores padding).
+    With a 0/1 key-padding mask, positions count real tokens only, so a left-padded row computes what it
+    would compute unpadded.
+    """
+    if attention_mask is None:
+        return jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length)), None
+    keep = attention_mask.astype(bool)
+    pos = jnp.maximum(jnp.cumsum(keep.astype(jnp.int32), axis=-1) - 1, 0)
+    return pos, keep[:, None, None, :]
+
+
+# ----------------------------------------------------------------------------------------- attention, MLP
+def attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, impl: AttentionImpl
+) -> jax.Array:
+    """Bidirectional scaled dot-product attention on [B, L, N, h]; softmax in float32.
+
+    ``auto`` picks the cuDNN flash kernel on GPU for 16-bit inputs and XLA otherwise.
+    """
+    if impl == "auto":
+        on_gpu = jax.default_backend() == "gpu"
+        impl = "cudnn" if on_gpu and q.dtype in (jnp.bfloat16, jnp.float16) else "xla"
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=False, implementation=impl)
+
+
+class Block(nnx.Module):
+    """``LLaDALlamaBlock``: pre-norm attention + gated MLP where ``gate`` (orig. ``ff_proj``) goes through SiLU."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        layer_id: jax.Array | int,
+        *,
+        dtype,
+        param_dtype,
+        attention_impl: AttentionImpl = "auto",
+        rngs: nnx.Rngs,
+    ):
+        d, f = cfg.d_model, cfg.mlp_hidden_size
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.attention_impl = attention_impl
+
+        def lin(d_in, d_out, init):
+            return nnx.Linear(
+                d_in, d_out, use_bias=False, dtype=dtype, param_dtype=param_dtype, kernel_init=init, rngs=rngs
+            )
+
+        self.attn_norm = RMSNorm(d, cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
+        self.q = lin(d, d, mitchell(d))
+        self.k = lin(d, cfg.kv_dim, mitchell(d))
+        self.v = lin(d, cfg.kv_dim, mitchell(d))
+        self.o = lin(d, d, mitchell(d, layer_id))
+        self.ff_norm = RMSNorm(d, cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
+        self.gate = lin(d, f, mitchell(d))
+        self.up = lin(d, f, mitchell(d))
+        self.down = lin(f, d, mitchell(f, layer_id))
+
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array | None) -> jax.Array:
+        b, length, _ = x.shape
+        a = self.attn_norm(x)
+        q = self.q(a).reshape(b, length, self.n_heads, self.head_dim)
+        k = self.k(a).reshape(b, length, self.n_kv_heads, self.head_dim)
+        v = self.v(a).reshape(b, length, self.n_kv_heads, self.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        att = attention(q, k, v, mask, self.attention_impl).reshape(b, length, -1)
+        x = x + self.o(att)
+        m = self.ff_norm(x)
+        return x + self.down(jax.nn.silu(self.gate(m)) * self.up(m))

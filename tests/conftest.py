@@ -1,0 +1,34 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+FIXTURES = Path(__file__).parent / "fixtures"
+TINY = FIXTURES / "lladou-tiny"
+
+
+@pytest.fixture(scope="session")
+def tiny_dir() -> Path:
+    return TINY
+
+
+@pytest.fixture(scope="session")
+def golden() -> dict[str, np.ndarray]:
+    with np.load(TINY / "golden.npz") as g:
+        return {k: g[k] for k in g.files}
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    import dultra_jax
+
+    return dultra_jax.load(TINY, dtype="fp32")
+
+
+@pytest.fixture(scope="session")
+def converted_dir(tmp_path_factory) -> Path:
+    from dultra_jax.checkpoints import convert
+
+    out = tmp_path_factory.mktemp("converted") / "tiny"
+    convert(TINY, out)
+    return out
