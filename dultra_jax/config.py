@@ -107,7 +107,9 @@ class ModelConfig:
         if self.embedding_size < self.vocab_size:
             raise ConfigError(f"embedding_size ({self.embedding_size}) is smaller than vocab_size ({self.vocab_size})")
         if not 0 <= self.mask_token_id < self.embedding_size:
-            raise ConfigError(f"mask_token_id {self.mask_token_id} is outside the vocabulary [0, {self.embedding_size})")
+            raise ConfigError(
+                f"mask_token_id {self.mask_token_id} is outside the vocabulary [0, {self.embedding_size})"
+            )
         if not self.use_adaln:
             raise UnsupportedConfigError("unsupported config: use_adaln=false: " + _MUST_EQUAL["use_adaln"][1])
 

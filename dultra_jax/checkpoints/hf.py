@@ -83,8 +83,9 @@ def param_specs(cfg: ModelConfig) -> list[TensorSpec]:
         specs.append(TensorSpec(("planner", ours, "kernel"), (f"{theirs}.weight",), True, False))
         specs.append(TensorSpec(("planner", ours, "bias"), (f"{theirs}.bias",), False, False))
     for ours, theirs in (("adaln_in", "norm_out_1"), ("adaln_out", "norm_out_2")):
-        specs.append(TensorSpec(("planner", ours, "modulation", "kernel"), (f"{theirs}.modulation.weight",), True, False))
-        specs.append(TensorSpec(("planner", ours, "modulation", "bias"), (f"{theirs}.modulation.bias",), False, False))
+        mod = ("planner", ours, "modulation")
+        specs.append(TensorSpec((*mod, "kernel"), (f"{theirs}.modulation.weight",), True, False))
+        specs.append(TensorSpec((*mod, "bias"), (f"{theirs}.modulation.bias",), False, False))
     if cfg.use_mask_embeddings:
         specs.append(TensorSpec(("planner", "mask_embedding", "embedding"), ("mask_embedding.weight",), False, False))
     if cfg.use_block_embeddings:

@@ -1,0 +1,93 @@
+"""Unit checks of the numerics the original specifies (REFERENCE_MODEL.md §1.2-1.3, §3, §6.1, §6.4)."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dultra_jax.config import preset
+from dultra_jax.model import DUltra
+from dultra_jax.model.layers import RMSNorm, apply_rope, positions_and_mask, rope_tables
+from dultra_jax.model.planner_head import timestep_features
+
+
+def _rope_reference(t, theta):
+    """float64 rotate-half RoPE written from the spec: pairs (d, d + h/2), positions = column index."""
+    b, length, n, h = t.shape
+    inv = 1.0 / theta ** (np.arange(0, h, 2) / h)
+    ang = np.arange(length)[:, None] * inv[None]
+    ang = np.concatenate([ang, ang], -1)
+    rot = np.concatenate([-t[..., h // 2:], t[..., : h // 2]], -1)
+    return t * np.cos(ang)[None, :, None] + rot * np.sin(ang)[None, :, None]
+
+
+def test_rope_matches_the_spec():
+    t = np.random.default_rng(0).normal(size=(2, 37, 4, 16))
+    pos, _ = positions_and_mask(2, 37, None)
+    cos, sin = rope_tables(pos, 16, 500000.0)
+    out = apply_rope(jnp.asarray(t, jnp.float32), cos, sin)
+    np.testing.assert_allclose(np.asarray(out), _rope_reference(t, 500000.0), atol=1e-5)
+
+
+def test_rope_theta_matters_at_long_positions():
+    cos, sin = rope_tables(jnp.array([[4095]]), 128, 500000.0)
+    inv = 1.0 / 500000.0 ** (np.arange(0, 128, 2) / 128)
+    ang = 4095 * np.concatenate([inv, inv])
+    np.testing.assert_allclose(np.asarray(cos[0, 0]), np.cos(ang), atol=1e-3)
+    np.testing.assert_allclose(np.asarray(sin[0, 0]), np.sin(ang), atol=1e-3)
+
+
+def test_rmsnorm_casts_before_the_weight_multiply():
+    x = np.random.default_rng(1).normal(size=(2, 37, 64)).astype(np.float32)
+    norm = RMSNorm(64, 1e-5, dtype=jnp.float32, param_dtype=jnp.float32)
+    ref = x / np.sqrt((x.astype(np.float64) ** 2).mean(-1, keepdims=True) + 1e-5)
+    np.testing.assert_allclose(np.asarray(norm(jnp.asarray(x))), ref, atol=1e-6)
+    nb = RMSNorm(64, 1e-5, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    assert nb(jnp.asarray(x, jnp.bfloat16)).dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize("t", [0.0, 0.137, 0.5, 1.0])
+def test_timestep_features_cos_first(t):
+    feats = np.asarray(timestep_features(jnp.array([t]), 256))[0]
+    freqs = np.exp(-np.log(10000.0) * np.arange(128) / 128)
+    np.testing.assert_allclose(feats, np.concatenate([np.cos(t * freqs), np.sin(t * freqs)]), atol=1e-6)
+
+
+def test_positions_count_real_tokens_only():
+    pos, mask = positions_and_mask(2, 5, jnp.array([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]]))
+    np.testing.assert_array_equal(np.asarray(pos), [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4]])
+    assert mask.shape == (2, 1, 1, 5)
+
+
+def test_gqa_config_runs():
+    cfg = preset("tiny", n_kv_heads=2)
+    m = DUltra(cfg)
+    assert m.backbone.blocks.layers.k.kernel[...].shape == (2, 64, 32)
+    logits, hidden = m(jnp.zeros((1, 9), jnp.int32))
+    assert logits.shape == (1, 9, 300) and bool(jnp.all(jnp.isfinite(logits)))
+
+
+def test_block_embeddings_need_current_block():
+    cfg = preset("tiny", use_block_embeddings=True)
+    m = DUltra(cfg)
+    h = jnp.zeros((1, 6, 64))
+    idx = jnp.zeros((1, 6), bool)
+    with pytest.raises(ValueError, match="current_block"):
+        m.planner_logits(h, jnp.array([0.5]), idx)
+    assert m.planner_logits(h, jnp.array([0.5]), idx, current_block=idx).shape == (1, 6)
+
+
+def test_input_validation():
+    m = DUltra(preset("tiny"))
+    with pytest.raises(ValueError, match="integer array"):
+        m(jnp.zeros((2, 3, 4), jnp.int32))
+    with pytest.raises(ValueError, match="hidden must be"):
+        m.planner_logits(jnp.zeros((1, 4, 32)), jnp.array([0.1]), jnp.zeros((1, 4), bool))
+
+
+def test_mitchell_init_scales_per_layer():
+    m = DUltra(preset("tiny", n_layers=4, mlp_hidden_size=128), rngs=None)
+    o = np.asarray(m.backbone.blocks.layers.o.kernel[...])
+    stds = o.reshape(4, -1).std(axis=1)
+    expect = (1 / 8.0) / np.sqrt(2 * (np.arange(4) + 1))
+    np.testing.assert_allclose(stds, expect, rtol=0.15)
+    assert bool(jnp.all(m.backbone.final_norm.scale[...] == 1.0))
