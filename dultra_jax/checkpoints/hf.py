@@ -24,6 +24,7 @@ import numpy as np
 from flax import nnx
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
+from tqdm.auto import tqdm
 
 from dultra_jax.checkpoints.errors import CheckpointError
 from dultra_jax.config import ConfigError, ModelConfig
@@ -222,7 +223,7 @@ def load_hf(
     _validate(reader, cfg, load_specs, targets, directory)
 
     values: dict[tuple[str, ...], jax.Array] = {}
-    for spec in load_specs:
+    for spec in tqdm(load_specs, desc=f"loading {directory.name}", unit="tensor", leave=False):
         values[spec.path] = jnp.asarray(_read_param(reader, spec, targets[spec.path].shape, param_dtype))
     if not has_planner:
         log.warning(
@@ -319,7 +320,8 @@ def export_hf(
             shards[-1] = {}
             sizes[-1] = 0
 
-        for key, arr in hf_tensors(model, dtype):
+        n_keys = sum(len(s.keys) for s in param_specs(cfg))
+        for key, arr in tqdm(hf_tensors(model, dtype), total=n_keys, desc="exporting", unit="tensor", leave=False):
             if shards[-1] and sizes[-1] + arr.nbytes > max_shard_bytes:
                 flush()
             shards[-1][key] = arr
