@@ -42,8 +42,12 @@ class LLaDA(nnx.Module):
         self, input_ids: jax.Array, positions: jax.Array, mask: jax.Array | None
     ) -> tuple[jax.Array, jax.Array]:
         """(logits [B, L, V], hidden [B, L, D]) where hidden is the post-``ln_f`` state feeding the LM head."""
+        hidden = self.hidden_states(input_ids, positions, mask)
+        return self.lm_head(hidden), hidden
+
+    def hidden_states(self, input_ids: jax.Array, positions: jax.Array, mask: jax.Array | None) -> jax.Array:
+        """The post-``ln_f`` states only; decoders apply the LM head to the positions they need (a block)."""
         cos, sin = rope_tables(positions, self.cfg.head_dim, self.cfg.rope_theta)
         x = self.embed(input_ids)
         x = self.blocks(x, cos, sin, mask)
-        hidden = self.final_norm(x)
-        return self.lm_head(hidden), hidden
+        return self.final_norm(x)

@@ -51,6 +51,16 @@ class DUltra(nnx.Module):
         positions, mask = positions_and_mask(*input_ids.shape, attention_mask)
         return self.backbone(input_ids, positions, mask)
 
+    def hidden_states(self, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
+        """Final-norm states [B, L, D] without the LM head (decoders project only the current block)."""
+        input_ids = _check_ids(input_ids, "input_ids")
+        positions, mask = positions_and_mask(*input_ids.shape, attention_mask)
+        return self.backbone.hidden_states(input_ids, positions, mask)
+
+    def lm_logits(self, hidden: jax.Array) -> jax.Array:
+        """LM-head logits for any subset of hidden states [..., D] -> [..., V]."""
+        return self.backbone.lm_head(hidden)
+
     def planner_logits(
         self,
         hidden: jax.Array,
