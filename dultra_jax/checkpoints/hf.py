@@ -223,7 +223,7 @@ def load_hf(
     _validate(reader, cfg, load_specs, targets, directory)
 
     values: dict[tuple[str, ...], jax.Array] = {}
-    for spec in tqdm(load_specs, desc=f"loading {directory.name}", unit="tensor", leave=False):
+    for spec in tqdm(load_specs, desc=f"loading {directory.name}", unit="tensor", leave=False, disable=None):
         values[spec.path] = jnp.asarray(_read_param(reader, spec, targets[spec.path].shape, param_dtype))
     if not has_planner:
         log.warning(
@@ -321,7 +321,7 @@ def export_hf(
             sizes[-1] = 0
 
         n_keys = sum(len(s.keys) for s in param_specs(cfg))
-        for key, arr in tqdm(hf_tensors(model, dtype), total=n_keys, desc="exporting", unit="tensor", leave=False):
+        for key, arr in tqdm(hf_tensors(model, dtype), total=n_keys, desc="exporting", unit="tensor", leave=False, disable=None):
             if shards[-1] and sizes[-1] + arr.nbytes > max_shard_bytes:
                 flush()
             shards[-1][key] = arr
