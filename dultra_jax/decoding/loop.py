@@ -47,6 +47,7 @@ class DecodeConfig:
     planner_temperature: float | None = None
     exclude_mask: bool | None = None
     early_stop: bool = False
+    stop_id: int | None = None  # end-of-text id for early_stop (default: the model's eos_token_id)
     return_trajectory: bool = False
     max_iterations: int | None = None
 
@@ -232,7 +233,10 @@ def _decode(graphdef, state, prompt_ids, canvas_mask, key, row_seeds, uniforms, 
     row_len = (canvas_mask.sum(-1) if canvas_mask is not None else jnp.full((b,), length)).astype(jnp.float32)
     row_keys = jax.vmap(lambda s: jax.random.fold_in(key, s))(row_seeds)
     exclude = mask_id if cfg.excludes_mask else None
-    stop_ids = jnp.asarray([mcfg.eos_token_id if mcfg.eos_token_id is not None else -1], jnp.int32)
+    stop_id = cfg.stop_id if cfg.stop_id is not None else mcfg.eos_token_id
+    if cfg.early_stop and stop_id is None:
+        raise ValueError("early_stop needs an end-of-text id: the model config has no eos_token_id; pass stop_id")
+    stop_ids = jnp.asarray([stop_id if stop_id is not None else -1], jnp.int32)
 
     def next_block(x, start_block):
         """First block >= start_block that still has a MASK in some row (nb if none)."""

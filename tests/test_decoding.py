@@ -1,0 +1,210 @@
+"""Decoding engine: golden parity with the original's decoders, rule units, batching, early stop, errors."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import dultra_jax
+from dultra_jax.decoding import effective_tokens, generate, tokens_per_forward, trajectory_logps
+from dultra_jax.decoding.rules import factor_count, fixed_count, reveal_factor, reveal_threshold
+
+
+@pytest.fixture(scope="module")
+def dec(golden):
+    return dict(prompt=golden["dec_prompt"], gen_length=int(golden["dec_gen_length"]),
+                block_length=int(golden["dec_block_length"]))
+
+
+def _gen(model, dec, **kw):
+    return generate(model, kw.pop("prompt", dec["prompt"]), gen_length=kw.pop("gen_length", dec["gen_length"]),
+                    block_length=kw.pop("block_length", dec["block_length"]), **kw)
+
+
+# ------------------------------------------------------------------------------------------ golden
+def test_planner_topk_greedy_matches_the_original(tiny_model, golden, dec):
+    r = _gen(tiny_model, dec, reveal="topk", return_trajectory=True)
+    steps = int(golden["dec_num_steps"])
+    np.testing.assert_array_equal(np.asarray(r.tokens), golden["dec_x"])
+    assert int(r.iterations) == steps and int(r.trajectory.num_steps) == steps
+    np.testing.assert_array_equal(np.asarray(r.trajectory.reveal[:steps]), golden["dec_reveal"])
+    assert not np.asarray(r.trajectory.reveal[steps:]).any()
+    np.testing.assert_array_equal(np.asarray(r.nfe), [steps, steps])
+
+
+def test_planner_bernoulli_rollout_matches_the_original(tiny_model, golden, dec):
+    r = _gen(tiny_model, dec, reveal="bernoulli", uniforms=golden["roll_uniforms"], return_trajectory=True)
+    steps = int(golden["roll_num_steps"])
+    np.testing.assert_array_equal(np.asarray(r.tokens), golden["roll_x"])
+    assert int(r.iterations) == steps
+    t = r.trajectory
+    np.testing.assert_array_equal(np.asarray(t.reveal[:steps]), golden["roll_reveal"])
+    revealed = golden["roll_reveal"]
+    x0 = golden["roll_x0"].transpose(1, 0, 2)
+    np.testing.assert_array_equal(np.asarray(t.proposals[:steps])[revealed], x0[revealed])
+    np.testing.assert_allclose(np.asarray(t.logps[:steps]).transpose(1, 0, 2), golden["roll_logps"], atol=1e-4)
+
+
+def test_trajectory_logps_replays_the_recorded_rollout(tiny_model, golden, dec):
+    logps = trajectory_logps(tiny_model, jnp.asarray(dec["prompt"]), golden["roll_reveal"],
+                             golden["roll_x0"].transpose(1, 0, 2), block_length=dec["block_length"])
+    np.testing.assert_allclose(np.asarray(logps).transpose(1, 0, 2), golden["roll_logps"], atol=1e-4)
+
+
+@pytest.mark.parametrize("name, kw", [
+    ("fixed", dict(strategy="fixed", steps=16)),
+    ("threshold", dict(strategy="threshold", threshold=0.9)),
+    ("factor", dict(strategy="factor", factor=1.0)),
+])
+def test_baselines_match_the_original(tiny_model, golden, dec, name, kw):
+    r = _gen(tiny_model, dec, prompt=dec["prompt"][:1], **kw)
+    np.testing.assert_array_equal(np.asarray(r.tokens), golden[f"base_{name}_x"])
+    assert int(r.iterations) == int(golden[f"base_{name}_nfe"]) == int(r.nfe[0])
+
+
+# ------------------------------------------------------------------------------------------ rule units
+def _sorted_count(conf, factor=1.0, corrected=False):
+    c = jnp.asarray([conf], jnp.float32)
+    return int(factor_count(c, jnp.asarray([len(conf)]), factor, corrected)[0])
+
+
+def test_factor_rule_including_the_original_off_by_one():
+    assert _sorted_count([0.9, 0.5, 0.4, 0.3]) == 1
+    assert _sorted_count([0.99, 0.99, 0.99]) == 3
+    assert _sorted_count([0.9, 0.8, 0.1]) == 3  # only the last fails: the original still reveals it
+    assert _sorted_count([0.9, 0.8, 0.1], corrected=True) == 2
+    assert _sorted_count([0.3]) == 1
+    assert _sorted_count([0.2, 0.1]) == 2  # two left: always both (the quirk)
+    assert _sorted_count([0.2, 0.1], corrected=True) == 1
+    # via the positional rule, with non-candidates interleaved
+    conf = jnp.asarray([[0.1, 0.9, 0.0, 0.5, 0.4, 0.3]])
+    cand = jnp.asarray([[False, True, False, True, True, True]])
+    np.testing.assert_array_equal(np.asarray(reveal_factor(conf, cand, 1.0))[0], [0, 1, 0, 0, 0, 0])
+
+
+def test_threshold_rule_keeps_top1():
+    conf = jnp.asarray([[0.95, 0.5, 0.92], [0.3, 0.2, 0.1]])
+    cand = jnp.ones((2, 3), bool)
+    np.testing.assert_array_equal(np.asarray(reveal_threshold(conf, cand, 0.9)), [[1, 0, 1], [1, 0, 0]])
+
+
+def test_fixed_schedule_counts():
+    counts = [int(fixed_count(jnp.asarray([32]), jnp.asarray(s), 5)[0]) for s in range(5)]
+    assert counts == [7, 7, 6, 6, 6]
+
+
+# ------------------------------------------------------------------------------------------ behaviour
+def test_bernoulli_is_reproducible_under_a_seed(tiny_model, dec):
+    a = _gen(tiny_model, dec, rng=7, temperature=0.5)
+    b = _gen(tiny_model, dec, rng=7, temperature=0.5)
+    c = _gen(tiny_model, dec, rng=8, temperature=0.5)
+    np.testing.assert_array_equal(np.asarray(a.tokens), np.asarray(b.tokens))
+    assert not np.array_equal(np.asarray(a.tokens), np.asarray(c.tokens)) or int(a.iterations) != int(c.iterations)
+
+
+def _with_planner_bias(tiny_dir, bias):
+    m = dultra_jax.load(tiny_dir)
+    m.planner.out.bias[...] = jnp.full((1,), bias, jnp.float32)
+    return m
+
+
+@pytest.mark.parametrize("bias, per_block", [(30.0, 1), (-30.0, None)])
+def test_planner_extremes(tiny_dir, dec, bias, per_block):
+    m = _with_planner_bias(tiny_dir, bias)
+    nb = dec["gen_length"] // dec["block_length"]
+    for reveal in ("bernoulli", "topk"):
+        r = _gen(m, dec, reveal=reveal)
+        expect = nb * (per_block or dec["block_length"])
+        assert int(r.iterations) == expect, reveal
+        np.testing.assert_array_equal(np.asarray(r.nfe), [expect, expect])
+        assert not np.any(np.asarray(r.generated) == m.cfg.mask_token_id)
+
+
+@pytest.mark.parametrize("kw", [
+    dict(strategy="planner", reveal="bernoulli", temperature=0.7),
+    dict(strategy="planner", reveal="topk"),
+    dict(strategy="threshold", threshold=0.5),
+    dict(strategy="factor", factor=1.0),
+    dict(strategy="fixed", steps=16),
+])
+def test_batched_rows_equal_batch1(tiny_model, kw):
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(0, 290, size=n) for n in (9, 14, 5)]
+    batch = generate(tiny_model, prompts, gen_length=16, block_length=8, rng=3, **kw)
+    assert batch.tokens.shape == (3, 14 + 16)
+    for i, pr in enumerate(prompts):
+        one = generate(tiny_model, [pr], gen_length=16, block_length=8, rng=3, row_seeds=[i], pad_aware=True, **kw)
+        np.testing.assert_array_equal(np.asarray(batch.generated[i]), np.asarray(one.generated[0]))
+        assert int(batch.nfe[i]) == int(one.nfe[0])
+        assert np.all(np.asarray(batch.tokens[i, 14 - len(pr):14]) == pr)
+
+
+def test_finished_rows_stop_changing_and_nfe_counts_only_decoding(tiny_dir, dec):
+    m = _with_planner_bias(tiny_dir, 30.0)
+    r = _gen(m, dec, prompt=[dec["prompt"][0], dec["prompt"][1][:5]], reveal="topk")
+    assert int(r.iterations) >= int(np.max(np.asarray(r.nfe)))
+
+
+def test_early_stop_keeps_tokens_before_eos_and_saves_forwards(tiny_model, dec):
+    base = _gen(tiny_model, dec, strategy="fixed", steps=32)
+    gen = np.asarray(base.generated)
+    stop = int(gen[0, 3])  # a token the model emits early: treat it as end-of-text
+    es = _gen(tiny_model, dec, strategy="fixed", steps=32, early_stop=True, stop_id=stop)
+    out = np.asarray(es.generated)
+    for row in range(out.shape[0]):
+        hits = np.nonzero(out[row] == stop)[0]
+        if hits.size:
+            e = hits[0]
+            np.testing.assert_array_equal(out[row, :e + 1], gen[row, :e + 1])
+            assert np.all(out[row, e:] != tiny_model.cfg.mask_token_id)
+    assert np.all(np.asarray(es.nfe) <= np.asarray(base.nfe))
+    assert np.asarray(es.nfe).sum() < np.asarray(base.nfe).sum()
+    assert not np.any(out == tiny_model.cfg.mask_token_id)
+
+
+def test_replay_of_a_padded_stochastic_rollout(tiny_model):
+    rng = np.random.default_rng(2)
+    prompts = [rng.integers(0, 290, size=n) for n in (7, 11)]
+    r = generate(tiny_model, prompts, gen_length=16, block_length=8, temperature=0.8, rng=5,
+                 return_trajectory=True)
+    t = r.trajectory
+    s = int(t.num_steps)
+    assert not np.asarray(t.reveal[s:]).any()
+    ids, mask = dultra_jax.decoding.pad_prompts(prompts, tiny_model.cfg.pad_token_id)
+    canvas_mask = jnp.concatenate([jnp.asarray(mask), jnp.ones((2, 16), jnp.int32)], axis=1)
+    logps = trajectory_logps(tiny_model, jnp.asarray(ids), t.reveal[:s], t.proposals[:s], block_length=8,
+                             attention_mask=canvas_mask)
+    np.testing.assert_allclose(np.asarray(logps), np.asarray(t.logps[:s]), atol=1e-4)
+    assert np.all(np.asarray(logps)[np.asarray(t.reveal[:s])] < 0)
+
+
+def test_tpf_accounting():
+    gen = np.array([[5, 6, 7, 126348, 126081, 126081], [5, 126081, 126081, 126081, 126081, 126081]])
+    np.testing.assert_array_equal(effective_tokens(gen, [126081]), [4, 1])
+    np.testing.assert_array_equal(effective_tokens(gen, [126081, 126348]), [3, 1])
+    assert tokens_per_forward(gen, [2, 1], [126081]) == pytest.approx(2.5 / 1.5)
+    assert tokens_per_forward(gen, [0, 0], [126081]) == 0.0
+
+
+@pytest.mark.parametrize("kw, needle", [
+    (dict(gen_length=30, block_length=8), "multiple of block_length"),
+    (dict(strategy="beam"), "unknown strategy"),
+    (dict(strategy="threshold", threshold=1.5), "threshold"),
+    (dict(strategy="threshold", threshold=0.0), "threshold"),
+    (dict(strategy="factor", factor=0.0), "factor"),
+    (dict(strategy="fixed", steps=3), "steps"),
+    (dict(gen_length=4096, block_length=8), "max_sequence_length"),
+    (dict(prompt=[[]]), "empty prompt"),
+    (dict(prompt=np.full((1, 3), 299)), "MASK id"),
+    (dict(reveal="sample"), "reveal"),
+])
+def test_bad_arguments(tiny_model, dec, kw, needle):
+    with pytest.raises(ValueError, match=needle):
+        _gen(tiny_model, dec, **kw)
+
+
+def test_generate_keeps_the_model_usable(tiny_model, dec, golden):
+    _gen(tiny_model, dec)
+    logits, _ = tiny_model(jnp.asarray(golden["fwd_input_ids"]))
+    np.testing.assert_allclose(np.asarray(logits), golden["fwd_logits"], atol=1e-4)
+    assert isinstance(nnx.split(tiny_model)[0], nnx.GraphDef)
