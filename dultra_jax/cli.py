@@ -89,6 +89,72 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_tokenizer(path: Path):
+    """The checkpoint's own tokenizer (offline), or None when the directory has no tokenizer files."""
+    if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    """Decode one prompt (chat-templated user turn) and report the answer, NFE, TPF and wall time."""
+    import jax
+
+    import dultra_jax
+    from dultra_jax.decoding import effective_tokens, generate
+
+    path = Path(args.model)
+    model = dultra_jax.load(path, dtype=args.dtype)
+    tok = _load_tokenizer(path)
+    if args.prompt_ids is not None:
+        try:
+            ids = [int(t) for t in args.prompt_ids.replace(",", " ").split()]
+        except ValueError as e:
+            raise ConfigError(f"--prompt-ids must be integers separated by commas or spaces: {e}") from e
+    elif args.prompt is not None:
+        if tok is None:
+            raise ConfigError(f"{path} has no tokenizer files; pass --prompt-ids instead of --prompt")
+        text = tok.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True,
+                                       tokenize=False)
+        ids = tok(text)["input_ids"]
+    else:
+        raise ConfigError("give --prompt TEXT or --prompt-ids IDS")
+    kw = dict(gen_length=args.gen_length, block_length=args.block_length, strategy=args.strategy,
+              reveal=args.reveal, temperature=args.temperature, threshold=args.threshold, factor=args.factor,
+              steps=args.steps, rng=args.seed, early_stop=args.early_stop)
+    try:
+        result = generate(model, [ids], **kw)  # compile + run
+        jax.block_until_ready(result.tokens)
+        t0 = time.perf_counter()
+        result = generate(model, [ids], **kw)
+        jax.block_until_ready(result.tokens)
+        wall = time.perf_counter() - t0
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    gen = np.asarray(result.generated[0])
+    cfg = model.cfg
+    exclude = [i for i in {cfg.eos_token_id, cfg.pad_token_id} if i is not None]
+    if tok is not None and "<|eot_id|>" in tok.get_vocab():
+        exclude.append(tok.convert_tokens_to_ids("<|eot_id|>"))
+    eff = int(effective_tokens(gen[None], exclude)[0])
+    nfe = int(result.nfe[0])
+    out = {
+        # ids the tokenizer does not know (e.g. padded embedding rows) carry no text
+        "answer": tok.decode(gen[gen < len(tok)], skip_special_tokens=True) if tok is not None else None,
+        "generated_ids": gen.tolist(), "nfe": nfe, "effective_tokens": eff,
+        "tpf": eff / nfe if nfe else 0.0, "wall_s": wall, "strategy": args.strategy,
+        "gen_length": args.gen_length, "block_length": args.block_length,
+    }
+    if args.json:
+        print(json.dumps(out))
+    else:
+        print(out["answer"] if out["answer"] is not None else " ".join(map(str, out["generated_ids"])))
+        print(f"NFE {nfe}  effective tokens {eff}  TPF {out['tpf']:.2f}  wall {wall:.3f}s ({args.strategy})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dultra", description="dUltra in JAX: convert, decode, train, evaluate.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -102,6 +168,24 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int, default=0, help="seed for a fresh planner head (plain LLaDA input)")
     c.add_argument("--max-shard-gb", type=float, default=5.0, help="safetensors shard size for --to-hf")
     c.set_defaults(func=_cmd_convert)
+
+    g = sub.add_parser("generate", help="decode one prompt and report the answer, NFE, TPF and wall time")
+    g.add_argument("--model", required=True, help="HF checkpoint directory or converted directory")
+    g.add_argument("--prompt", help="user message (chat template of the checkpoint's tokenizer applied)")
+    g.add_argument("--prompt-ids", help="prompt token ids, comma or space separated (no tokenizer needed)")
+    g.add_argument("--strategy", default="planner", choices=["planner", "threshold", "factor", "fixed"])
+    g.add_argument("--reveal", default="bernoulli", choices=["bernoulli", "topk"], help="planner decision rule")
+    g.add_argument("--gen-length", type=int, default=256)
+    g.add_argument("--block-length", type=int, default=32)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--threshold", type=float, default=0.9)
+    g.add_argument("--factor", type=float, default=1.0)
+    g.add_argument("--steps", type=int, default=None, help="total steps of the fixed schedule")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--dtype", default="bf16", help="compute dtype: bf16 | fp32")
+    g.add_argument("--early-stop", action="store_true", help="stop a row once it has emitted end-of-text")
+    g.add_argument("--json", action="store_true", help="print one JSON object")
+    g.set_defaults(func=_cmd_generate)
 
     d = sub.add_parser("demo", help="the embedded default: convert the tiny model and show what it computes")
     d.add_argument("--out", default="runs/demo", help="output directory")

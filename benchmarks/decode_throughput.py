@@ -1,0 +1,176 @@
+"""Decoding speed per strategy next to a bare jitted forward of the same shapes.
+
+    python benchmarks/decode_throughput.py                           # the CPU config of the decoding issue
+    python benchmarks/decode_throughput.py --model llada-8b --batch 1 --prompt-len 256 --gen-len 256 --block 32
+
+Random weights (no download). For each strategy: iterations, ms per iteration, positions/s (canvas positions
+processed per second = B * (P+G) * iterations / wall), generated tokens/s, and the loop overhead per iteration
+against a bare forward doing the same model work (backbone over the canvas + LM head on the block, + the
+planner head for the planner strategy). Also the full-logits forward the original runs every iteration and,
+on any device, the dense-matmul rate and the FLOP roofline of one iteration. Table + JSON in
+benchmarks/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from dultra_jax.checkpoints.hf import parse_dtype
+from dultra_jax.config import preset
+from dultra_jax.decoding import generate
+from dultra_jax.model import DUltra
+
+RESULTS = Path(__file__).parent / "results"
+CPU_CONFIG = dict(d_model=256, n_layers=4, n_heads=4, n_kv_heads=4, mlp_hidden_size=768, vocab_size=2048,
+                  embedding_size=2048, mask_token_id=2047, eos_token_id=2046, pad_token_id=2046,
+                  max_sequence_length=1024)
+STRATEGY_ARGS = {
+    "planner": dict(strategy="planner", reveal="bernoulli"),
+    "planner-topk": dict(strategy="planner", reveal="topk"),
+    "threshold": dict(strategy="threshold", threshold=0.9),
+    "factor": dict(strategy="factor", factor=1.0),
+    "fixed": dict(strategy="fixed"),
+}
+
+
+def device_name() -> str:
+    d = jax.devices()[0]
+    if d.platform == "cpu":
+        return f"cpu ({platform.machine()}, {jax.local_device_count()} device(s))"
+    return f"{d.platform}:{getattr(d, 'device_kind', 'unknown')}"
+
+
+def median_ms(fn, *args, warmup=2, iters=5):
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args))
+    ts = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        ts.append(time.perf_counter() - t0)
+    return 1e3 * float(np.median(ts))
+
+
+def matmul_rate(dtype, n):
+    a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+    f = jax.jit(lambda x: x @ x)
+    return 2 * n**3 / (median_ms(f, a, warmup=3, iters=10) / 1e3)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="cpu", help="cpu (the decoding issue's CPU config) | tiny | llada-8b")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--prompt-len", type=int, default=64)
+    ap.add_argument("--gen-len", type=int, default=128)
+    ap.add_argument("--block", type=int, default=32)
+    ap.add_argument("--dtype", default=None, help="default fp32 on CPU, bf16 on GPU")
+    ap.add_argument("--strategies", default="planner,planner-topk,threshold,factor,fixed")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+
+    on_gpu = jax.default_backend() == "gpu"
+    dtype = parse_dtype(args.dtype or ("bf16" if on_gpu else "fp32"))
+    cfg = preset("tiny", **CPU_CONFIG) if args.model == "cpu" else preset(args.model)
+    b, p, g, bl = args.batch, args.prompt_len, args.gen_len, args.block
+    length = p + g
+    model = nnx.jit(lambda: DUltra(cfg, dtype=dtype, rngs=nnx.Rngs(0)))()
+    graphdef, state = nnx.split(model)
+    rng = np.random.default_rng(0)
+    prompts = rng.integers(0, cfg.vocab_size - 2, size=(b, p)).astype(np.int32)
+    canvas = jnp.asarray(np.concatenate([prompts, np.full((b, g), cfg.mask_token_id, np.int32)], axis=1))
+
+    @jax.jit
+    def full_forward(state, ids):  # what the original runs every iteration: logits for every position
+        return nnx.merge(graphdef, state)(ids)[0]
+
+    @jax.jit
+    def block_forward(state, ids):  # the same model work as one of our baseline iterations
+        m = nnx.merge(graphdef, state)
+        h = m.hidden_states(ids)
+        return m.lm_logits(h[:, p:p + bl])
+
+    @jax.jit
+    def planner_forward(state, ids):  # ... and of a planner iteration
+        m = nnx.merge(graphdef, state)
+        h = m.hidden_states(ids)
+        mask_index = ids == cfg.mask_token_id
+        t = 1.0 - mask_index.mean(-1)
+        return m.lm_logits(h[:, p:p + bl]), m.planner_logits(h, t, mask_index)
+
+    full_ms = median_ms(full_forward, state, canvas)
+    block_ms = median_ms(block_forward, state, canvas)
+    plan_ms = median_ms(planner_forward, state, canvas)
+    rate = matmul_rate(dtype, 8192 if on_gpu else 1024)
+    n_block = 4 * cfg.d_model * cfg.d_model + 3 * cfg.d_model * cfg.mlp_hidden_size
+    flops_iter = 2 * b * length * n_block * cfg.n_layers + 2 * b * bl * cfg.d_model * cfg.embedding_size
+    flops_iter += 4 * b * length * length * cfg.d_model * cfg.n_layers
+    flops_plan = 2 * b * length * (n_block + 4 * cfg.d_model * cfg.d_model) + 4 * b * length**2 * cfg.d_model
+    rows = []
+    for name in [s.strip() for s in args.strategies.split(",") if s.strip()]:
+        kw = dict(STRATEGY_ARGS[name], gen_length=g, block_length=bl, rng=0)
+        generate(model, prompts, **kw)  # compile
+        walls, result = [], None
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            result = generate(model, prompts, **kw)
+            jax.block_until_ready(result.tokens)
+            walls.append(time.perf_counter() - t0)
+        wall = float(np.median(walls))
+        iters = int(result.iterations)
+        ms_iter = 1e3 * wall / iters
+        ref_ms = plan_ms if name.startswith("planner") else block_ms
+        flops = flops_iter + (flops_plan if name.startswith("planner") else 0)
+        rows.append({
+            "strategy": name, "iterations": iters, "mean_nfe": float(np.mean(np.asarray(result.nfe))),
+            "tpf": g / float(np.mean(np.asarray(result.nfe))), "wall_s": round(wall, 4),
+            "ms_per_iteration": round(ms_iter, 3), "same_work_forward_ms": round(ref_ms, 3),
+            "loop_overhead": round(ms_iter / ref_ms - 1, 4), "vs_full_logits_forward": round(ms_iter / full_ms, 4),
+            "positions_per_s": round(b * length * iters / wall, 1), "generated_tokens_per_s": round(b * g / wall, 1),
+            "roofline_ms_per_iteration": round(flops / rate * 1e3, 3),
+            "fraction_of_roofline": round(flops / rate * 1e3 / ms_iter, 3),
+        })
+    result = {
+        "benchmark": "decode_throughput", "device": device_name(), "jax": jax.__version__, "commit": _commit(),
+        "model": args.model, "dtype": jnp.dtype(dtype).name, "batch": b, "prompt_len": p, "gen_len": g,
+        "block": bl, "full_logits_forward_ms": round(full_ms, 3), "block_forward_ms": round(block_ms, 3),
+        "planner_forward_ms": round(plan_ms, 3), "matmul_tflops": round(rate / 1e12, 3), "rows": rows,
+    }
+    print(f"{result['device']}  {args.model} {result['dtype']}  B={b} P={p} G={g} block={bl}  "
+          f"full-logits forward {full_ms:.2f} ms  block forward {block_ms:.2f} ms  +planner {plan_ms:.2f} ms  "
+          f"matmul {rate / 1e9:.0f} GFLOP/s")
+    print(f"{'strategy':>13} {'iters':>6} {'TPF':>6} {'ms/iter':>8} {'overhead':>9} {'pos/s':>10} {'tok/s':>9} "
+          f"{'roofline':>9}")
+    for r in rows:
+        print(f"{r['strategy']:>13} {r['iterations']:6d} {r['tpf']:6.2f} {r['ms_per_iteration']:8.2f} "
+              f"{r['loop_overhead']:9.1%} {r['positions_per_s']:10.0f} {r['generated_tokens_per_s']:9.1f} "
+              f"{r['fraction_of_roofline']:9.1%}")
+    out = Path(args.out) if args.out else RESULTS / f"decode_{args.model}_b{b}_{jax.default_backend()}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=2))
+    tmp.replace(out)
+    print(f"wrote {out}")
+
+
+def _commit() -> str:
+    try:
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
+                                       stderr=subprocess.DEVNULL).strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,58 @@
+"""The ``dultra`` command line: generate (ids and chat-templated text), demo."""
+
+import json
+import shutil
+
+import pytest
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+from dultra_jax.cli import main
+
+CHAT = ("{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n{{ m['content'] }}"
+        "<|eot_id|>{% endfor %}{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n"
+        "{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def tiny_with_tokenizer(tmp_path_factory, tiny_dir):
+    d = tmp_path_factory.mktemp("tok") / "model"
+    shutil.copytree(tiny_dir, d)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+    tok.train_from_iterator(["what is two plus two? the answer is four."] * 20,
+                            trainers.BpeTrainer(vocab_size=280, special_tokens=specials))
+    PreTrainedTokenizerFast(tokenizer_object=tok, chat_template=CHAT).save_pretrained(str(d))
+    return d
+
+
+def test_generate_with_ids_json(tiny_dir, capsys):
+    assert main(["generate", "--model", str(tiny_dir), "--prompt-ids", "1,2,3,4", "--gen-length", "16",
+                 "--block-length", "8", "--dtype", "fp32", "--strategy", "threshold", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert len(out["generated_ids"]) == 16 and 1 <= out["nfe"] <= 16
+    assert out["tpf"] == pytest.approx(out["effective_tokens"] / out["nfe"])
+
+
+def test_generate_with_chat_template(tiny_with_tokenizer, capsys):
+    assert main(["generate", "--model", str(tiny_with_tokenizer), "--prompt", "what is two plus two?",
+                 "--gen-length", "16", "--block-length", "8", "--dtype", "fp32"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-1].startswith("NFE ") and "TPF" in lines[-1]
+
+
+def test_generate_errors(tiny_dir, capsys):
+    assert main(["generate", "--model", str(tiny_dir), "--prompt", "hi"]) == 2
+    assert "no tokenizer files" in capsys.readouterr().err
+    assert main(["generate", "--model", str(tiny_dir), "--prompt-ids", "1,2", "--gen-length", "30",
+                 "--block-length", "8"]) == 2
+    assert "multiple of block_length" in capsys.readouterr().err
+    assert main(["generate", "--model", str(tiny_dir), "--prompt-ids", "a,b"]) == 2
+
+
+def test_demo_runs(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path / "demo")]) == 0
+    summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
+    assert summary["params"] == 180737 and summary["converted_vs_hf_max_abs_logit_diff"] == 0.0
