@@ -6,6 +6,7 @@ import jax
 from flax import nnx
 
 from dultra_jax.config import ModelConfig
+from dultra_jax.model import axes
 from dultra_jax.model.block_stack import BlockStack, RematPolicy
 from dultra_jax.model.layers import AttentionImpl, RMSNorm, rope_tables, trunc_normal
 
@@ -26,7 +27,7 @@ class LLaDA(nnx.Module):
         std = 1.0 / cfg.d_model**0.5
         self.embed = nnx.Embed(
             cfg.embedding_size, cfg.d_model, dtype=dtype, param_dtype=param_dtype,
-            embedding_init=trunc_normal(std), rngs=rngs,
+            embedding_init=axes.partitioned(trunc_normal(std), axes.VOCAB, axes.EMBED), rngs=rngs,
         )
         self.blocks = BlockStack(
             cfg, cfg.n_layers, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl,
@@ -35,7 +36,7 @@ class LLaDA(nnx.Module):
         self.final_norm = RMSNorm(cfg.d_model, cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
         self.lm_head = nnx.Linear(
             cfg.d_model, cfg.embedding_size, use_bias=False, dtype=dtype, param_dtype=param_dtype,
-            kernel_init=trunc_normal(std), rngs=rngs,
+            kernel_init=axes.partitioned(trunc_normal(std), axes.EMBED, axes.VOCAB), rngs=rngs,
         )
 
     def __call__(

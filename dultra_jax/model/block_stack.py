@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dultra_jax.config import ModelConfig
+from dultra_jax.model import axes
 from dultra_jax.model.layers import AttentionImpl, Block
 
 RematPolicy = Literal["none", "full", "dots", "dots_no_batch"]
@@ -45,8 +46,9 @@ class BlockStack(nnx.Module):
         self.remat = remat
         self.scan = scan
 
+        # transform_metadata puts the stacked axis' logical name in front of every parameter's names.
         @nnx.split_rngs(splits=n)
-        @nnx.vmap(in_axes=(0, 0), out_axes=0)
+        @nnx.vmap(in_axes=(0, 0), out_axes=0, transform_metadata=axes.LAYER_TRANSFORM)
         def make(layer_id, rngs):
             return Block(cfg, layer_id, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl, rngs=rngs)
 
@@ -54,12 +56,14 @@ class BlockStack(nnx.Module):
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array | None) -> jax.Array:
         def body(block: Block, h: jax.Array) -> jax.Array:
-            return block(h, cos, sin, mask)
+            # Block boundary: pin the residual stream's layout (a no-op without a mesh and rules).
+            return axes.constrain(block(axes.constrain(h, axes.BLD), cos, sin, mask), axes.BLD)
 
         if self.remat != "none":
             body = nnx.remat(body, policy=_POLICIES[self.remat])
         if self.scan:
-            return nnx.scan(body, in_axes=(0, nnx.Carry), out_axes=nnx.Carry)(self.layers, x)
+            scan = nnx.scan(body, in_axes=(0, nnx.Carry), out_axes=nnx.Carry, transform_metadata=axes.LAYER_TRANSFORM)
+            return scan(self.layers, x)
         graphdef, state = nnx.split(self.layers)
         for i in range(self.n):
             x = body(nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], state)), x)

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dultra_jax.config import ModelConfig
+from dultra_jax.model import axes
 
 AttentionImpl = Literal["xla", "cudnn", "auto"]
 
@@ -47,7 +48,7 @@ class RMSNorm(nnx.Module):
     def __init__(self, dim: int, eps: float, *, dtype, param_dtype):
         self.eps = eps
         self.dtype = dtype
-        self.scale = nnx.Param(jnp.ones((dim,), param_dtype))
+        self.scale = nnx.Param(jnp.ones((dim,), param_dtype), **axes.param_metadata(axes.NORM))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
@@ -119,29 +120,41 @@ class Block(nnx.Module):
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.attention_impl = attention_impl
 
-        def lin(d_in, d_out, init):
+        def lin(d_in, d_out, init, names):
             return nnx.Linear(
-                d_in, d_out, use_bias=False, dtype=dtype, param_dtype=param_dtype, kernel_init=init, rngs=rngs
+                d_in, d_out, use_bias=False, dtype=dtype, param_dtype=param_dtype,
+                kernel_init=axes.partitioned(init, *names), rngs=rngs,
             )
 
         self.attn_norm = RMSNorm(d, cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
-        self.q = lin(d, d, mitchell(d))
-        self.k = lin(d, cfg.kv_dim, mitchell(d))
-        self.v = lin(d, cfg.kv_dim, mitchell(d))
-        self.o = lin(d, d, mitchell(d, layer_id))
+        self.q = lin(d, d, mitchell(d), (axes.EMBED, axes.HEADS))
+        self.k = lin(d, cfg.kv_dim, mitchell(d), (axes.EMBED, axes.KV_HEADS))
+        self.v = lin(d, cfg.kv_dim, mitchell(d), (axes.EMBED, axes.KV_HEADS))
+        self.o = lin(d, d, mitchell(d, layer_id), (axes.HEADS, axes.EMBED))
         self.ff_norm = RMSNorm(d, cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
-        self.gate = lin(d, f, mitchell(d))
-        self.up = lin(d, f, mitchell(d))
-        self.down = lin(f, d, mitchell(f, layer_id))
+        self.gate = lin(d, f, mitchell(d), (axes.EMBED, axes.MLP))
+        self.up = lin(d, f, mitchell(d), (axes.EMBED, axes.MLP))
+        self.down = lin(f, d, mitchell(f, layer_id), (axes.MLP, axes.EMBED))
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array | None) -> jax.Array:
+        q, k, v = self.qkv(x, cos, sin)
+        return self.finish(x, attention(q, k, v, mask, self.attention_impl))
+
+    def qkv(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """RoPE-rotated q [B, L, N, h] and k, v [B, L, N_kv, h]; split out so KV-cached decoding can reuse it."""
         b, length, _ = x.shape
+        heads = (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_HEADS, axes.ACT_HEAD_DIM)
+        kv_heads = (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_KV_HEADS, axes.ACT_HEAD_DIM)
         a = self.attn_norm(x)
-        q = self.q(a).reshape(b, length, self.n_heads, self.head_dim)
-        k = self.k(a).reshape(b, length, self.n_kv_heads, self.head_dim)
-        v = self.v(a).reshape(b, length, self.n_kv_heads, self.head_dim)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        att = attention(q, k, v, mask, self.attention_impl).reshape(b, length, -1)
-        x = x + self.o(att)
+        q = axes.constrain(self.q(a).reshape(b, length, self.n_heads, self.head_dim), heads)
+        k = axes.constrain(self.k(a).reshape(b, length, self.n_kv_heads, self.head_dim), kv_heads)
+        v = axes.constrain(self.v(a).reshape(b, length, self.n_kv_heads, self.head_dim), kv_heads)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def finish(self, x: jax.Array, att: jax.Array) -> jax.Array:
+        """Output projection + residual, then the gated MLP + residual, from attention output [B, L, N, h]."""
+        b, length, _ = x.shape
+        x = axes.constrain(x + self.o(att.reshape(b, length, -1)), axes.BLD)
         m = self.ff_norm(x)
-        return x + self.down(jax.nn.silu(self.gate(m)) * self.up(m))
+        hid = axes.constrain(jax.nn.silu(self.gate(m)) * self.up(m), (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_MLP))
+        return x + self.down(hid)

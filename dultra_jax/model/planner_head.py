@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dultra_jax.config import ModelConfig
+from dultra_jax.model import axes
 from dultra_jax.model.block_stack import BlockStack, RematPolicy
 from dultra_jax.model.layers import AttentionImpl, rope_tables, trunc_normal
 
@@ -35,8 +36,9 @@ class AdaLN(nnx.Module):
         self.eps = eps
         self.dtype = dtype
         self.modulation = nnx.Linear(
-            d, 2 * d, dtype=dtype, param_dtype=param_dtype, kernel_init=nnx.initializers.xavier_uniform(),
-            bias_init=nnx.initializers.zeros_init(), rngs=rngs,
+            d, 2 * d, dtype=dtype, param_dtype=param_dtype,
+            kernel_init=axes.partitioned(nnx.initializers.xavier_uniform(), axes.EMBED, axes.ADALN),
+            bias_init=axes.partitioned(nnx.initializers.zeros_init(), axes.ADALN), rngs=rngs,
         )
 
     def __call__(self, x: jax.Array, temb: jax.Array) -> jax.Array:
@@ -65,18 +67,21 @@ class PlannerHead(nnx.Module):
         d = cfg.d_model
         xavier, zeros = nnx.initializers.xavier_uniform(), nnx.initializers.zeros_init()
 
-        def lin(d_in, d_out, init=xavier):
+        def lin(d_in, d_out, names, init=xavier):
             return nnx.Linear(
-                d_in, d_out, dtype=dtype, param_dtype=param_dtype, kernel_init=init, bias_init=zeros, rngs=rngs
+                d_in, d_out, dtype=dtype, param_dtype=param_dtype, kernel_init=axes.partitioned(init, *names),
+                bias_init=axes.partitioned(zeros, names[1]), rngs=rngs,
             )
 
         def embedding():
             return nnx.Embed(
-                2, d, dtype=dtype, param_dtype=param_dtype, embedding_init=trunc_normal(0.02, cutoff=2.0), rngs=rngs
+                2, d, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+                embedding_init=axes.partitioned(trunc_normal(0.02, cutoff=2.0), axes.MASK_TYPES, axes.EMBED),
             )
 
-        self.time_in = lin(cfg.timestep_features, d)
-        self.time_out = lin(d, d)
+        # The timestep MLP is 256 -> D -> D: its hidden axis is sharded like an MLP's.
+        self.time_in = lin(cfg.timestep_features, d, (axes.TIME_FEATURES, axes.MLP))
+        self.time_out = lin(d, d, (axes.MLP, axes.EMBED))
         self.mask_embedding = embedding() if cfg.use_mask_embeddings else None
         self.block_embedding = embedding() if cfg.use_block_embeddings else None
         self.adaln_in = AdaLN(d, cfg.planner_layernorm_eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -85,7 +90,7 @@ class PlannerHead(nnx.Module):
             remat=remat, scan=scan_layers, rngs=rngs,
         )
         self.adaln_out = AdaLN(d, cfg.planner_layernorm_eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.out = lin(d, 1, nnx.initializers.normal(0.02))
+        self.out = lin(d, 1, (axes.EMBED, axes.PLANNER_OUT), nnx.initializers.normal(0.02))
 
     def __call__(
         self,
@@ -106,7 +111,7 @@ class PlannerHead(nnx.Module):
                 raise ValueError("this planner uses block embeddings (use_block_embeddings=true): pass current_block")
             temb = temb + self.block_embedding(current_block.astype(jnp.int32))
         cos, sin = rope_tables(positions, self.cfg.head_dim, self.cfg.rope_theta)
-        f = self.adaln_in(hidden.astype(self.dtype), temb)
+        f = axes.constrain(self.adaln_in(hidden.astype(self.dtype), temb), axes.BLD)
         f = self.blocks(f, cos, sin, mask)
-        f = self.adaln_out(f, temb)
-        return self.out(f)[..., 0].astype(jnp.float32)
+        f = axes.constrain(self.adaln_out(f, temb), axes.BLD)
+        return axes.constrain(self.out(f)[..., 0].astype(jnp.float32), (axes.ACT_BATCH, axes.ACT_LENGTH))
