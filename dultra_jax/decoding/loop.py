@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dultra_jax.decoding import rules
+from dultra_jax.decoding import kv_cache, rules
 from dultra_jax.model.dultra import DUltra
 
 Strategy = Literal["planner", "threshold", "factor", "fixed"]
@@ -50,6 +50,7 @@ class DecodeConfig:
     stop_id: int | None = None  # end-of-text id for early_stop (default: the model's eos_token_id)
     return_trajectory: bool = False
     max_iterations: int | None = None
+    cache: Literal["none", "prefix", "dual"] = "none"
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -78,6 +79,8 @@ class DecodeConfig:
                 raise ValueError(
                     f"steps ({steps}) must be a positive multiple of the number of blocks ({self.num_blocks})"
                 )
+        if self.cache not in kv_cache.CACHE_MODES:
+            raise ValueError(f"unknown cache {self.cache!r}; choose one of {list(kv_cache.CACHE_MODES)}")
         if self.return_trajectory and self.strategy != "planner":
             raise ValueError("return_trajectory is only defined for the planner strategy (GRPO rollouts)")
 
@@ -121,6 +124,7 @@ class DecodeResult:
     tokens: jax.Array  # [B, P+G]
     nfe: jax.Array  # [B] forwards in which the row was still decoding
     iterations: jax.Array  # [] forwards for the batch
+    equivalent_forwards: jax.Array  # [B] the row's forwards weighted by FLOPs relative to a full forward
     prompt_length: int = dataclasses.field(metadata=dict(static=True))
     trajectory: Trajectory | None = None
 
@@ -178,8 +182,8 @@ def generate(
     here). With different lengths (or an ``attention_mask``), attention is padding-aware by default so each
     row equals its batch-1 result; ``pad_aware=False`` keeps the original's pad-attending behaviour.
     ``uniforms`` [S, B, P+G] replaces the Bernoulli draws (for reproducing a recorded rollout).
-    Other ``options`` are :class:`DecodeConfig` fields (``factor_rule``, ``planner_temperature``,
-    ``exclude_mask``, ``early_stop``, ``max_iterations``).
+    Other ``options`` are :class:`DecodeConfig` fields (``cache`` = none | prefix | dual, ``factor_rule``,
+    ``planner_temperature``, ``exclude_mask``, ``early_stop``, ``stop_id``, ``max_iterations``).
     """
     cfg = DecodeConfig(
         gen_length=gen_length, block_length=block_length, strategy=strategy, reveal=reveal,
@@ -244,14 +248,32 @@ def _decode(graphdef, state, prompt_ids, canvas_mask, key, row_seeds, uniforms, 
         ok = has & (jnp.arange(nb) >= start_block)
         return jnp.where(jnp.any(ok), jnp.argmax(ok), nb).astype(jnp.int32)
 
+    cost_weights = jnp.asarray([
+        kv_cache.forward_cost(mcfg, length, kv_cache.window_start_width(cfg.cache, p, g, bl, i)[1])
+        / kv_cache.forward_cost(mcfg, length, length) for i in range(nb)
+    ], jnp.float32) if cfg.cache != "none" else jnp.ones((nb,), jnp.float32)
+
     def body(carry):
-        x, blk, step_in_block, block_n, nfe, it, traj, params = carry
+        x, blk, step_in_block, block_n, nfe, eq, it, traj, cache, params = carry
         model: DUltra = nnx.merge(graphdef, params)
         start = p + blk * bl
         x_blk = jax.lax.dynamic_slice_in_dim(x, start, bl, axis=1)
         cand = x_blk == mask_id
         active = cand.any(-1)
-        hidden = model.hidden_states(x, canvas_mask)
+        full_forward = step_in_block == 0
+        if cfg.cache == "none":
+            hidden = model.hidden_states(x, canvas_mask)
+        else:
+            # first iteration of a block: exact forward that refreshes the cache; later ones: the window only
+            def refresh(ops):
+                return kv_cache.forward_with_kv(model, ops[0], canvas_mask)
+
+            def reuse(ops):
+                x, h, k, v = ops
+                return kv_cache.cached_hidden(model, cfg.cache, x, blk, p, g, bl, h, k, v, canvas_mask), k, v
+
+            hidden, keys, values = jax.lax.cond(full_forward, refresh, reuse, (x, *cache))
+            cache = (hidden, keys, values)
         h_blk = jax.lax.dynamic_slice_in_dim(hidden, start, bl, axis=1)
         logits = model.lm_logits(h_blk)
         step_keys = jax.vmap(lambda k, n: jax.random.fold_in(k, n))(row_keys, nfe)
@@ -300,16 +322,17 @@ def _decode(graphdef, state, prompt_ids, canvas_mask, key, row_seeds, uniforms, 
                 num_steps=it + 1,
             )
         nfe = nfe + active.astype(jnp.int32)
+        eq = eq + active * jnp.where(full_forward, 1.0, cost_weights[jnp.minimum(blk, nb - 1)])
         nxt = next_block(x_new, blk)
         moved = nxt != blk
         nxt_start = p + jnp.minimum(nxt, nb - 1) * bl
         nxt_n = (jax.lax.dynamic_slice_in_dim(x_new, nxt_start, bl, axis=1) == mask_id).sum(-1).astype(jnp.int32)
         block_n = jnp.where(moved, nxt_n, block_n)
         step_in_block = jnp.where(moved, 0, step_in_block + 1)
-        return x_new, nxt, step_in_block, block_n, nfe, it + 1, traj, params
+        return x_new, nxt, step_in_block, block_n, nfe, eq, it + 1, traj, cache, params
 
     def cond(carry):
-        return (carry[1] < nb) & (carry[5] < cap)
+        return (carry[1] < nb) & (carry[6] < cap)
 
     traj0 = None
     if cfg.return_trajectory:
@@ -321,10 +344,15 @@ def _decode(graphdef, state, prompt_ids, canvas_mask, key, row_seeds, uniforms, 
         )
     blk0 = next_block(x, 0)
     # The parameters ride in the carry (unchanged, aliased by XLA) so NNX sees them at the loop body's trace level.
-    carry = (x, blk0, jnp.int32(0), jnp.full((b,), bl, jnp.int32), jnp.zeros((b,), jnp.int32), jnp.int32(0), traj0,
-             state)
-    x, _, _, _, nfe, iterations, traj, _ = jax.lax.while_loop(cond, body, carry)
-    return DecodeResult(tokens=x, nfe=nfe, iterations=iterations, prompt_length=p, trajectory=traj)
+    cache0 = ()
+    if cfg.cache != "none":
+        cache0 = jax.eval_shape(lambda: kv_cache.forward_with_kv(nnx.merge(graphdef, state), x, canvas_mask))
+        cache0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), cache0)
+    carry = (x, blk0, jnp.int32(0), jnp.full((b,), bl, jnp.int32), jnp.zeros((b,), jnp.int32),
+             jnp.zeros((b,), jnp.float32), jnp.int32(0), traj0, cache0, state)
+    x, _, _, _, nfe, eq, iterations, traj, _, _ = jax.lax.while_loop(cond, body, carry)
+    return DecodeResult(tokens=x, nfe=nfe, iterations=iterations, equivalent_forwards=eq, prompt_length=p,
+                        trajectory=traj)
 
 
 def graphdef_config(graphdef, state):

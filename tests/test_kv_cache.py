@@ -1,0 +1,95 @@
+"""Block KV caching (prefix / dual) in the decoding loop."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import dultra_jax
+from dultra_jax.decoding import generate
+from dultra_jax.decoding.kv_cache import forward_with_kv, window_forward
+from dultra_jax.model.layers import positions_and_mask, rope_tables
+
+MODES = ("prefix", "dual")
+
+
+def _prompts(seed=0, lengths=(9, 5)):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 290, size=n) for n in lengths]
+
+
+def test_cache_holds_the_layers_keys_and_values(tiny_model, golden):
+    ids = jnp.asarray(golden["fwd_input_ids"])
+    hidden, keys, values = forward_with_kv(tiny_model, ids, None)
+    np.testing.assert_allclose(np.asarray(hidden), golden["fwd_last_hidden"], atol=1e-4)
+    # recompute every layer's K/V independently with an unrolled pass
+    positions, _ = positions_and_mask(*ids.shape, None)
+    cos, sin = rope_tables(positions, tiny_model.cfg.head_dim, tiny_model.cfg.rope_theta)
+    graphdef, stacked = nnx.split(tiny_model.backbone.blocks.layers)
+    x = tiny_model.backbone.embed(ids)
+    for i in range(tiny_model.cfg.n_layers):
+        blk = nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], stacked))
+        _, k, v = blk.qkv(x, cos, sin)
+        np.testing.assert_allclose(np.asarray(keys[i]), np.asarray(k), atol=1e-5)
+        np.testing.assert_allclose(np.asarray(values[i]), np.asarray(v), atol=1e-5)
+        x = blk(x, cos, sin, None)
+
+
+@pytest.mark.parametrize("pad_aware", [False, True])
+def test_window_over_a_fresh_cache_is_exact(tiny_model, pad_aware):
+    """Nothing changed since the cache was filled -> the window's states equal the full forward's."""
+    ids, mask = dultra_jax.decoding.pad_prompts(_prompts(), tiny_model.cfg.pad_token_id)
+    canvas = np.concatenate([ids, np.full((2, 16), tiny_model.cfg.mask_token_id)], axis=1)
+    canvas[:, 9:13] = 7
+    attn = jnp.asarray(np.concatenate([mask, np.ones((2, 16), np.int32)], axis=1)) if pad_aware else None
+    canvas = jnp.asarray(canvas)
+    hidden, keys, values = forward_with_kv(tiny_model, canvas, attn)
+    for start, width in ((9, 16), (9, 8), (17, 8)):
+        fresh = window_forward(tiny_model, canvas, jnp.int32(start), width, keys, values, attn)
+        np.testing.assert_allclose(np.asarray(fresh), np.asarray(hidden[:, start:start + width]), atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("kw", [
+    dict(strategy="threshold", threshold=0.3), dict(strategy="factor"), dict(strategy="fixed", steps=16),
+])
+def test_one_layer_model_cache_is_exact_for_baselines(mode, kw):
+    """With a single block, cached K/V depend only on tokens that did not change: nothing stale to reuse."""
+    m = dultra_jax.DUltra(dultra_jax.preset("tiny", n_layers=1))
+    prompts = _prompts(1)
+    base = generate(m, prompts, gen_length=32, block_length=8, **kw)
+    cached = generate(m, prompts, gen_length=32, block_length=8, cache=mode, **kw)
+    np.testing.assert_array_equal(np.asarray(cached.tokens), np.asarray(base.tokens))
+    np.testing.assert_array_equal(np.asarray(cached.nfe), np.asarray(base.nfe))
+    assert np.all(np.asarray(cached.equivalent_forwards) < np.asarray(base.equivalent_forwards))
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("kw", [dict(strategy="planner", temperature=0.5), dict(strategy="threshold", threshold=0.5)])
+def test_batched_rows_equal_batch1_with_cache(tiny_model, mode, kw):
+    prompts = _prompts(2)
+    batch = generate(tiny_model, prompts, gen_length=16, block_length=8, cache=mode, rng=4, **kw)
+    for i, pr in enumerate(prompts):
+        one = generate(tiny_model, [pr], gen_length=16, block_length=8, cache=mode, rng=4, row_seeds=[i],
+                       pad_aware=True, **kw)
+        np.testing.assert_array_equal(np.asarray(batch.generated[i]), np.asarray(one.generated[0]))
+        assert int(batch.nfe[i]) == int(one.nfe[0])
+
+
+def test_equivalent_forwards_accounting(tiny_model):
+    prompts = _prompts(3, (12, 12))
+    res = {mode: generate(tiny_model, prompts, gen_length=32, block_length=8, strategy="fixed", steps=32,
+                          cache=mode) for mode in ("none", "prefix", "dual")}
+    np.testing.assert_array_equal(np.asarray(res["none"].equivalent_forwards), np.asarray(res["none"].nfe))
+    for mode in MODES:
+        np.testing.assert_array_equal(np.asarray(res[mode].nfe), [32, 32])  # every forward counts 1 NFE
+    assert np.all(np.asarray(res["dual"].equivalent_forwards) < np.asarray(res["prefix"].equivalent_forwards))
+    assert np.all(np.asarray(res["prefix"].equivalent_forwards) < 32)
+    # dual: 4 blocks x (1 full + 7 block-only forwards); a block-only forward costs ~8/44 of a full one
+    assert 4 < float(res["dual"].equivalent_forwards[0]) < 4 + 28 * 0.3
+
+
+def test_unknown_cache_mode(tiny_model):
+    with pytest.raises(ValueError, match="unknown cache"):
+        generate(tiny_model, _prompts(), gen_length=16, block_length=8, cache="paged")
