@@ -123,7 +123,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         raise ConfigError("give --prompt TEXT or --prompt-ids IDS")
     kw = dict(gen_length=args.gen_length, block_length=args.block_length, strategy=args.strategy,
               reveal=args.reveal, temperature=args.temperature, threshold=args.threshold, factor=args.factor,
-              steps=args.steps, rng=args.seed, early_stop=args.early_stop)
+              steps=args.steps, rng=args.seed, early_stop=args.early_stop, cache=args.cache)
     try:
         result = generate(model, [ids], **kw)  # compile + run
         jax.block_until_ready(result.tokens)
@@ -144,7 +144,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         # ids the tokenizer does not know (e.g. padded embedding rows) carry no text
         "answer": tok.decode(gen[gen < len(tok)], skip_special_tokens=True) if tok is not None else None,
         "generated_ids": gen.tolist(), "nfe": nfe, "effective_tokens": eff,
-        "tpf": eff / nfe if nfe else 0.0, "wall_s": wall, "strategy": args.strategy,
+        "tpf": eff / nfe if nfe else 0.0, "wall_s": wall, "strategy": args.strategy, "cache": args.cache,
+        "equivalent_forwards": float(result.equivalent_forwards[0]),
         "gen_length": args.gen_length, "block_length": args.block_length,
     }
     if args.json:
@@ -184,6 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--dtype", default="bf16", help="compute dtype: bf16 | fp32")
     g.add_argument("--early-stop", action="store_true", help="stop a row once it has emitted end-of-text")
+    g.add_argument("--cache", default="none", choices=["none", "prefix", "dual"],
+                   help="block KV cache: none (exact), prefix, dual (approximate, faster)")
     g.add_argument("--json", action="store_true", help="print one JSON object")
     g.set_defaults(func=_cmd_generate)
 
