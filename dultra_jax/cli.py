@@ -156,6 +156,25 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_score(args: argparse.Namespace) -> int:
+    """Score completions produced elsewhere with the training rewards' extraction, verifier and sandbox."""
+    from dultra_jax.data.tasks import DataError
+    from dultra_jax.rewards.score import score_completions
+
+    out = Path(args.out or f"runs/score-{args.task}")
+    try:
+        summary = score_completions(
+            args.task, args.completions_file, data_file=args.data_file, split=args.split, out_dir=out,
+            math_mode=args.math_mode, workers=args.workers, code_timeout_s=args.timeout,
+        )
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"{summary['task']}: accuracy {summary['accuracy']:.4f} ({summary['n_correct']}/{summary['n']}) "
+          f"{summary['counts']}; wrote {out / 'samples.jsonl'} and {out / 'summary.json'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dultra", description="dUltra in JAX: convert, decode, train, evaluate.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -189,6 +208,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="block KV cache: none (exact), prefix, dual (approximate, faster)")
     g.add_argument("--json", action="store_true", help="print one JSON object")
     g.set_defaults(func=_cmd_generate)
+
+    s = sub.add_parser("score", help="score completions (JSONL: id or index + completion) against a task")
+    s.add_argument("--task", required=True, choices=["gsm8k", "math500", "dapo17", "apps", "humaneval", "mbpp"])
+    s.add_argument("--completions-file", required=True, help="JSONL: {\"id\" or \"index\", \"completion\"} per line")
+    s.add_argument("--data-file", default=None, help="local JSONL/parquet with the hub's columns (default: the hub)")
+    s.add_argument("--split", default=None, help="hub split (default: the evaluation split)")
+    s.add_argument("--out", default=None, help="output directory (default: runs/score-TASK)")
+    s.add_argument("--math-mode", default="eval", choices=["eval", "faithful"], help="math equivalence rule")
+    s.add_argument("--workers", type=int, default=None, help="parallel verifier/sandbox processes (default: cores)")
+    s.add_argument("--timeout", type=float, default=None, help="seconds per program (code) or per APPS test")
+    s.set_defaults(func=_cmd_score)
 
     d = sub.add_parser("demo", help="the embedded default: convert the tiny model and show what it computes")
     d.add_argument("--out", default="runs/demo", help="output directory")
