@@ -55,16 +55,20 @@ class BlockStack(nnx.Module):
         self.layers = make(jnp.arange(n), rngs)
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array | None) -> jax.Array:
-        def body(block: Block, h: jax.Array) -> jax.Array:
+        # The scan is over the pure (graphdef, stacked state) pair, each layer merged inside the body: the
+        # functional form of nnx.scan, which also composes with any enclosing transform (the decoding
+        # while_loop, the GRPO replay scan under grad) without NNX's trace-level checks on closed-over modules.
+        graphdef, stacked = nnx.split(self.layers)
+
+        def body(h: jax.Array, layer_state) -> tuple[jax.Array, None]:
+            block = nnx.merge(graphdef, layer_state)
             # Block boundary: pin the residual stream's layout (a no-op without a mesh and rules).
-            return axes.constrain(block(axes.constrain(h, axes.BLD), cos, sin, mask), axes.BLD)
+            return axes.constrain(block(axes.constrain(h, axes.BLD), cos, sin, mask), axes.BLD), None
 
         if self.remat != "none":
-            body = nnx.remat(body, policy=_POLICIES[self.remat])
+            body = jax.checkpoint(body, policy=_POLICIES[self.remat])
         if self.scan:
-            scan = nnx.scan(body, in_axes=(0, nnx.Carry), out_axes=nnx.Carry, transform_metadata=axes.LAYER_TRANSFORM)
-            return scan(self.layers, x)
-        graphdef, state = nnx.split(self.layers)
+            return jax.lax.scan(body, x, stacked)[0]
         for i in range(self.n):
-            x = body(nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], state)), x)
+            x = body(x, jax.tree.map(lambda a, i=i: a[i], stacked))[0]
         return x

@@ -1,0 +1,153 @@
+"""GRPO for dUltra as pure functions: group advantages and the replayed, clipped trajectory objective.
+
+The policy of a rollout is the whole decoding trajectory: at every recorded iteration, which masked positions
+of the block were revealed (planner Bernoulli decisions) and which tokens they got (backbone). The loss replays
+each iteration from its recorded state (teacher forcing, :func:`dultra_jax.decoding.trajectory.replay_step_logps`),
+forms one *sequence-level* ratio per row and iteration (the sum of per-position log-ratios, as the original),
+clips it PPO-style and sums over iterations (REFERENCE_TRAINING.md §2.3-2.4). The replay is a ``lax.scan``
+whose body is rematerialised, so memory does not grow with the number of iterations, and iterations where no
+row revealed anything cost nothing (``lax.cond``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dultra_jax.decoding.trajectory import replay_step_logps
+
+
+@dataclass(frozen=True)
+class GRPOLossConfig:
+    """The original's loss options (defaults: its `grpo_exp.sh` settings where they are well-defined)."""
+
+    epsilon_low: float = 0.2
+    epsilon_high: float = 1.0
+    delta: float | None = None
+    advantage_min_clip: float | None = 0.1
+    beta: float = 0.0
+    block_length: int = 32
+    max_completion_length: int = 256
+    planner_temperature: float | None = None
+    factor: float = 1.0
+
+
+def group_advantages(
+    rewards: jax.Array, group_size: int, scale: Literal["none", "group", "batch"] = "none"
+) -> jax.Array:
+    """A = r - mean over each group of ``group_size`` consecutive rows; optionally / (std + 1e-4) with the
+    unbiased (n-1) std of the group or of the whole batch. NaN rewards (failed reward functions) count as 0,
+    like the original's nansum."""
+    r = jnp.nan_to_num(jnp.asarray(rewards, jnp.float32))
+    if r.shape[0] % group_size:
+        raise ValueError(f"batch of {r.shape[0]} rewards is not a whole number of groups of {group_size}")
+    g = r.reshape(-1, group_size)
+    adv = (g - g.mean(-1, keepdims=True)).reshape(-1)
+    if scale == "group":
+        std = jnp.repeat(jnp.std(g, axis=-1, ddof=1), group_size)
+        adv = adv / (std + 1e-4)
+    elif scale == "batch":
+        adv = adv / (jnp.std(r, ddof=1) + 1e-4)
+    elif scale != "none":
+        raise ValueError(f"unknown scale_rewards {scale!r}; choose none, group or batch")
+    return adv
+
+
+def clipped_objective(
+    log_ratio: jax.Array, advantages: jax.Array, cfg: GRPOLossConfig
+) -> tuple[jax.Array, jax.Array]:
+    """Per-row loss -min(rho A, clip(rho) A) for one iteration's sequence log-ratios [B]; and clip flags."""
+    adv = advantages
+    if cfg.advantage_min_clip is not None:
+        adv = jnp.where(adv < cfg.advantage_min_clip, 0.0, adv)
+    rho = jnp.exp(log_ratio)
+    rho_clipped = jnp.clip(rho, 1.0 - cfg.epsilon_low, 1.0 + cfg.epsilon_high)
+    rho_unclipped = jnp.minimum(rho, cfg.delta) if cfg.delta is not None else rho
+    loss = -jnp.minimum(rho_unclipped * adv, rho_clipped * adv)
+    clipped = (rho_clipped * adv) < (rho_unclipped * adv)
+    return loss, clipped
+
+
+def k3_kl(new_logps: jax.Array, ref_logps: jax.Array, where: jax.Array) -> jax.Array:
+    """Per-row k3 estimator sum_i exp(ref - new) - (ref - new) - 1 over the positions in ``where``."""
+    d = jnp.where(where, ref_logps - new_logps, 0.0)
+    return jnp.sum(jnp.where(where, jnp.exp(d) - d - 1.0, 0.0), axis=-1)
+
+
+@jax.tree_util.register_dataclass
+@dataclass
+class Rollout:
+    """What the loss needs from a rollout; [S, B, L] arrays as ``generate(..., return_trajectory=True)`` records."""
+
+    prompt_ids: jax.Array  # [B, P]
+    reveal: jax.Array  # [S, B, L] bool
+    proposals: jax.Array  # [S, B, L] int
+    old_logps: jax.Array  # [S, B, L] float32
+    advantages: jax.Array  # [B]
+    attention_mask: jax.Array | None = None  # [B, L] for padding-aware rollouts
+    ref_logps: jax.Array | None = None  # [S, B, L], needed when beta > 0
+
+
+def grpo_loss(
+    graphdef: nnx.GraphDef, states: tuple[nnx.State, ...], rollout: Rollout, cfg: GRPOLossConfig
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The replayed trajectory objective of the model ``nnx.merge(graphdef, *states)``; returns (loss, metrics).
+
+    loss = sum over iterations s of mean over rows b of [-min(rho A, clip(rho) A) + beta KL] / L, where
+    rho_{b,s} = exp(sum_i (l_new - l_old)) over the completion and L = max_completion_length. Rows that
+    revealed nothing at s contribute nothing (in the original they add a constant). The original divides by
+    half the batch (its two replay chunks) and by the gradient-accumulation steps twice; the optimiser's
+    update direction is the same up to that constant scale, which the learning rate absorbs.
+    """
+    p = rollout.prompt_ids.shape[1]
+    s_max, b, length = rollout.reveal.shape
+    mask_id = nnx.merge(graphdef, *states).cfg.mask_token_id
+    x0 = jnp.concatenate(
+        [rollout.prompt_ids.astype(jnp.int32), jnp.full((b, length - p), mask_id, jnp.int32)], axis=1
+    )
+    completion = jnp.arange(length) >= p
+
+    def one_step(x, params, rec):
+        reveal, proposal, old, ref = rec
+        model = nnx.merge(graphdef, *params)  # params ride in the scan carry: NNX needs them at this trace level
+        new = replay_step_logps(model, x, reveal, proposal, cfg.block_length, p, cfg.planner_temperature,
+                                cfg.factor, rollout.attention_mask)
+        active = reveal.any(-1)
+        log_ratio = jnp.sum(jnp.where(completion, new - old, 0.0), axis=-1)
+        row_loss, clipped = clipped_objective(log_ratio, rollout.advantages, cfg)
+        if cfg.beta > 0:
+            row_loss = row_loss + cfg.beta * k3_kl(new, ref, completion[None, :] & (new != 0))
+        row_loss = jnp.where(active, row_loss, 0.0)
+        stats = jnp.stack([
+            jnp.sum(row_loss), jnp.sum(jnp.where(active, clipped, False)), jnp.sum(active),
+            jnp.max(jnp.where(active, jnp.abs(log_ratio), 0.0)),
+        ])
+        return stats
+
+    def body(carry, rec):
+        x, params = carry
+        reveal, proposal = rec[0], rec[1]
+
+        def run(x, params):
+            return one_step(x, params, rec)
+
+        def skip(x, params):
+            return jnp.zeros((4,), jnp.float32)
+
+        stats = jax.lax.cond(reveal.any(), jax.checkpoint(run), skip, x, params)
+        return (jnp.where(reveal, proposal, x), params), stats
+
+    ref = rollout.ref_logps if rollout.ref_logps is not None else jnp.zeros_like(rollout.old_logps)
+    _, stats = jax.lax.scan(body, (x0, tuple(states)), (rollout.reveal, rollout.proposals, rollout.old_logps, ref))
+    loss = stats[:, 0].sum() / b / cfg.max_completion_length
+    n_active = jnp.maximum(stats[:, 2].sum(), 1.0)
+    metrics = {
+        "clip_fraction": stats[:, 1].sum() / n_active,
+        "max_abs_log_ratio": stats[:, 3].max(),
+        "replayed_steps": jnp.sum(stats[:, 2] > 0).astype(jnp.float32),
+    }
+    return loss, metrics

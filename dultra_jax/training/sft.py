@@ -1,0 +1,36 @@
+"""Masked-diffusion SFT (LLaDA's objective): learn to fill masked answer tokens at every noise level.
+
+Per sequence a mask ratio t ~ U(eps, 1); each answer token is masked with probability t (the prompt never);
+cross-entropy on the masked tokens, weighted 1/t (the ELBO weighting), summed and divided by the answer length,
+averaged over the batch.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+def sft_loss(
+    graphdef: nnx.GraphDef, states: tuple[nnx.State, ...], batch: dict[str, jax.Array], rng: jax.Array,
+    eps: float = 1e-3,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """``batch``: ``input_ids`` [B, L] (prompt + answer + end-of-text padding), ``answer_mask`` [B, L] (1 on
+    the answer part, which includes the trailing end-of-text tokens the model must learn to emit)."""
+    model = nnx.merge(graphdef, *states)
+    ids = batch["input_ids"].astype(jnp.int32)
+    answer = batch["answer_mask"].astype(bool)
+    b = ids.shape[0]
+    k_t, k_m = jax.random.split(rng)
+    t = jax.random.uniform(k_t, (b, 1), minval=eps, maxval=1.0)
+    masked = answer & (jax.random.uniform(k_m, ids.shape) < t)
+    noisy = jnp.where(masked, model.cfg.mask_token_id, ids)
+    logits, _ = model(noisy)
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(logp, ids[..., None], axis=-1)[..., 0]
+    answer_len = jnp.maximum(answer.sum(-1, keepdims=True), 1).astype(jnp.float32)
+    loss = jnp.sum(jnp.where(masked, nll / t / answer_len, 0.0)) / b
+    n_masked = jnp.maximum(masked.sum(), 1)
+    acc = jnp.sum(masked & (jnp.argmax(logits, -1) == ids)) / n_masked
+    return loss, {"masked_token_accuracy": acc, "masked_tokens": masked.sum().astype(jnp.float32)}
