@@ -1,0 +1,192 @@
+"""Typed run configuration for ``dultra sft | pretrain-planner | train``, read from YAML with dotted overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dultra_jax.config import ConfigError
+from dultra_jax.training.step import OptimConfig
+
+
+@dataclass
+class ModelSection:
+    path: str | None = None  # HF or converted checkpoint; None -> a fresh model of `preset`
+    preset: str = "tiny"
+    overrides: dict[str, Any] = field(default_factory=dict)  # HF config fields over the preset
+    dtype: str = "fp32"  # compute dtype
+    param_dtype: str | None = None  # master weights (default: dtype)
+    remat: str = "none"
+    seed: int = 0
+
+
+@dataclass
+class TaskSection:
+    name: str = "synthetic-addition"  # or gsm8k | math500 | apps | humaneval | mbpp
+    data_file: str | None = None
+    split: str | None = None
+    limit: int | None = None
+    prompt_mode: str = "thinking"
+    tokenizer: str | None = None  # default: the model directory's tokenizer
+    num_train: int = 512  # synthetic task sizes
+    num_eval: int = 64
+    max_operand: int = 20
+    max_prompt_length: int = 512
+
+
+@dataclass
+class TrainSection:
+    mode: str = "grpo"  # sft | planner | grpo
+    max_steps: int = 100
+    batch_size: int = 8  # sequences per step (sft/planner); prompts per step for grpo
+    micro_batches: int = 1
+    trainable: str = "all"  # all | planner | backbone (planner mode always trains the planner only)
+    seed: int = 42
+    save_every: int = 50
+    keep: int = 3
+    async_checkpointing: bool = True
+    log_every: int = 1
+    eval_every: int = 0
+    max_bad_steps: int = 5  # abort after this many non-finite steps in a row
+
+
+@dataclass
+class SequenceSection:
+    """Answer region length for SFT / planner pre-training sequences (answer + end-of-turn + padding)."""
+
+    gen_length: int = 16
+    min_block: int = 32  # planner collator's minimum block
+    factor: float = 1.0  # planner targets: Fast-dLLM factor
+
+
+@dataclass
+class GRPOSection:
+    num_generations: int = 12
+    gen_length: int = 256
+    block_length: int = 32
+    temperature: float = 0.1
+    scale_rewards: str = "none"
+    epsilon_low: float = 0.2
+    epsilon_high: float = 1.0
+    delta: float | None = None
+    advantage_min_clip: float | None = 0.1
+    beta: float = 0.0
+    ref_sync_every: int = 0
+    num_iterations: int = 1
+    reward_config: str | None = None  # rewards YAML (default configs/rewards.yaml)
+    reward_weights: dict[str, float] = field(default_factory=dict)  # override / add weights by reward name
+    step_penalty_scale: float = 50.0  # the original's -(steps)/50
+
+
+@dataclass
+class EvalSection:
+    num_examples: int = 64
+    gen_length: int = 16
+    block_length: int = 8
+    strategy: str = "planner"
+    batch_size: int = 32
+
+
+@dataclass
+class RunConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    task: TaskSection = field(default_factory=TaskSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    sequence: SequenceSection = field(default_factory=SequenceSection)
+    grpo: GRPOSection = field(default_factory=GRPOSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _build(cls, data: dict[str, Any], where: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"config section '{where}' must be a mapping, got {type(data).__name__}")
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise ConfigError(f"unknown key(s) {unknown} in config section '{where}'; known: {sorted(names)}")
+    kwargs = {}
+    hints = typing.get_type_hints(cls)
+    for k, v in data.items():
+        sub = _SECTIONS.get((cls, k))
+        here = f"{where}.{k}" if where else k
+        kwargs[k] = _build(sub, v, here) if sub is not None else _coerce(v, hints[k], here)
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"bad value in config section '{where or 'root'}': {e}") from e
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """YAML gives strings for some numbers ("1e-3"); convert scalars to the field's declared type."""
+    args = typing.get_args(tp) if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union else ()
+    if value is None:
+        if args and type(None) in args:
+            return None
+        raise ConfigError(f"config key '{where}' cannot be null")
+    target = next((a for a in args if a is not type(None)), tp) if args else tp
+    try:
+        if target is float and isinstance(value, (int, float, str)) and not isinstance(value, bool):
+            return float(value)
+        if target is int and isinstance(value, (int, str)) and not isinstance(value, bool):
+            return int(value)
+        if target is bool and isinstance(value, str):
+            return {"true": True, "false": False}[value.lower()]
+    except (ValueError, KeyError) as e:
+        raise ConfigError(f"config key '{where}': cannot read {value!r} as {target.__name__}") from e
+    return value
+
+
+_SECTIONS = {
+    (RunConfig, "model"): ModelSection, (RunConfig, "task"): TaskSection, (RunConfig, "train"): TrainSection,
+    (RunConfig, "optim"): OptimConfig, (RunConfig, "sequence"): SequenceSection, (RunConfig, "grpo"): GRPOSection,
+    (RunConfig, "eval"): EvalSection,
+}
+
+
+def apply_override(data: dict[str, Any], item: str) -> None:
+    """Apply one ``a.b.c=value`` override (value parsed as YAML) to a nested dict."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not of the form key.path=value")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {item!r}: value is not valid YAML: {e}") from e
+    node = data
+    parts = key.strip().split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {item!r}: '{p}' is not a section")
+    node[parts[-1]] = value
+
+
+def load_run_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path} is not valid YAML: {e}") from e
+    for item in overrides or []:
+        apply_override(data, item)
+    cfg = _build(RunConfig, data, "")
+    if cfg.train.mode not in ("sft", "planner", "grpo"):
+        raise ConfigError(f"train.mode must be sft, planner or grpo, got {cfg.train.mode!r}")
+    if cfg.train.batch_size % cfg.train.micro_batches:
+        raise ConfigError(f"train.batch_size ({cfg.train.batch_size}) must be a multiple of train.micro_batches "
+                          f"({cfg.train.micro_batches})")
+    return cfg
