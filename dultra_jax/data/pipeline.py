@@ -119,10 +119,10 @@ class PromptPipeline:
         ds = grain.MapDataset.range(len(self.examples))
         if self.shuffle:
             ds = ds.seed(self.seed).shuffle()
-        ds = ds.repeat(self.num_epochs)
-        ds = ds.map(self._encode)
-        ds = ds.batch(self.prompts_per_batch, drop_remainder=self.num_epochs is not None, batch_fn=self._collate)
-        return ds.to_iter_dataset()
+        ds = ds.repeat(self.num_epochs).map(self._encode)
+        # Batch the IterDataset: an infinite MapDataset has length sys.maxsize, which MapDataset.batch(1) overflows.
+        return ds.to_iter_dataset().batch(self.prompts_per_batch, drop_remainder=self.num_epochs is not None,
+                                          batch_fn=self._collate)
 
     def __iter__(self):
         return iter(self.dataset())
