@@ -321,7 +321,8 @@ def export_hf(
             sizes[-1] = 0
 
         n_keys = sum(len(s.keys) for s in param_specs(cfg))
-        for key, arr in tqdm(hf_tensors(model, dtype), total=n_keys, desc="exporting", unit="tensor", leave=False, disable=None):
+        bar = tqdm(hf_tensors(model, dtype), total=n_keys, desc="exporting", unit="tensor", leave=False, disable=None)
+        for key, arr in bar:
             if shards[-1] and sizes[-1] + arr.nbytes > max_shard_bytes:
                 flush()
             shards[-1][key] = arr

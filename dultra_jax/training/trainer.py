@@ -215,8 +215,8 @@ class Trainer:
             if name == "exact_answer":
                 terms.append((name, w, lambda inp: synthetic.exact_answer(inp.completions, inp.examples)))
             elif name == "step_penalty":
-                scale = g.step_penalty_scale
-                terms.append((name, w, lambda inp: [-sum(1 for s in t if len(s)) / scale for t in inp.trajectories]))
+                terms.append((name, w, lambda inp, scale=g.step_penalty_scale: [
+                    -sum(1 for s in t if len(s)) / scale for t in inp.trajectories]))
             else:
                 terms.append((name, w, registry.REWARDS[name](ctx, ctx.opt(name))))
         self.rewards = registry.RewardSet(dataset=self.cfg.task.name, terms=terms, context=ctx)
@@ -405,7 +405,8 @@ class Trainer:
             bar.update(1)
             bar.set_postfix({k: f"{row[k]:.3g}" for k in ("loss", "reward_mean", "nfe_mean") if k in row})
         bar.close()
-        self._save(force=True)
+        if self.ckpt.latest_step() != self.step:
+            self._save(force=True)
         self.ckpt.wait_until_finished()
         return last
 
