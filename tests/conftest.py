@@ -1,3 +1,10 @@
+import os
+
+# 8 fake CPU devices for the sharding tests. XLA reads this once, when the CPU backend starts, so it must be set
+# before anything imports jax. Single-device code is unaffected: arrays still default to device 0.
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+
 from pathlib import Path
 
 import numpy as np

@@ -3,15 +3,21 @@
 A converted directory holds ``config.json`` (the original's format, so the model stays self-describing),
 ``dultra_jax.json`` (our format marker and the dtype the source was stored in), ``params/`` (an orbax
 checkpoint of the parameter tree) and the tokenizer files of the source, if it had any.
+
+The orbax checkpoint is stored per array, so it can be restored straight into any sharding: pass ``mesh`` (a
+``jax.sharding.Mesh`` or a spec like ``"fsdp=8"``) to :func:`load` / :func:`load_converted` and every host reads
+only the shards its devices hold, whatever mesh shape the checkpoint was written from.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
@@ -27,6 +33,11 @@ from dultra_jax.checkpoints.hf import (
 )
 from dultra_jax.config import ModelConfig
 from dultra_jax.model.dultra import DUltra
+
+if TYPE_CHECKING:
+    from jax.sharding import Mesh
+
+    from dultra_jax.parallel import MeshConfig
 
 FORMAT_FILE = "dultra_jax.json"
 FORMAT_NAME = "dultra-jax-params"
@@ -46,7 +57,15 @@ def save_converted(
     copy_from: str | Path | None = None,
     source_dtype: str | None = None,
 ) -> Path:
-    """Write ``model`` as a converted directory, atomically (nothing is left behind on failure)."""
+    """Write ``model`` as a converted directory, atomically (nothing is left behind on failure).
+
+    A sharded model is written shard by shard (orbax); the directory can be restored onto any mesh.
+    """
+    if jax.process_count() > 1:
+        raise CheckpointError(
+            "save_converted writes from a single process (conversion is a one-host job); on several hosts use "
+            "the trainer's orbax checkpointing"
+        )
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     param_dtype = jnp.dtype(model.backbone.embed.embedding[...].dtype).name
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
@@ -65,18 +84,33 @@ def save_converted(
     return Path(out_dir)
 
 
-def load_converted(path: str | Path, *, dtype=jnp.float32, param_dtype=None, **model_kwargs) -> DUltra:
+def load_converted(
+    path: str | Path,
+    *,
+    dtype=jnp.float32,
+    param_dtype=None,
+    mesh: Mesh | MeshConfig | str | None = None,
+    rules=None,
+    **model_kwargs,
+) -> DUltra:
+    """Restore a converted directory; onto one device, or with ``mesh`` directly into the rules' shardings.
+
+    ``rules`` defaults to ``dultra_jax.parallel.DEFAULT_RULES``. Each host reads only its own shards.
+    """
     path = Path(path)
     meta = _read_meta(path)
     cfg = ModelConfig.from_json_file(path / "config.json")
     param_dtype = dtype if param_dtype is None else param_dtype
-    abstract = nnx.eval_shape(lambda: DUltra(cfg, dtype=dtype, param_dtype=param_dtype, **model_kwargs))
-    graphdef, abs_state = nnx.split(abstract)
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree.map(
-        lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=device),
-        nnx.to_pure_dict(nnx.state(abstract, nnx.Param)),
-    )
+    kw = dict(dtype=dtype, param_dtype=param_dtype, **model_kwargs)
+    if mesh is None:
+        graphdef, abs_state = nnx.split(nnx.eval_shape(lambda: DUltra(cfg, **kw)))
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        target = jax.tree.map(
+            lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=device), nnx.to_pure_dict(abs_state)
+        )
+    else:
+        graphdef, abs_state = _plan(mesh, rules).abstract_model(cfg, **kw)
+        target = nnx.to_pure_dict(abs_state)
     try:
         restored = ocp.StandardCheckpointer().restore((path / PARAMS_DIR).absolute(), target)
     except Exception as e:  # orbax raises many types (ValueError, FileNotFoundError, tensorstore errors)
@@ -104,12 +138,25 @@ def _read_meta(path: Path) -> dict:
     return meta
 
 
-def load(path: str | Path, *, dtype=jnp.float32, param_dtype=None, **model_kwargs) -> DUltra:
+def load(
+    path: str | Path,
+    *,
+    dtype=jnp.float32,
+    param_dtype=None,
+    mesh: Mesh | MeshConfig | str | None = None,
+    rules=None,
+    **model_kwargs,
+) -> DUltra:
     """Open a model from an original HF checkpoint directory or a converted directory.
 
     ``dtype`` is the compute dtype (``"bf16"``/``"fp32"`` strings accepted); ``param_dtype`` the storage dtype
     (defaults to ``dtype``). Extra keyword arguments go to :class:`DUltra` (``attention_impl``, ``remat``,
     ``scan_layers``; ``seed`` for a fresh planner head when the checkpoint has none).
+
+    ``mesh`` (a ``jax.sharding.Mesh`` or a spec such as ``"data=1,fsdp=8,tensor=1"``) returns the model sharded
+    by ``rules`` (default ``dultra_jax.parallel.DEFAULT_RULES``). A converted directory is restored straight
+    into those shardings; HF safetensors are read into host memory first and then placed (convert once, then
+    load the converted directory on big meshes).
     """
     path = Path(path)
     if not path.is_dir():
@@ -117,13 +164,27 @@ def load(path: str | Path, *, dtype=jnp.float32, param_dtype=None, **model_kwarg
     dtype, param_dtype = parse_dtype(dtype), parse_dtype(param_dtype)
     if is_converted(path):
         model_kwargs.pop("seed", None)
-        return load_converted(path, dtype=dtype, param_dtype=param_dtype, **model_kwargs)
+        return load_converted(path, dtype=dtype, param_dtype=param_dtype, mesh=mesh, rules=rules, **model_kwargs)
     if not (path / "config.json").is_file():
         raise CheckpointError(
             f"{path} is neither a converted dultra-jax directory (no {FORMAT_FILE}) nor an HF checkpoint "
             "(no config.json)"
         )
-    return load_hf(path, dtype=dtype, param_dtype=param_dtype, **model_kwargs)
+    if mesh is None:
+        return load_hf(path, dtype=dtype, param_dtype=param_dtype, **model_kwargs)
+    plan = _plan(mesh, rules)
+    with jax.default_device(jax.devices("cpu")[0]):  # host memory, not one accelerator
+        model = load_hf(path, dtype=dtype, param_dtype=param_dtype, **model_kwargs)
+    graphdef, state = nnx.split(model)
+    if jax.process_count() > 1:  # every host holds the same values; each places its addressable shards
+        state = jax.tree.map(np.asarray, state)
+    return nnx.merge(graphdef, jax.device_put(state, plan.param_shardings(nnx.split(model)[1])))
+
+
+def _plan(mesh, rules):
+    from dultra_jax.parallel import ShardingPlan  # parallel imports the model only; imported lazily here
+
+    return ShardingPlan.create(mesh, rules)
 
 
 def convert(
