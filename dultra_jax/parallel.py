@@ -177,6 +177,12 @@ class ShardingPlan:
     mesh: Mesh
     rules: Rules = DEFAULT_RULES
 
+    def __post_init__(self) -> None:
+        named = {a for _, t in self.rules for a in ([t] if isinstance(t, str) else (t or ()))}
+        absent = sorted(named - set(self.mesh.axis_names))
+        if absent:  # otherwise those rules would silently replicate
+            raise MeshError(f"the sharding rules use mesh axes {absent} that mesh {dict(self.mesh.shape)} lacks")
+
     @classmethod
     def create(cls, mesh: str | Mapping | MeshConfig | Mesh | None = None, rules: Rules | None = None,
                *, devices=None) -> ShardingPlan:

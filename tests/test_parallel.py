@@ -83,6 +83,14 @@ def test_every_parameter_has_logical_axes_with_a_rule(name):
         assert (logical[0] == axes.LAYERS) == ("layers" in path), (path, logical)
 
 
+def test_rules_must_name_axes_of_the_mesh(cpu8):
+    other = jax.make_mesh((8,), ("model",), axis_types=(AxisType.Auto,), devices=cpu8)
+    with pytest.raises(MeshError, match=r"mesh axes \['data', 'fsdp', 'tensor'\] that mesh \{'model': 8\} lacks"):
+        ShardingPlan(other)
+    plan = ShardingPlan(other, rules=((axes.EMBED, "model"),))
+    assert plan.spec([axes.EMBED], [16]) == PartitionSpec("model")
+
+
 def test_parameter_without_logical_axes_is_rejected(cpu8):
     plan = ShardingPlan.create("fsdp=8", devices=cpu8)
     _, state = nnx.split(nnx.Linear(8, 8, rngs=nnx.Rngs(0)))  # plain flax layer: no logical names
