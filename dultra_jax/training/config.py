@@ -63,6 +63,7 @@ class SequenceSection:
     gen_length: int = 16
     min_block: int = 32  # planner collator's minimum block
     factor: float = 1.0  # planner targets: Fast-dLLM factor
+    label_smoothing: float = 0.0  # SFT
 
 
 @dataclass

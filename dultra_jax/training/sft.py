@@ -2,7 +2,8 @@
 
 Per sequence a mask ratio t ~ U(eps, 1); each answer token is masked with probability t (the prompt never);
 cross-entropy on the masked tokens, weighted 1/t (the ELBO weighting), summed and divided by the answer length,
-averaged over the batch.
+averaged over the batch. Optional label smoothing keeps the model's confidences below 1, as those of large
+dLLMs are (the CPU demo uses it so confidence-based decoding is conservative, as on real models).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from flax import nnx
 
 def sft_loss(
     graphdef: nnx.GraphDef, states: tuple[nnx.State, ...], batch: dict[str, jax.Array], rng: jax.Array,
-    eps: float = 1e-3,
+    eps: float = 1e-3, label_smoothing: float = 0.0,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """``batch``: ``input_ids`` [B, L] (prompt + answer + end-of-text padding), ``answer_mask`` [B, L] (1 on
     the answer part, which includes the trailing end-of-text tokens the model must learn to emit)."""
@@ -29,6 +30,8 @@ def sft_loss(
     logits, _ = model(noisy)
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     nll = -jnp.take_along_axis(logp, ids[..., None], axis=-1)[..., 0]
+    if label_smoothing:
+        nll = (1.0 - label_smoothing) * nll - label_smoothing * jnp.mean(logp, axis=-1)
     answer_len = jnp.maximum(answer.sum(-1, keepdims=True), 1).astype(jnp.float32)
     loss = jnp.sum(jnp.where(masked, nll / t / answer_len, 0.0)) / b
     n_masked = jnp.maximum(masked.sum(), 1)

@@ -158,7 +158,7 @@ class Trainer:
         self.opt_state = self.tx.init(self.trainable)
         self.mcfg = self.model.cfg
         self.examples = load_examples(cfg, "train")
-        self.eval_examples = load_examples(cfg, "eval") if cfg.train.eval_every or mode == "grpo" else []
+        self._eval_examples = None
         self.loss_cfg = grpo_mod.GRPOLossConfig(
             epsilon_low=cfg.grpo.epsilon_low, epsilon_high=cfg.grpo.epsilon_high, delta=cfg.grpo.delta,
             advantage_min_clip=cfg.grpo.advantage_min_clip, beta=cfg.grpo.beta, block_length=cfg.grpo.block_length,
@@ -228,7 +228,10 @@ class Trainer:
     def _build_step(self) -> None:
         mode = self.cfg.train.mode
         if mode == "sft":
-            loss = sft_loss
+            smoothing = self.cfg.sequence.label_smoothing
+
+            def loss(gd, states, batch, rng):
+                return sft_loss(gd, states, batch, rng, label_smoothing=smoothing)
         elif mode == "planner":
             factor = self.cfg.sequence.factor
 
@@ -343,10 +346,14 @@ class Trainer:
         return True
 
     # --------------------------------------------------------------------------------------- eval
+    @property
+    def eval_examples(self) -> list:
+        if self._eval_examples is None:
+            self._eval_examples = load_examples(self.cfg, "eval")
+        return self._eval_examples
+
     def evaluate(self) -> dict[str, float]:
-        """Accuracy and NFE of the current model on the held-out examples (planner decoding, greedy)."""
-        if not self.eval_examples:
-            return {}
+        """Accuracy and NFE of the current model on the held-out examples (``eval.strategy``, greedy tokens)."""
         from dultra_jax.data import render_chat
 
         e = self.cfg.eval

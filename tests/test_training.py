@@ -1,0 +1,297 @@
+"""Training: hand-computed GRPO pieces, gradients, accumulation, planner pre-training, SFT, resume."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import dultra_jax
+from dultra_jax.decoding.rules import factor_count
+from dultra_jax.training import (
+    GRPOLossConfig,
+    Rollout,
+    clipped_objective,
+    factor_targets,
+    group_advantages,
+    grpo_loss,
+    make_train_step,
+    noise_batch,
+    planner_loss,
+    split_trainable,
+    weighted_bce,
+)
+from dultra_jax.training.config import load_run_config
+from dultra_jax.training.grpo import k3_kl
+from dultra_jax.training.trainer import Trainer
+
+
+# ------------------------------------------------------------------------------------------ hand-computed
+def test_group_advantages():
+    r = jnp.array([3.0, 1.0, 1.0, 3.0])
+    np.testing.assert_allclose(group_advantages(r, 4), [1, -1, -1, 1])
+    np.testing.assert_allclose(group_advantages(r, 4, "group"), np.array([1, -1, -1, 1]) / (np.sqrt(4 / 3) + 1e-4),
+                               rtol=1e-6)
+    np.testing.assert_allclose(group_advantages(jnp.array([2.0, 2, 2]), 3, "group"), [0, 0, 0])
+    np.testing.assert_allclose(group_advantages(jnp.array([1.0, 3, 5, 9]), 2), [-1, 1, -2, 2])
+    np.testing.assert_allclose(group_advantages(jnp.array([1.0, 3, 5, 9]), 2, "batch"),
+                               np.array([-1, 1, -2, 2]) / (np.std([1, 3, 5, 9], ddof=1) + 1e-4), rtol=1e-6)
+    np.testing.assert_allclose(group_advantages(jnp.array([1.0, jnp.nan]), 2), [0.5, -0.5])
+    with pytest.raises(ValueError, match="groups"):
+        group_advantages(jnp.ones(3), 2)
+
+
+def test_clipped_objective_cases():
+    cfg = GRPOLossConfig(epsilon_low=0.2, epsilon_high=1.0, advantage_min_clip=None)
+    loss, clipped = clipped_objective(jnp.log(jnp.array([2.5, 0.5])), jnp.array([1.0, -0.5]), cfg)
+    np.testing.assert_allclose(loss, [-2.0, 0.4], rtol=1e-6)
+    assert clipped.tolist() == [True, True]
+    # the original's normalisation: (-2.0 + 0.4) / B_c / L with B_c = 2, L = 256
+    assert float(loss.sum() / 2 / 256) == pytest.approx(-0.003125)
+    cfg_c = GRPOLossConfig(epsilon_low=0.2, epsilon_high=1.0, advantage_min_clip=0.1)
+    loss_c, _ = clipped_objective(jnp.log(jnp.array([2.5, 0.5])), jnp.array([1.0, -0.5]), cfg_c)
+    assert float(loss_c.sum() / 2 / 256) == pytest.approx(-0.00390625)
+    # inside the clip range and below it, positive and negative advantages
+    loss_in, clipped_in = clipped_objective(jnp.log(jnp.array([1.1, 0.7, 0.7])), jnp.array([1.0, 1.0, -1.0]), cfg)
+    np.testing.assert_allclose(loss_in, [-1.1, -0.7, 0.8], rtol=1e-6)
+    assert clipped_in.tolist() == [False, False, True]
+    # delta caps the unclipped ratio
+    loss_d, _ = clipped_objective(jnp.log(jnp.array([3.0])), jnp.array([-1.0]), GRPOLossConfig(
+        epsilon_low=0.2, epsilon_high=1.0, delta=1.5, advantage_min_clip=None))
+    np.testing.assert_allclose(loss_d, [2.0], rtol=1e-6)  # -min(1.5 * -1, 2.0 * -1) = 2.0
+    # on-policy gradient: d loss / d lambda = -A
+    g = jax.grad(lambda lr: clipped_objective(lr, jnp.array([1.0]), cfg)[0].sum())(jnp.zeros(1))
+    np.testing.assert_allclose(g, [-1.0])
+
+
+def test_k3_kl_and_step_logps():
+    new = jnp.array([[-1.0, -2.0, 0.0]])
+    ref = jnp.array([[-1.5, -2.0, 0.0]])
+    where = jnp.array([[True, True, False]])
+    d = -0.5
+    np.testing.assert_allclose(k3_kl(new, ref, where), [np.exp(d) - d - 1], rtol=1e-6)
+    from dultra_jax.decoding.rules import planner_step_logps
+
+    p = jnp.array([[0.8, 0.1]])
+    ell = planner_step_logps(p, jnp.array([[True, True]]), jnp.array([[True, False]]), jnp.array([[-0.2, 0.0]]))
+    np.testing.assert_allclose(ell, [[np.log(0.8) - 0.2, np.log(0.9)]], rtol=1e-5)
+    assert float(ell.sum()) == pytest.approx(-0.52850, abs=1e-5)
+
+
+def test_length_normalisation(tiny_model, golden):
+    """The loss divides by max_completion_length: doubling it halves the loss."""
+    gd, st = nnx.split(tiny_model)
+    ro = _golden_rollout(golden, jnp.array([1.0, -0.5]))
+    a = grpo_loss(gd, (st,), ro, GRPOLossConfig(block_length=8, max_completion_length=32, advantage_min_clip=None))[0]
+    b = grpo_loss(gd, (st,), ro, GRPOLossConfig(block_length=8, max_completion_length=64, advantage_min_clip=None))[0]
+    assert float(a) == pytest.approx(2 * float(b), rel=1e-6)
+
+
+# ------------------------------------------------------------------------------------------ replay + gradients
+def _golden_rollout(golden, adv):
+    return Rollout(prompt_ids=jnp.asarray(golden["dec_prompt"]), reveal=jnp.asarray(golden["roll_reveal"]),
+                   proposals=jnp.asarray(golden["roll_x0"].transpose(1, 0, 2)),
+                   old_logps=jnp.asarray(golden["roll_logps"].transpose(1, 0, 2)), advantages=adv)
+
+
+def test_on_policy_replay_of_the_golden_rollout(tiny_model, golden):
+    gd, st = nnx.split(tiny_model)
+    cfg = GRPOLossConfig(block_length=8, max_completion_length=32, advantage_min_clip=None)
+    loss, metrics = grpo_loss(gd, (st,), _golden_rollout(golden, jnp.array([1.0, 1.0])), cfg)
+    assert float(metrics["max_abs_log_ratio"]) < 1e-4  # replayed log-probs equal the recorded ones
+    assert float(metrics["clip_fraction"]) == 0.0
+    steps_with_reveal = golden["roll_reveal"].any(-1).sum()  # row-steps that revealed something
+    assert float(loss) == pytest.approx(-steps_with_reveal / 2 / 32, rel=1e-4)
+
+
+def test_grpo_gradient_matches_finite_differences(tiny_model, golden):
+    gd, st = nnx.split(tiny_model)
+    cfg = GRPOLossConfig(block_length=8, max_completion_length=32, advantage_min_clip=None)
+    ro = _golden_rollout(golden, jnp.array([1.0, -0.5]))
+    loss_fn = jax.jit(lambda s: grpo_loss(gd, (s,), ro, cfg)[0])
+    grads = jax.jit(jax.grad(lambda s: grpo_loss(gd, (s,), ro, cfg)[0]))(st)
+    flat_g = dict(nnx.to_flat_state(grads))
+    h = 1e-2
+    for path, idx in ((("planner", "out", "bias"), (0,)), (("backbone", "final_norm", "scale"), (3,)),
+                      (("backbone", "blocks", "layers", "up", "kernel"), (1, 5, 7))):
+        def shifted(sign, path=path, idx=idx):
+            s2 = jax.tree.map(lambda a: a, st)
+            var = dict(nnx.to_flat_state(s2))[path]
+            var[...] = var[...].at[idx].add(sign * h)
+            return float(loss_fn(s2))
+        fd = (shifted(1) - shifted(-1)) / (2 * h)
+        g = float(flat_g[path][...][idx])
+        assert g == pytest.approx(fd, rel=2e-2, abs=1e-4), (path, g, fd)
+
+
+def test_accumulated_gradient_equals_full_batch(tiny_model, golden):
+    """Two micro-batches of one row each give the same update as one micro-batch of two rows (SGD, lr 1)."""
+    gd, tr, fr = split_trainable(tiny_model, "all")
+    cfg = GRPOLossConfig(block_length=8, max_completion_length=32, advantage_min_clip=None)
+    ro = _golden_rollout(golden, jnp.array([1.0, -0.5]))
+
+    def loss(g, states, batch, rng):
+        return grpo_loss(g, states, batch, cfg)
+
+    tx = optax.sgd(1.0)
+    step = make_train_step(gd, loss, tx)
+    one = jax.tree.map(lambda a: a[None], ro)
+    two = Rollout(prompt_ids=ro.prompt_ids[:, None], reveal=jnp.moveaxis(ro.reveal[:, :, None], 1, 0),
+                  proposals=jnp.moveaxis(ro.proposals[:, :, None], 1, 0),
+                  old_logps=jnp.moveaxis(ro.old_logps[:, :, None], 1, 0), advantages=ro.advantages[:, None])
+    copy = lambda t: jax.tree.map(jnp.array, t)  # noqa: E731  (the step donates its inputs)
+    old = [np.asarray(a, np.float64) for a in jax.tree.leaves(tr)]
+    new1, _, m1 = step(copy(tr), fr, tx.init(tr), one, jax.random.key(0))
+    new2, _, m2 = step(copy(tr), fr, tx.init(tr), two, jax.random.key(0))
+    g1 = [o - np.asarray(a, np.float64) for o, a in zip(old, jax.tree.leaves(new1), strict=True)]  # lr 1: p - g
+    g2 = [o - np.asarray(a, np.float64) for o, a in zip(old, jax.tree.leaves(new2), strict=True)]
+    scale = max(1.0, max(float(np.abs(g).max()) for g in g1))
+    err = max(float(np.abs(a - b).max()) for a, b in zip(g1, g2, strict=True))
+    assert err <= 1e-5 * scale, (err, scale)
+    assert scale > 1e-3  # a real gradient
+    assert float(m1["loss"]) == pytest.approx(float(m2["loss"]), rel=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ planner pre-training
+def test_factor_targets_equal_the_rule(golden):
+    logits = jnp.asarray(golden["fwd_logits"])
+    block = np.zeros((2, 37), bool)
+    block[:, 20:30] = True
+    targets = np.asarray(factor_targets(logits, jnp.asarray(block)))
+    probs = np.asarray(jax.nn.softmax(logits.astype(jnp.float64) if jax.config.jax_enable_x64 else logits, -1))
+    for b in range(2):
+        conf = probs[b, np.arange(37), probs[b].argmax(-1)][20:30]
+        order = np.argsort(-conf, kind="stable")
+        k = int(factor_count(jnp.asarray(conf[order][None]), jnp.asarray([10]), 1.0)[0])
+        want = np.zeros(37)
+        want[20 + order[:k]] = 1
+        np.testing.assert_array_equal(targets[b], want)
+    assert targets[:, :20].sum() == 0 and targets[:, 30:].sum() == 0
+
+
+def test_weighted_bce():
+    z = jnp.zeros(4)
+    y = jnp.array([1.0, 0, 0, 0])
+    where = jnp.ones(4, bool)
+    # pos_weight 3: (3 * ln 2 + 3 * ln 2) / 4
+    assert float(weighted_bce(z, y, where)) == pytest.approx(6 * np.log(2) / 4, rel=1e-6)
+    assert float(weighted_bce(z, jnp.ones(4), where)) == pytest.approx(np.log(2), rel=1e-6)
+    assert float(weighted_bce(z, y, jnp.zeros(4, bool))) == 0.0
+
+
+def test_noise_collator():
+    rng = np.random.default_rng(0)
+    ids = np.arange(2 * 64).reshape(2, 64) % 200
+    noisy, block = noise_batch(ids, np.array([10, 62]), 299, rng, min_block=8)
+    assert block[1].sum() == 0 and np.array_equal(noisy[1], ids[1])  # N - P <= 2: skipped
+    masked = np.nonzero(noisy[0] == 299)[0]
+    chosen = np.nonzero(block[0])[0]
+    assert set(chosen) <= set(masked) and chosen.min() >= 0
+    tail = masked[masked > chosen.max()]
+    assert np.array_equal(tail, np.arange(tail.min(), 64))  # everything after the block is masked
+
+
+def test_planner_pretraining_freezes_the_backbone_and_learns(tiny_dir):
+    model = dultra_jax.load(tiny_dir)
+    gd, tr, fr = split_trainable(model, "planner")
+    assert {p[0] for p, _ in nnx.to_flat_state(tr)} == {"planner"}
+    backbone_before = [np.asarray(a).copy() for a in jax.tree.leaves(fr)]
+    tx = optax.adam(3e-3)
+    opt = tx.init(tr)
+    assert {p[0] for p, _ in nnx.to_flat_state(nnx.state(opt)) if p and p[0] in ("backbone", "planner")} <= {
+        "planner"}
+    step = make_train_step(gd, planner_loss, tx)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 290, size=(8, 48))
+    noisy, block = noise_batch(ids, np.full(8, 12), 299, rng, min_block=8)
+    batch = {"input_ids": jnp.asarray(noisy[None]), "block_index": jnp.asarray(block[None])}
+    losses = []
+    for i in range(50):
+        tr, opt, m = step(tr, fr, opt, batch, jax.random.key(i))
+        losses.append(float(m["loss"]))
+    for a, b in zip(backbone_before, jax.tree.leaves(fr), strict=True):
+        np.testing.assert_array_equal(a, np.asarray(b))
+    assert np.mean(losses[-5:]) < 0.7 * losses[0]
+
+
+# ------------------------------------------------------------------------------------------ SFT + trainer
+def _cfg(tmp_path, *over):
+    return load_run_config(None, [
+        "model.preset=tiny", "model.overrides={d_model: 64, n_layers: 2, mlp_hidden_size: 128}",
+        "task.num_train=64", "task.num_eval=16", "task.max_operand=4", "train.save_every=2", "train.seed=0",
+        "sequence.gen_length=8", "eval.gen_length=8", "eval.block_length=8", "eval.num_examples=16", *over])
+
+
+def test_sft_loss_decreases_and_learns_a_toy_task(tmp_path):
+    cfg = _cfg(tmp_path, "train.mode=sft", "train.batch_size=32", "train.max_steps=250", "optim.learning_rate=3e-3",
+               "optim.weight_decay=0.0", "train.save_every=1000", "eval.strategy=fixed")
+    trainer = Trainer(cfg, tmp_path / "sft", progress=False)
+    trainer.run()
+    rows = [json.loads(x) for x in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()]
+    assert np.mean([r["loss"] for r in rows[-20:]]) < 0.3 * np.mean([r["loss"] for r in rows[:5]])
+    assert trainer.evaluate()["eval_accuracy"] >= 0.5  # 25 possible problems, operands 0..4
+
+
+@pytest.mark.parametrize("mode, extra", [
+    ("sft", ["train.batch_size=8"]),
+    ("grpo", ["train.batch_size=2", "grpo.num_generations=2", "grpo.gen_length=8", "grpo.block_length=4",
+              "grpo.temperature=1.0", "grpo.scale_rewards=group", "grpo.advantage_min_clip=null",
+              "optim.learning_rate=1e-3"]),
+])
+def test_resume_reproduces_an_uninterrupted_run(tmp_path, mode, extra):
+    full = Trainer(_cfg(tmp_path, f"train.mode={mode}", "train.max_steps=4", *extra), tmp_path / "full",
+                   progress=False)
+    full.run()
+    first = Trainer(_cfg(tmp_path, f"train.mode={mode}", "train.max_steps=2", *extra), tmp_path / "cut",
+                    progress=False)
+    first.run()
+    resumed = Trainer(_cfg(tmp_path, f"train.mode={mode}", "train.max_steps=4", *extra), tmp_path / "cut",
+                      progress=False)
+    resumed.run()
+    for a, b in zip(jax.tree.leaves(full.trainable), jax.tree.leaves(resumed.trainable), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+    rows = [json.loads(x) for x in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    for key in ("step", "loss", "grad_norm"):
+        assert key in rows[-1]
+    if mode == "grpo":
+        for key in ("reward_mean", "nfe_mean", "tpf", "clip_fraction", "advantage_std"):
+            assert key in rows[-1]
+
+
+def test_nan_guard_skips_and_aborts(tmp_path):
+    from dultra_jax.training.trainer import TrainingAborted
+
+    cfg = _cfg(tmp_path, "train.mode=sft", "train.batch_size=8", "train.max_steps=10", "train.max_bad_steps=3",
+               "optim.learning_rate=1e-3")
+    trainer = Trainer(cfg, tmp_path / "nan", progress=False)
+    before = [np.asarray(a).copy() for a in jax.tree.leaves(trainer.trainable)]
+    trainer.sequences = trainer.sequences.copy()
+    # poison the model: a NaN embedding row makes every loss NaN
+    emb = dict(nnx.to_flat_state(trainer.trainable))[("backbone", "embed", "embedding")]
+    emb[...] = emb[...].at[:].set(jnp.nan)
+    before = [np.asarray(a).copy() for a in jax.tree.leaves(trainer.trainable)]
+    with pytest.raises(TrainingAborted, match="3 non-finite steps"):
+        trainer.run()
+    for a, b in zip(before, jax.tree.leaves(trainer.trainable), strict=True):
+        np.testing.assert_array_equal(a, np.asarray(b))
+    rows = [json.loads(x) for x in (tmp_path / "nan" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["skipped"] == 1.0 for r in rows)
+
+
+def test_bad_config_values(tmp_path):
+    from dultra_jax.config import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown key"):
+        load_run_config(None, ["train.nope=1"])
+    with pytest.raises(ConfigError, match="train.mode"):
+        load_run_config(None, ["train.mode=dpo"])
+    with pytest.raises(ConfigError, match="multiple of train.micro_batches"):
+        load_run_config(None, ["train.batch_size=3", "train.micro_batches=2"])
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_run_config(None, ["optim.learning_rate=fast"])
+    with pytest.raises(ConfigError, match="not found"):
+        load_run_config(tmp_path / "missing.yaml")
