@@ -238,7 +238,7 @@ def test_save_on_one_mesh_restore_on_another(cpu8, tiny_model, tmp_path):
 
 
 def test_hf_checkpoint_loads_onto_a_mesh(cpu8, tiny_dir, tiny_model):
-    model = dultra_jax.load(tiny_dir, mesh=make_mesh("fsdp=8", devices=cpu8))
+    model = dultra_jax.load(tiny_dir, mesh=ShardingPlan.create("fsdp=8", devices=cpu8))
     assert model.backbone.blocks.layers.q.kernel[...].sharding.spec == PartitionSpec(None, "fsdp", "tensor")
     for a, b in zip(_host(nnx.state(model)), _host(nnx.state(tiny_model)), strict=True):
         np.testing.assert_array_equal(a, b)

@@ -37,7 +37,7 @@ from dultra_jax.model.dultra import DUltra
 if TYPE_CHECKING:
     from jax.sharding import Mesh
 
-    from dultra_jax.parallel import MeshConfig
+    from dultra_jax.parallel import MeshConfig, ShardingPlan
 
 FORMAT_FILE = "dultra_jax.json"
 FORMAT_NAME = "dultra-jax-params"
@@ -89,7 +89,7 @@ def load_converted(
     *,
     dtype=jnp.float32,
     param_dtype=None,
-    mesh: Mesh | MeshConfig | str | None = None,
+    mesh: Mesh | MeshConfig | ShardingPlan | str | None = None,
     rules=None,
     **model_kwargs,
 ) -> DUltra:
@@ -143,7 +143,7 @@ def load(
     *,
     dtype=jnp.float32,
     param_dtype=None,
-    mesh: Mesh | MeshConfig | str | None = None,
+    mesh: Mesh | MeshConfig | ShardingPlan | str | None = None,
     rules=None,
     **model_kwargs,
 ) -> DUltra:
@@ -153,10 +153,10 @@ def load(
     (defaults to ``dtype``). Extra keyword arguments go to :class:`DUltra` (``attention_impl``, ``remat``,
     ``scan_layers``; ``seed`` for a fresh planner head when the checkpoint has none).
 
-    ``mesh`` (a ``jax.sharding.Mesh`` or a spec such as ``"data=1,fsdp=8,tensor=1"``) returns the model sharded
-    by ``rules`` (default ``dultra_jax.parallel.DEFAULT_RULES``). A converted directory is restored straight
-    into those shardings; HF safetensors are read into host memory first and then placed (convert once, then
-    load the converted directory on big meshes).
+    ``mesh`` (a ``jax.sharding.Mesh``, a spec such as ``"data=1,fsdp=8,tensor=1"``, or a ``ShardingPlan``
+    carrying its own rules) returns the model sharded by ``rules`` (default ``dultra_jax.parallel.DEFAULT_RULES``).
+    A converted directory is restored straight into those shardings; HF safetensors are read into host memory
+    first and then placed (convert once, then load the converted directory on big meshes).
     """
     path = Path(path)
     if not path.is_dir():
@@ -184,6 +184,10 @@ def load(
 def _plan(mesh, rules):
     from dultra_jax.parallel import ShardingPlan  # parallel imports the model only; imported lazily here
 
+    if isinstance(mesh, ShardingPlan):
+        if rules is not None:
+            raise ValueError("pass rules inside the ShardingPlan, not both")
+        return mesh
     return ShardingPlan.create(mesh, rules)
 
 
