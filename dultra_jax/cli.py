@@ -175,6 +175,28 @@ def _cmd_score(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace, mode: str | None = None) -> int:
+    """Run (or resume) SFT, planner pre-training or GRPO from a YAML config; export the model at the end."""
+    from dultra_jax.training.config import load_run_config
+    from dultra_jax.training.trainer import Trainer, TrainingAborted
+
+    overrides = list(args.overrides)
+    if mode is not None:
+        overrides.append(f"train.mode={mode}")
+    cfg = load_run_config(args.config, overrides)
+    trainer = Trainer(cfg, args.output_dir)
+    try:
+        last = trainer.run()
+    except TrainingAborted as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    target = trainer.export()
+    shown = {k: round(v, 4) for k, v in last.items() if isinstance(v, float) and not k.startswith("reward/")}
+    print(f"finished {cfg.train.mode} at step {trainer.step}: {shown}")
+    print(f"metrics: {trainer.metrics.path}  model: {target}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dultra", description="dUltra in JAX: convert, decode, train, evaluate.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -219,6 +241,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--workers", type=int, default=None, help="parallel verifier/sandbox processes (default: cores)")
     s.add_argument("--timeout", type=float, default=None, help="seconds per program (code) or per APPS test")
     s.set_defaults(func=_cmd_score)
+
+    for name, mode, text in (("train", None, "GRPO (or the mode in the config)"),
+                             ("sft", "sft", "masked-diffusion SFT"),
+                             ("pretrain-planner", "planner", "planner pre-training (backbone frozen)")):
+        t = sub.add_parser(name, help=f"{text} from a YAML config; resumes from the output dir's checkpoints")
+        t.add_argument("--config", help="YAML under configs/ (e.g. configs/tiny_cpu.yaml)")
+        t.add_argument("--output-dir", required=True, help="checkpoints, metrics.jsonl and the final model go here")
+        t.add_argument("overrides", nargs="*", help="dotted overrides such as train.max_steps=6")
+        t.set_defaults(func=lambda a, mode=mode: _cmd_train(a, mode))
 
     d = sub.add_parser("demo", help="the embedded default: convert the tiny model and show what it computes")
     d.add_argument("--out", default="runs/demo", help="output directory")

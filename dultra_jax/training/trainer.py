@@ -80,8 +80,15 @@ def load_examples(cfg: RunConfig, split: str) -> list:
 
 
 def answer_of(example) -> str:
-    """Target text for SFT / planner sequences: the synthetic answer, or a task's reference solution."""
-    return synthetic.answer_text(example) if example.task == synthetic.TASK_NAME else str(example.answer or "")
+    """Target text for SFT / planner sequences: the synthetic answer, or the task's worked reference solution
+    (MATH ``solution``, HumanEval ``canonical_solution``, MBPP ``code``, GSM8K's full ``answer``)."""
+    if example.task == synthetic.TASK_NAME:
+        return synthetic.answer_text(example)
+    meta = example.metadata or {}
+    for key in ("solution", "canonical_solution", "code", "answer"):
+        if isinstance(meta.get(key), str) and meta[key].strip():
+            return meta[key]
+    return str(example.answer or "")
 
 
 def encode_sequences(examples, tokenizer, gen_length: int, eos_id: int) -> tuple[np.ndarray, int]:
