@@ -130,7 +130,7 @@ def _make_hook(work):
 
 
 # ----------------------------------------------------------------------------------------- isolation
-def _unshare_and_fork(report):
+def _unshare_and_fork(report, spec_fd):
     """Enter fresh namespaces; fork so the program is PID 1 of its PID namespace. Returns in the child only."""
     import ctypes
 
@@ -151,7 +151,9 @@ def _unshare_and_fork(report):
     if entered & CLONE_NEWPID:
         pid = os.fork()
         if pid:
-            # Supervisor (outside the new PID namespace): wait, then mirror the child's exit.
+            # Supervisor (outside the new PID namespace): wait, then mirror the child's exit. It keeps no
+            # copy of the spec (which holds the nonce).
+            os.close(spec_fd)
             _, status = os.waitpid(pid, 0)
             code = os.waitstatus_to_exitcode(status)
             os._exit(code if code >= 0 else 128 - code)
@@ -372,7 +374,7 @@ def main():
     else:
         report = {"namespaces": [], "mounts": "none", "proc": "host", "audit_hook": bool(spec["audit_hook"])}
         if spec["namespaces"]:
-            libc, entered = _unshare_and_fork(report)
+            libc, entered = _unshare_and_fork(report, spec_fd)
             if entered & CLONE_NEWNS:
                 _isolate_mounts(libc, work, report)
             # Re-exec a clean interpreter inside the namespaces: ctypes, loaded here, must not stay cached.
