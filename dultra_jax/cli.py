@@ -36,6 +36,15 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    """SFT -> planner pre-training -> GRPO on the built-in task; accuracy/NFE/TPF table, plot, summary.json."""
+    from dultra_jax.demo import run_demo
+
+    run_demo(args.out, seed=args.seed, size=args.size, progress=True)
+    print(f"wrote {Path(args.out) / 'summary.json'}")
+    return 0
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
     """Convert the embedded tiny checkpoint, reload it, and show what the model computes on a canvas."""
     import jax
     import jax.numpy as jnp
@@ -251,12 +260,18 @@ def build_parser() -> argparse.ArgumentParser:
         t.add_argument("overrides", nargs="*", help="dotted overrides such as train.max_steps=6")
         t.set_defaults(func=lambda a, mode=mode: _cmd_train(a, mode))
 
-    d = sub.add_parser("demo", help="the embedded default: convert the tiny model and show what it computes")
-    d.add_argument("--out", default="runs/demo", help="output directory")
+    d = sub.add_parser("demo", help="the method end to end on the CPU in minutes: SFT, planner pre-training, GRPO")
+    d.add_argument("--out", default="runs/demo", help="output directory (stages, metrics, summary.json, plot)")
     d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--prompt-len", type=int, default=12)
-    d.add_argument("--gen-len", type=int, default=8)
+    d.add_argument("--size", default="full", choices=["full", "small"], help="small: the test suite's reduced run")
     d.set_defaults(func=_cmd_demo)
+
+    i = sub.add_parser("inspect", help="convert the embedded tiny checkpoint and show what the model computes")
+    i.add_argument("--out", default="runs/inspect", help="output directory")
+    i.add_argument("--seed", type=int, default=0)
+    i.add_argument("--prompt-len", type=int, default=12)
+    i.add_argument("--gen-len", type=int, default=8)
+    i.set_defaults(func=_cmd_inspect)
     return parser
 
 

@@ -52,7 +52,7 @@ def test_generate_errors(tiny_dir, capsys):
     assert main(["generate", "--model", str(tiny_dir), "--prompt-ids", "a,b"]) == 2
 
 
-def test_demo_runs(tmp_path, capsys):
-    assert main(["demo", "--out", str(tmp_path / "demo")]) == 0
-    summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
+def test_inspect_runs(tmp_path, capsys):
+    assert main(["inspect", "--out", str(tmp_path / "inspect")]) == 0
+    summary = json.loads((tmp_path / "inspect" / "summary.json").read_text())
     assert summary["params"] == 180737 and summary["converted_vs_hf_max_abs_logit_diff"] == 0.0

@@ -380,8 +380,13 @@ class Trainer:
 
             fn = [t for t in self.rewards.terms if t[0] in ("math_correctness", "code_tests", "apps_execution")]
             correct = [float((v or 0) > 0) for v in fn[0][2](RewardInputs(texts, exs))] if fn else []
-        return {"eval_accuracy": float(np.mean(correct)) if correct else float("nan"),
-                "eval_nfe": float(np.mean(np.asarray(res.nfe)))}
+        nfe = float(np.mean(np.asarray(res.nfe)))
+        exclude = [i for i in {self.mcfg.eos_token_id, self.mcfg.pad_token_id} if i is not None]
+        if "<|eot_id|>" in self.tokenizer.get_vocab():
+            exclude.append(self.tokenizer.convert_tokens_to_ids("<|eot_id|>"))
+        eff = float((~np.isin(gen, exclude)).sum(-1).mean())
+        return {"eval_accuracy": float(np.mean(correct)) if correct else float("nan"), "eval_nfe": nfe,
+                "eval_tpf": eff / nfe if nfe else 0.0}
 
     # --------------------------------------------------------------------------------------- loop
     def run(self) -> dict[str, Any]:
