@@ -206,6 +206,41 @@ def _cmd_train(args: argparse.Namespace, mode: str | None = None) -> int:
     return 0
 
 
+def _cmd_eval(args: argparse.Namespace) -> int:
+    """Decode a task with the original's eval prompts, score it, write samples.jsonl + summary.json per run."""
+    from dultra_jax.data.tasks import DataError
+    from dultra_jax.eval import EvalSettings, format_table, run_eval
+
+    settings = EvalSettings(
+        strategy=args.strategy, reveal=args.reveal, gen_length=args.gen_length, block_length=args.block_length,
+        temperature=args.temperature, threshold=args.threshold, factor=args.factor, steps=args.steps,
+        cache=args.cache, batch_size=args.batch_size, pad_multiple=args.pad_multiple,
+    )
+    out = Path(args.out or f"runs/eval-{args.task}")
+    try:
+        summaries = run_eval(args.model, args.task, settings, seeds=args.seeds, data_file=args.data_file,
+                             split=args.split, limit=args.limit, out_dir=out, dtype=args.dtype,
+                             factor_sweep=args.factor_sweep, factors=args.factors, workers=args.workers)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    s0 = summaries[0]
+    print(f"{args.task}: {s0['n_problems']} problems x {len(s0['seeds'])} seed(s) on {s0['device']}")
+    print(format_table(summaries))
+    print(f"wrote {out}" + (" (one directory per run, sweep.json)" if args.factor_sweep else
+                            " (summary.json, samples.jsonl)"))
+    return 0
+
+
+def _cmd_plot(args: argparse.Namespace) -> int:
+    """Accuracy against NFE, one labelled point per evaluation summary (PNG + SVG)."""
+    from dultra_jax.eval.plot import load_points, plot_accuracy_vs_nfe
+
+    written = plot_accuracy_vs_nfe(load_points(args.summaries), args.out, title=args.title)
+    print("wrote " + " and ".join(str(p) for p in written))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dultra", description="dUltra in JAX: convert, decode, train, evaluate.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -250,6 +285,39 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--workers", type=int, default=None, help="parallel verifier/sandbox processes (default: cores)")
     s.add_argument("--timeout", type=float, default=None, help="seconds per program (code) or per APPS test")
     s.set_defaults(func=_cmd_score)
+
+    e = sub.add_parser("eval", help="evaluate a checkpoint on a task: accuracy, NFE, TPF, throughput per run")
+    e.add_argument("--model", required=True, help="HF checkpoint directory or converted directory (its tokenizer)")
+    e.add_argument("--task", required=True, choices=["gsm8k", "math500", "humaneval", "mbpp", "synthetic-addition"])
+    e.add_argument("--data-file", default=None, help="local JSONL/parquet with the hub's columns (default: the hub)")
+    e.add_argument("--split", default=None, help="hub split (default: the evaluation split)")
+    e.add_argument("--strategy", default="planner", choices=["planner", "threshold", "factor", "fixed"])
+    e.add_argument("--reveal", default="bernoulli", choices=["bernoulli", "topk"],
+                   help="planner decision rule (bernoulli = the original's evaluation)")
+    e.add_argument("--gen-length", type=int, default=256)
+    e.add_argument("--block-length", type=int, default=32)
+    e.add_argument("--temperature", type=float, default=0.0)
+    e.add_argument("--threshold", type=float, default=0.9)
+    e.add_argument("--factor", type=float, default=1.0)
+    e.add_argument("--steps", type=int, default=None, help="total steps of the fixed schedule")
+    e.add_argument("--cache", default="none", choices=["none", "prefix", "dual"])
+    e.add_argument("--limit", type=int, default=None, help="first N problems (synthetic task: its size, default 64)")
+    e.add_argument("--batch-size", type=int, default=8, help="prompts per decode call (results do not depend on it)")
+    e.add_argument("--pad-multiple", type=int, default=64, help="pad prompt widths to this multiple (fewer compiles)")
+    e.add_argument("--seeds", type=int, nargs="+", default=[0], help="one full evaluation per seed")
+    e.add_argument("--dtype", default="bf16", help="compute dtype: bf16 | fp32")
+    e.add_argument("--factor-sweep", action="store_true",
+                   help="run the factor baseline and the planner at each of --factors (one summary per run)")
+    e.add_argument("--factors", type=float, nargs="+", default=[0.5, 0.8, 1.0, 1.2, 1.5])
+    e.add_argument("--workers", type=int, default=None, help="parallel verifier/sandbox processes (default: cores)")
+    e.add_argument("--out", default=None, help="output directory (default: runs/eval-TASK)")
+    e.set_defaults(func=_cmd_eval)
+
+    pl = sub.add_parser("plot", help="accuracy-vs-NFE chart (PNG + SVG) from evaluation summaries")
+    pl.add_argument("--summaries", nargs="+", required=True, help="summary.json files and/or directories")
+    pl.add_argument("--out", required=True, help="output directory")
+    pl.add_argument("--title", default=None)
+    pl.set_defaults(func=_cmd_plot)
 
     for name, mode, text in (("train", None, "GRPO (or the mode in the config)"),
                              ("sft", "sft", "masked-diffusion SFT"),

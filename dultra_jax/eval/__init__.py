@@ -1,0 +1,29 @@
+"""Evaluation: the original's eval prompts and scoring over batched, padding-correct decoding; NFE/TPF and
+throughput counted honestly (generated tokens only, compile excluded); accuracy-vs-NFE plots.
+
+``dultra eval`` / :func:`run_eval` for a checkpoint directory; :func:`evaluate` for a model in memory.
+"""
+
+from dultra_jax.eval.harness import (
+    EVAL_TASKS,
+    SWEEP_FACTORS,
+    DecodeRun,
+    EvalError,
+    EvalSettings,
+    decode_prompts,
+    encode_prompts,
+    evaluate,
+    format_table,
+    load_examples,
+    load_tokenizer,
+    run_eval,
+    score,
+    sweep_settings,
+)
+from dultra_jax.eval.metrics import accuracy_over_seeds, distribution, excluded_ids, speed_summary, tpf
+
+__all__ = [
+    "EVAL_TASKS", "SWEEP_FACTORS", "DecodeRun", "EvalError", "EvalSettings", "accuracy_over_seeds", "decode_prompts",
+    "distribution", "encode_prompts", "evaluate", "excluded_ids", "format_table", "load_examples", "load_tokenizer",
+    "run_eval", "score", "speed_summary", "sweep_settings", "tpf",
+]

@@ -1,0 +1,115 @@
+"""Accuracy against NFE from evaluation summaries, one labelled point per run (the paper's figure).
+
+Each run of ``dultra eval`` is a point (mean NFE, accuracy, with the std over seeds as an error bar); runs of
+the same method (e.g. the points of a factor sweep) are joined by a line; one panel per task. Also reads the
+demo's ``summary.json`` (a list of rows with ``method``, ``accuracy``, ``nfe``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from dultra_jax.eval.harness import EvalError
+
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+
+
+def load_points(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
+    """Points from summary files and/or directories (searched recursively for ``summary.json``)."""
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = sorted(p.rglob("summary.json"))
+            if not found:
+                raise EvalError(f"--summaries: {p} holds no summary.json")
+            files += found
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise EvalError(f"--summaries: not found: {p}")
+    if not files:
+        raise EvalError("--summaries: give at least one summary file or directory")
+    points = []
+    for f in files:
+        try:
+            data = json.loads(f.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise EvalError(f"--summaries: {f} is not readable JSON: {e}") from e
+        points += _points(data, f)
+    return points
+
+
+def _points(data: Any, f: Path) -> list[dict[str, Any]]:
+    if isinstance(data, dict) and "accuracy" in data and "mean_nfe" in data:
+        name = data.get("label") or f.parent.name
+        return [{"task": str(data.get("task", "?")), "series": str(data.get("series") or name),
+                 "label": str(data.get("point_label") or name), "accuracy": float(data["accuracy"]),
+                 "std": float(data.get("accuracy_std") or 0.0), "nfe": float(data["mean_nfe"]),
+                 "gen_length": data.get("gen_length"), "block_length": data.get("block_length")}]
+    if isinstance(data, list) and data and all(isinstance(r, dict) and {"method", "accuracy", "nfe"} <= r.keys()
+                                               for r in data):
+        return [{"task": str(r.get("task", "demo")), "series": str(r["method"]), "label": str(r["method"]),
+                 "accuracy": float(r["accuracy"]), "std": float(r.get("accuracy_std") or 0.0),
+                 "nfe": float(r["nfe"]), "gen_length": None, "block_length": None} for r in data]
+    raise EvalError(f"--summaries: {f} is not an evaluation summary (an object with 'accuracy' and 'mean_nfe', or "
+                    "a list of rows with 'method', 'accuracy', 'nfe')")
+
+
+def plot_accuracy_vs_nfe(points: Sequence[dict[str, Any]], out_dir: str | Path, *, title: str | None = None,
+                         name: str = "accuracy_vs_nfe") -> list[Path]:
+    """Write ``out_dir/<name>.png`` and ``.svg``; returns their paths."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    if not points:
+        raise EvalError("nothing to plot: no summaries")
+    tasks = sorted({p["task"] for p in points})
+    fig = Figure(figsize=(5.6 * len(tasks), 4.4), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(tasks), squeeze=False)[0]
+    all_series = sorted({p["series"] for p in points})
+    colors = {s: f"C{i % 10}" for i, s in enumerate(all_series)}
+    markers = {s: MARKERS[i % len(MARKERS)] for i, s in enumerate(all_series)}
+    for ax, task in zip(axes, tasks, strict=True):
+        mine = [p for p in points if p["task"] == task]
+        for series in sorted({p["series"] for p in mine}):
+            pts = sorted((p for p in mine if p["series"] == series), key=lambda p: p["nfe"])
+            xs, ys = [p["nfe"] for p in pts], [100 * p["accuracy"] for p in pts]
+            errs = [100 * p["std"] for p in pts]
+            ax.errorbar(xs, ys, yerr=errs if any(errs) else None, color=colors[series], marker=markers[series],
+                        linestyle="-" if len(pts) > 1 else "none", capsize=3, label=series)
+            for p, x, y in zip(pts, xs, ys, strict=True):
+                ax.annotate(p["label"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7,
+                            color=colors[series])
+        shapes = {(p["gen_length"], p["block_length"]) for p in mine}
+        sub = ""
+        if len(shapes) == 1 and None not in next(iter(shapes)):
+            g, b = next(iter(shapes))
+            sub = f" (gen {g}, block {b})"
+        ax.set_title(f"{task}{sub}")
+        ax.set_xlabel("mean NFE per sample (lower is faster)")
+        ax.set_ylabel("accuracy (%)")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for fmt in ("png", "svg"):
+        target = out / f"{name}.{fmt}"
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=out)
+        os.close(fd)
+        try:
+            fig.savefig(tmp, format=fmt, dpi=150)
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        written.append(target)
+    return written
