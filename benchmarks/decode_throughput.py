@@ -15,57 +15,27 @@ every iteration. Table + JSON in benchmarks/results/.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import subprocess
 import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from _common import (
+    RESULTS,
+    STRATEGY_ARGS,
+    commit,
+    device_name,
+    matmul_rate,
+    median_ms,
+    model_config,
+    random_model,
+    write_json,
+)
 from flax import nnx
 
 from dultra_jax.checkpoints.hf import parse_dtype
-from dultra_jax.config import preset
 from dultra_jax.decoding import generate
-from dultra_jax.model import DUltra
-
-RESULTS = Path(__file__).parent / "results"
-CPU_CONFIG = dict(d_model=256, n_layers=4, n_heads=4, n_kv_heads=4, mlp_hidden_size=768, vocab_size=2048,
-                  embedding_size=2048, mask_token_id=2047, eos_token_id=2046, pad_token_id=2046,
-                  max_sequence_length=1024)
-STRATEGY_ARGS = {
-    "planner": dict(strategy="planner", reveal="bernoulli"),
-    "planner-topk": dict(strategy="planner", reveal="topk"),
-    "threshold": dict(strategy="threshold", threshold=0.9),
-    "factor": dict(strategy="factor", factor=1.0),
-    "fixed": dict(strategy="fixed"),
-}
-
-
-def device_name() -> str:
-    d = jax.devices()[0]
-    if d.platform == "cpu":
-        return f"cpu ({platform.machine()}, {jax.local_device_count()} device(s))"
-    return f"{d.platform}:{getattr(d, 'device_kind', 'unknown')}"
-
-
-def median_ms(fn, *args, warmup=2, iters=5):
-    for _ in range(warmup):
-        jax.block_until_ready(fn(*args))
-    ts = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        ts.append(time.perf_counter() - t0)
-    return 1e3 * float(np.median(ts))
-
-
-def matmul_rate(dtype, n):
-    a = jax.random.normal(jax.random.key(0), (n, n), dtype)
-    f = jax.jit(lambda x: x @ x)
-    return 2 * n**3 / (median_ms(f, a, warmup=3, iters=10) / 1e3)
 
 
 def main() -> None:
@@ -86,10 +56,10 @@ def main() -> None:
 
     on_gpu = jax.default_backend() == "gpu"
     dtype = parse_dtype(args.dtype or ("bf16" if on_gpu else "fp32"))
-    cfg = preset("tiny", **CPU_CONFIG) if args.model == "cpu" else preset(args.model)
+    cfg = model_config(args.model)
     b, p, g, bl = args.batch, args.prompt_len, args.gen_len, args.block
     length = p + g
-    model = nnx.jit(lambda: DUltra(cfg, dtype=dtype, rngs=nnx.Rngs(0)))()
+    model = random_model(cfg, dtype)
     graphdef, state = nnx.split(model)
     rng = np.random.default_rng(0)
     prompts = rng.integers(0, cfg.vocab_size - 2, size=(b, p)).astype(np.int32)
@@ -113,10 +83,10 @@ def main() -> None:
         t = 1.0 - mask_index.mean(-1)
         return m.lm_logits(h[:, p:p + bl]), m.planner_logits(h, t, mask_index)
 
-    full_ms = median_ms(full_forward, state, canvas)
-    block_ms = median_ms(block_forward, state, canvas)
-    plan_ms = median_ms(planner_forward, state, canvas)
-    rate = matmul_rate(dtype, 8192 if on_gpu else 1024)
+    full_ms = median_ms(full_forward, state, canvas, iters=5)
+    block_ms = median_ms(block_forward, state, canvas, iters=5)
+    plan_ms = median_ms(planner_forward, state, canvas, iters=5)
+    rate = matmul_rate(dtype, 8192 if on_gpu else 1024, iters=10)
     n_block = 4 * cfg.d_model * cfg.d_model + 3 * cfg.d_model * cfg.mlp_hidden_size
     flops_iter = 2 * b * length * n_block * cfg.n_layers + 2 * b * bl * cfg.d_model * cfg.embedding_size
     flops_iter += 4 * b * length * length * cfg.d_model * cfg.n_layers
@@ -155,7 +125,7 @@ def main() -> None:
             "fraction_of_roofline": round(flops / rate * 1e3 / ms_iter, 3) if exact else None,
         })
     result = {
-        "benchmark": "decode_throughput", "device": device_name(), "jax": jax.__version__, "commit": _commit(),
+        "benchmark": "decode_throughput", "device": device_name(), "jax": jax.__version__, "commit": commit(),
         "model": args.model, "dtype": jnp.dtype(dtype).name, "batch": b, "prompt_len": p, "gen_len": g,
         "block": bl, "full_logits_forward_ms": round(full_ms, 3), "block_forward_ms": round(block_ms, 3),
         "planner_forward_ms": round(plan_ms, 3), "matmul_tflops": round(rate / 1e12, 3), "rows": rows,
@@ -174,18 +144,8 @@ def main() -> None:
     tag = args.cache.replace(",", "-")
     out = Path(args.out) if args.out else RESULTS / f"decode_{args.model}_b{b}_{tag}_{jax.default_backend()}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    tmp.replace(out)
+    write_json(out, result)
     print(f"wrote {out}")
-
-
-def _commit() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
-                                       stderr=subprocess.DEVNULL).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 if __name__ == "__main__":

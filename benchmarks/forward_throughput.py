@@ -12,58 +12,19 @@ reported separately). Prints a table and writes JSON to benchmarks/results/.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import subprocess
 import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from _common import RESULTS, commit, device_name, matmul_params, matmul_rate, random_model, write_json
+from _common import median_ms as timeit
 from flax import nnx
 
 import dultra_jax
 from dultra_jax.config import preset
 from dultra_jax.model import DUltra
-
-RESULTS = Path(__file__).parent / "results"
-
-
-def device_name() -> str:
-    d = jax.devices()[0]
-    if d.platform == "cpu":
-        return f"cpu ({platform.machine()}, {len(jax.devices())} device(s))"
-    return f"{d.platform}:{getattr(d, 'device_kind', 'unknown')}"
-
-
-def commit() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def timeit(fn, *args, warmup: int = 2, iters: int = 10) -> float:
-    """Median wall time in ms of ``fn(*args)`` with results blocked on."""
-    for _ in range(warmup):
-        jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return 1e3 * float(np.median(times))
-
-
-def matmul_rate(dtype, n: int) -> float:
-    """Measured FLOP/s of an n x n x n matmul in ``dtype`` (the practical roofline)."""
-    ka, kb = jax.random.split(jax.random.key(0))
-    a = jax.random.normal(ka, (n, n), dtype)
-    b = jax.random.normal(kb, (n, n), dtype)
-    f = jax.jit(lambda x, y: x @ y)
-    ms = timeit(f, a, b, warmup=3, iters=20)
-    return 2 * n**3 / (ms / 1e3)
 
 
 def main() -> None:
@@ -84,17 +45,14 @@ def main() -> None:
     n = args.matmul_n or (8192 if on_gpu else 1024)
     rate = matmul_rate(dtype, n)
 
-    make = nnx.jit(lambda: DUltra(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
     t0 = time.perf_counter()
-    model = make()
+    model = random_model(cfg, dtype)
     _, state = nnx.split(model)
     jax.block_until_ready(state)
     init_s = time.perf_counter() - t0
-    params = nnx.state(model, nnx.Param)
-    n_total = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
-    n_planner = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model.planner, nnx.Param)))
-    n_embed = cfg.embedding_size * cfg.d_model
-    n_backbone_matmul = n_total - n_planner - n_embed  # blocks + LM head: what the forward multiplies by
+    counts = matmul_params(model)
+    n_total, n_planner = counts["total"], counts["planner"]
+    n_backbone_matmul = counts["backbone_matmul"]  # blocks + LM head: what the forward multiplies by
     tokens = args.batch * args.seq_len
     attn_flops = 4 * args.batch * args.seq_len**2 * cfg.d_model * cfg.n_layers
     roof_ms = 2 * n_backbone_matmul * tokens / rate * 1e3
@@ -146,9 +104,7 @@ def main() -> None:
                   f"{r['roofline_ms']:12.2f} {r['fraction_of_roofline']:12.1%} {r['tokens_per_s']:10.0f}")
     out = Path(args.out) if args.out else RESULTS / f"forward_{args.model}_{jax.default_backend()}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    tmp.replace(out)
+    write_json(out, result)
     print(f"wrote {out}")
 
 
