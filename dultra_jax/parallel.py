@@ -34,8 +34,9 @@ from dultra_jax.model.axes import OnUneven, Rules, ShardingRuleError, logical_to
 from dultra_jax.model.dultra import DUltra
 
 __all__ = [
-    "DEFAULT_RULES", "MESH_AXES", "MeshConfig", "MeshError", "MissingAxesError", "ShardingPlan",
+    "DEFAULT_RULES", "MESH_AXES", "MeshConfig", "MeshError", "MeshJit", "MissingAxesError", "ShardingPlan",
     "ShardingRuleError", "distributed_settings", "initialize_distributed", "make_mesh", "param_logical_axes",
+    "shardings_of",
 ]
 
 MESH_AXES = ("data", "fsdp", "tensor")
