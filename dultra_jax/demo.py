@@ -89,7 +89,7 @@ def run_demo(out: str | Path, *, seed: int = 0, size: str = "full", progress: bo
         f"grpo.gen_length={GEN_LENGTH}", f"grpo.block_length={BLOCK_LENGTH}", "grpo.temperature=0.7",
         "grpo.scale_rewards=group", "grpo.advantage_min_clip=null", "grpo.reward_weights={exact_answer: 1.0, "
         "step_penalty: 1.0}", "grpo.step_penalty_scale=8.0", "optim.learning_rate=1e-4", "optim.weight_decay=0.0",
-        f"train.save_every={s.grpo_steps}"], progress)
+        f"train.save_every={s.grpo_steps}", f"train.eval_every={max(1, s.grpo_steps // 4)}"], progress)
     rows.insert(1, _evaluate(grpo, "planner", "planner_after_grpo"))
     for r in rows:
         r.update(gen_length=GEN_LENGTH, block_length=BLOCK_LENGTH, size=size, seed=seed)

@@ -21,6 +21,7 @@ from dultra_jax.training import (
     make_train_step,
     noise_batch,
     planner_loss,
+    sft_loss,
     split_trainable,
     weighted_bce,
 )
@@ -295,3 +296,42 @@ def test_bad_config_values(tmp_path):
         load_run_config(None, ["optim.learning_rate=fast"])
     with pytest.raises(ConfigError, match="not found"):
         load_run_config(tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize("mesh", ["data=2,fsdp=2,tensor=2"])
+def test_sharded_train_step_equals_single_device(tiny_dir, mesh):
+    from dultra_jax.parallel import ShardingPlan
+    from dultra_jax.training.step import init_optimizer
+
+    if len(jax.devices()) < 8:
+        pytest.skip("needs 8 (fake) devices; tests/conftest.py sets them up")
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 290, size=(2, 8, 24))
+    answer = np.zeros_like(ids)
+    answer[..., 10:] = 1
+    batch = {"input_ids": ids, "answer_mask": answer}
+    tx = optax.adamw(1e-3)
+
+    def run(plan):
+        model = dultra_jax.load(tiny_dir)
+        if plan is not None:
+            model = plan.shard_model(model)
+        gd, tr, fr = split_trainable(model, "all")
+        opt = init_optimizer(tx, tr, plan)
+        if plan is None:
+            step = make_train_step(gd, sft_loss, tx)
+            b = jax.tree.map(jnp.asarray, batch)
+        else:
+            step = make_train_step(gd, sft_loss, tx, plan=plan, trainable=tr, frozen=fr, opt_state=opt)
+            b = {k: plan.shard_batch(v, [None, "activation_batch", None]) for k, v in batch.items()}
+        tr, opt, metrics = step(tr, fr, opt, b, jax.random.key(3))
+        return tr, metrics
+
+    plan = ShardingPlan.create(mesh)
+    single, m1 = run(None)
+    sharded, m2 = run(plan)
+    assert float(m1["loss"]) == pytest.approx(float(m2["loss"]), rel=1e-5)
+    for a, b in zip(jax.tree.leaves(single), jax.tree.leaves(sharded), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+    q = dict(nnx.to_flat_state(sharded))[("backbone", "blocks", "layers", "q", "kernel")][...]
+    assert len(q.sharding.device_set) == 8 and not q.sharding.is_fully_replicated

@@ -54,6 +54,7 @@ class TrainSection:
     log_every: int = 1
     eval_every: int = 0
     max_bad_steps: int = 5  # abort after this many non-finite steps in a row
+    mesh: str | None = None  # e.g. "data=1,fsdp=8,tensor=1" (-1 = the rest); None = one device
 
 
 @dataclass

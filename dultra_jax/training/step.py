@@ -78,8 +78,30 @@ def split_trainable(model: nnx.Module, which: Trainable):
     return nnx.split(model, trainable_filter(which), ...)
 
 
-def make_train_step(graphdef: nnx.GraphDef, loss_fn: LossFn, tx: optax.GradientTransformation):
-    """A jitted pure step over micro-batches stacked on the leading axis of every leaf of the batch."""
+def init_optimizer(tx: optax.GradientTransformation, trainable, plan=None):
+    """Optimiser state for ``trainable``; on a mesh, moments inherit the parameters' shardings and the
+    remaining leaves (step counters) are replicated on the mesh."""
+    opt_state = tx.init(trainable)
+    if plan is None:
+        return opt_state
+
+    def place(a):
+        s = getattr(a, "sharding", None)
+        on_mesh = isinstance(s, jax.sharding.NamedSharding) and s.mesh == plan.mesh
+        return a if on_mesh else jax.device_put(a, plan.replicated)
+
+    return jax.tree.map(place, opt_state)
+
+
+def make_train_step(graphdef: nnx.GraphDef, loss_fn: LossFn, tx: optax.GradientTransformation, *,
+                    plan=None, trainable=None, frozen=None, opt_state=None):
+    """A jitted pure step over micro-batches stacked on the leading axis of every leaf of the batch.
+
+    With a :class:`dultra_jax.parallel.ShardingPlan` (and example ``trainable``/``frozen``/``opt_state`` placed
+    on its mesh), the step is jitted with explicit in/out shardings for the states (the batch keeps the
+    sharding it was placed with) and traced under the plan's mesh and logical rules, so the model's activation
+    constraints apply; parameters and optimiser state keep their shardings across steps.
+    """
 
     def step(trainable, frozen, opt_state, microbatches, rng):
         frozen = jax.lax.stop_gradient(frozen)
@@ -113,4 +135,10 @@ def make_train_step(graphdef: nnx.GraphDef, loss_fn: LossFn, tx: optax.GradientT
         metrics = dict(metrics, loss=loss, grad_norm=grad_norm, skipped=(~ok).astype(jnp.float32))
         return new_trainable, new_opt, metrics
 
-    return jax.jit(step, donate_argnums=(0, 2))
+    if plan is None:
+        return jax.jit(step, donate_argnums=(0, 2))
+    from dultra_jax.parallel import shardings_of
+
+    tr_s, fr_s, opt_s = shardings_of(trainable), shardings_of(frozen), shardings_of(opt_state)
+    return plan.jit(step, in_shardings=(tr_s, fr_s, opt_s, None, plan.replicated),
+                    out_shardings=(tr_s, opt_s, plan.replicated), donate_argnums=(0, 2))

@@ -32,7 +32,7 @@ from dultra_jax.training import grpo as grpo_mod
 from dultra_jax.training.config import RunConfig
 from dultra_jax.training.planner_pretrain import noise_batch, planner_loss
 from dultra_jax.training.sft import sft_loss
-from dultra_jax.training.step import make_optimizer, make_train_step, split_trainable
+from dultra_jax.training.step import init_optimizer, make_optimizer, make_train_step, split_trainable
 
 log = logging.getLogger(__name__)
 
@@ -107,12 +107,18 @@ def encode_sequences(examples, tokenizer, gen_length: int, eos_id: int) -> tuple
     return ids, p
 
 
-def _split_micro(tree, n: int, axis: int = 0):
-    """Stack ``n`` micro-batches on a new leading axis by splitting ``axis`` of every leaf."""
+def _split_micro(tree, n: int, axis: int = 0, plan=None):
+    """Stack ``n`` micro-batches on a new leading axis by splitting ``axis`` (the batch axis) of every leaf;
+    with a sharding plan, each leaf is placed with its batch axis split over the mesh."""
     def f(a):
-        a = jnp.asarray(a)
+        a = np.asarray(a)
         shape = a.shape[:axis] + (n, a.shape[axis] // n) + a.shape[axis + 1:]
-        return jnp.moveaxis(a.reshape(shape), axis, 0)
+        a = np.moveaxis(a.reshape(shape), axis, 0)
+        if plan is None:
+            return jnp.asarray(a)
+        names = [None] * a.ndim
+        names[axis + 1] = "activation_batch"
+        return plan.shard_batch(a, names)
     return jax.tree.map(f, tree)
 
 
@@ -157,12 +163,20 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         self.progress = progress
         self.tokenizer = build_tokenizer(cfg)
+        self.plan = None
+        if cfg.train.mesh:
+            from dultra_jax.parallel import ShardingPlan, initialize_distributed
+
+            initialize_distributed()
+            self.plan = ShardingPlan.create(cfg.train.mesh)
         self.model = build_model(cfg)
+        if self.plan is not None:
+            self.model = self.plan.shard_model(self.model)
         mode = cfg.train.mode
         which = "planner" if mode == "planner" else cfg.train.trainable
         self.graphdef, self.trainable, self.frozen = split_trainable(self.model, which)
         self.tx = make_optimizer(cfg.optim)
-        self.opt_state = self.tx.init(self.trainable)
+        self.opt_state = init_optimizer(self.tx, self.trainable, self.plan)
         self.mcfg = self.model.cfg
         self.examples = load_examples(cfg, "train")
         self._eval_examples = None
@@ -249,7 +263,8 @@ class Trainer:
 
             def loss(gd, states, batch, rng):
                 return grpo_mod.grpo_loss(gd, states, batch, loss_cfg)
-        self.step_fn = make_train_step(self.graphdef, loss, self.tx)
+        self.step_fn = make_train_step(self.graphdef, loss, self.tx, plan=self.plan, trainable=self.trainable,
+                                       frozen=self.frozen, opt_state=self.opt_state)
 
     def _current_model(self) -> DUltra:
         return nnx.merge(self.graphdef, self.trainable, self.frozen)
@@ -263,11 +278,11 @@ class Trainer:
             if mode == "sft":
                 answer = np.zeros_like(ids)
                 answer[:, self.prompt_len:] = 1
-                return _split_micro({"input_ids": ids, "answer_mask": answer}, n), {}
+                return _split_micro({"input_ids": ids, "answer_mask": answer}, n, plan=self.plan), {}
             host_rng = np.random.default_rng([cfg.train.seed, self.step])
             noisy, block = noise_batch(ids, np.full(len(ids), self.prompt_len), self.mcfg.mask_token_id, host_rng,
                                        min_block=cfg.sequence.min_block)
-            return _split_micro({"input_ids": noisy, "block_index": block}, n), {}
+            return _split_micro({"input_ids": noisy, "block_index": block}, n, plan=self.plan), {}
         return self._grpo_batch(rng)
 
     def _grpo_batch(self, rng: jax.Array):
@@ -303,11 +318,14 @@ class Trainer:
         rollout = grpo_mod.Rollout(prompt_ids=jnp.asarray(ids), reveal=traj.reveal, proposals=traj.proposals,
                                    old_logps=traj.logps, advantages=adv, attention_mask=jnp.asarray(canvas_mask),
                                    ref_logps=ref)
+        def split(a, axis=0):
+            return _split_micro(a, n, axis, plan=self.plan)
+
         micro = grpo_mod.Rollout(
-            prompt_ids=_split_micro(rollout.prompt_ids, n), reveal=_split_micro(rollout.reveal, n, 1),
-            proposals=_split_micro(rollout.proposals, n, 1), old_logps=_split_micro(rollout.old_logps, n, 1),
-            advantages=_split_micro(rollout.advantages, n), attention_mask=_split_micro(rollout.attention_mask, n),
-            ref_logps=None if ref is None else _split_micro(ref, n, 1),
+            prompt_ids=split(rollout.prompt_ids), reveal=split(rollout.reveal, 1),
+            proposals=split(rollout.proposals, 1), old_logps=split(rollout.old_logps, 1),
+            advantages=split(rollout.advantages), attention_mask=split(rollout.attention_mask),
+            ref_logps=None if ref is None else split(ref, 1),
         )
         nfe = np.asarray(res.nfe, np.float64)
         stats = {"reward_mean": float(out.total.mean()), "reward_std": float(out.total.std()),
