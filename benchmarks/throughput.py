@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> dict:
                     "batch": b, "block": bl, "strategy": name, "cache": args.cache, "iterations": iters,
                     "mean_nfe": float(nfe.mean()),
                     "tpf": float(effective.sum(-1).mean() / nfe.mean()) if nfe.mean() else 0.0,
-                    "wall_s": round(wall, 4), "compile_and_first_run_s": round(compile_s, 2),
+                    "wall_s": round(wall, 6), "compile_and_first_run_s": round(compile_s, 2),
                     "ms_per_iteration": round(ms_iter, 3),
                     "roofline_ms_per_iteration": round(roof_iter, 3) if exact else None,
                     "fraction_of_roofline": round(roof_iter / ms_iter, 3) if exact else None,
