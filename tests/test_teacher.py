@@ -114,7 +114,7 @@ def test_tied_embeddings_use_the_embedding_as_head(tmp_path):
 # ------------------------------------------------------------------------------------------- distillation reward
 @pytest.fixture(scope="module")
 def scorer():
-    return TeacherScorer.from_pretrained(TINY, dtype="fp32", bucket=16)
+    return TeacherScorer.from_pretrained(TINY, dtype="fp32", bucket=128)  # one bucket: few compilations
 
 
 PROMPT = [{"role": "system", "content": "You are a math expert."}, {"role": "user", "content": "What is 2+2?"}]
@@ -131,7 +131,9 @@ def test_teacher_reward_is_mean_logprob_of_the_completion_tokens(scorer, teacher
     gd, st = nnx.split(teacher)
     for c, value in zip(completions, batch, strict=True):
         ids, n = scorer.encode(PROMPT, c)
-        logits = np.asarray(forward(gd, st, jnp.asarray([ids]), None))[0]
+        padded, mask = np.zeros((1, 128), np.int32), np.zeros((1, 128), np.int32)
+        padded[0, :len(ids)], mask[0, :len(ids)] = ids, 1  # right padding: rows equal unpadded (tested above)
+        logits = np.asarray(forward(gd, st, jnp.asarray(padded), jnp.asarray(mask)))[0, :len(ids)]
         logp = np.asarray(jax.nn.log_softmax(jnp.asarray(logits[-n - 1:-1]), -1))
         expected = np.take_along_axis(logp, np.asarray(ids[-n:])[:, None], -1).mean()
         assert value == pytest.approx(float(expected), abs=1e-4)
