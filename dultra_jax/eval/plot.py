@@ -47,13 +47,15 @@ def load_points(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
 def _points(data: Any, f: Path) -> list[dict[str, Any]]:
     if isinstance(data, dict) and "accuracy" in data and "mean_nfe" in data:
         name = data.get("label") or f.parent.name
+        model = str(data.get("model") or "")
         return [{"task": str(data.get("task", "?")), "series": str(data.get("series") or name),
+                 "model": "/".join(Path(model).parts[-2:]) if model else "",
                  "label": str(data.get("point_label") or name), "accuracy": float(data["accuracy"]),
                  "std": float(data.get("accuracy_std") or 0.0), "nfe": float(data["mean_nfe"]),
                  "gen_length": data.get("gen_length"), "block_length": data.get("block_length")}]
     if isinstance(data, list) and data and all(isinstance(r, dict) and {"method", "accuracy", "nfe"} <= r.keys()
                                                for r in data):
-        return [{"task": str(r.get("task", "demo")), "series": str(r["method"]), "label": str(r["method"]),
+        return [{"task": str(r.get("task", "demo")), "series": str(r["method"]), "model": "", "label": str(r["method"]),
                  "accuracy": float(r["accuracy"]), "std": float(r.get("accuracy_std") or 0.0),
                  "nfe": float(r["nfe"]), "gen_length": None, "block_length": None} for r in data]
     raise EvalError(f"--summaries: {f} is not an evaluation summary (an object with 'accuracy' and 'mean_nfe', or "
@@ -69,6 +71,12 @@ def plot_accuracy_vs_nfe(points: Sequence[dict[str, Any]], out_dir: str | Path, 
     if not points:
         raise EvalError("nothing to plot: no summaries")
     tasks = sorted({p["task"] for p in points})
+    points = [dict(p) for p in points]
+    for task in tasks:  # runs of several models on one task: one line per (method, model)
+        mine = [p for p in points if p["task"] == task]
+        if len({p.get("model", "") for p in mine}) > 1:
+            for p in mine:
+                p["series"] = f"{p['series']} [{p['model'] or '?'}]"
     fig = Figure(figsize=(5.6 * len(tasks), 4.4), layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, len(tasks), squeeze=False)[0]
@@ -83,9 +91,12 @@ def plot_accuracy_vs_nfe(points: Sequence[dict[str, Any]], out_dir: str | Path, 
             errs = [100 * p["std"] for p in pts]
             ax.errorbar(xs, ys, yerr=errs if any(errs) else None, color=colors[series], marker=markers[series],
                         linestyle="-" if len(pts) > 1 else "none", capsize=3, label=series)
+            at: dict[tuple[float, float], list[str]] = {}  # runs landing on the same point share one label
             for p, x, y in zip(pts, xs, ys, strict=True):
-                ax.annotate(p["label"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7,
-                            color=colors[series])
+                at.setdefault((round(x, 6), round(y, 6)), []).append(p["label"])
+            for k, ((x, y), labels) in enumerate(at.items()):  # alternate above/below so neighbours stay legible
+                ax.annotate(", ".join(labels), (x, y), textcoords="offset points", xytext=(4, 4 if k % 2 == 0 else -11),
+                            fontsize=7, color=colors[series])
         shapes = {(p["gen_length"], p["block_length"]) for p in mine}
         sub = ""
         if len(shapes) == 1 and None not in next(iter(shapes)):
@@ -94,6 +105,7 @@ def plot_accuracy_vs_nfe(points: Sequence[dict[str, Any]], out_dir: str | Path, 
         ax.set_title(f"{task}{sub}")
         ax.set_xlabel("mean NFE per sample (lower is faster)")
         ax.set_ylabel("accuracy (%)")
+        ax.margins(x=0.12, y=0.08)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
     if title:
