@@ -115,7 +115,13 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from dultra_jax.decoding import effective_tokens, generate
 
     path = Path(args.model)
-    model = dultra_jax.load(path, dtype=args.dtype)
+    plan = None
+    if args.mesh:
+        from dultra_jax.parallel import ShardingPlan, initialize_distributed
+
+        initialize_distributed()
+        plan = ShardingPlan.create(args.mesh)
+    model = dultra_jax.load(path, dtype=args.dtype, **({"mesh": plan} if plan is not None else {}))
     tok = _load_tokenizer(path)
     if args.prompt_ids is not None:
         try:
@@ -132,7 +138,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         raise ConfigError("give --prompt TEXT or --prompt-ids IDS")
     kw = dict(gen_length=args.gen_length, block_length=args.block_length, strategy=args.strategy,
               reveal=args.reveal, temperature=args.temperature, threshold=args.threshold, factor=args.factor,
-              steps=args.steps, rng=args.seed, early_stop=args.early_stop, cache=args.cache)
+              steps=args.steps, rng=args.seed, early_stop=args.early_stop, cache=args.cache, plan=plan)
     try:
         result = generate(model, [ids], **kw)  # compile + run
         jax.block_until_ready(result.tokens)
@@ -273,6 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cache", default="none", choices=["none", "prefix", "dual"],
                    help="block KV cache: none (exact), prefix, dual (approximate, faster)")
     g.add_argument("--json", action="store_true", help="print one JSON object")
+    g.add_argument("--mesh", default=None, help='device mesh, e.g. "data=1,fsdp=8,tensor=1" (default: one device)')
     g.set_defaults(func=_cmd_generate)
 
     s = sub.add_parser("score", help="score completions (JSONL: id or index + completion) against a task")

@@ -208,3 +208,22 @@ def test_generate_keeps_the_model_usable(tiny_model, dec, golden):
     logits, _ = tiny_model(jnp.asarray(golden["fwd_input_ids"]))
     np.testing.assert_allclose(np.asarray(logits), golden["fwd_logits"], atol=1e-4)
     assert isinstance(nnx.split(tiny_model)[0], nnx.GraphDef)
+
+
+def test_decoding_on_a_mesh_equals_one_device(tiny_model):
+    import jax
+
+    from dultra_jax.parallel import ShardingPlan
+
+    if len(jax.devices()) < 8:
+        pytest.skip("needs 8 (fake) devices; tests/conftest.py sets them up")
+    rng = np.random.default_rng(5)
+    prompts = [rng.integers(0, 290, size=n) for n in (9, 5, 7, 9)]
+    kw = dict(gen_length=16, block_length=8, strategy="planner", temperature=0.5, rng=1, return_trajectory=True)
+    one = generate(tiny_model, prompts, **kw)
+    plan = ShardingPlan.create("data=2,fsdp=2,tensor=2")
+    sharded = generate(tiny_model, prompts, plan=plan, **kw)
+    np.testing.assert_array_equal(np.asarray(sharded.tokens), np.asarray(one.tokens))
+    np.testing.assert_array_equal(np.asarray(sharded.nfe), np.asarray(one.nfe))
+    np.testing.assert_allclose(np.asarray(sharded.trajectory.logps), np.asarray(one.trajectory.logps), atol=1e-5)
+    assert len(sharded.tokens.sharding.device_set) == 8

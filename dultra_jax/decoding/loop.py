@@ -174,6 +174,7 @@ def generate(
     pad_aware: bool | None = None,
     row_seeds=None,
     uniforms=None,
+    plan=None,
     **options,
 ) -> DecodeResult:
     """Decode ``gen_length`` tokens after each prompt with the given reveal rule.
@@ -182,6 +183,8 @@ def generate(
     here). With different lengths (or an ``attention_mask``), attention is padding-aware by default so each
     row equals its batch-1 result; ``pad_aware=False`` keeps the original's pad-attending behaviour.
     ``uniforms`` [S, B, P+G] replaces the Bernoulli draws (for reproducing a recorded rollout).
+    ``plan`` (a :class:`dultra_jax.parallel.ShardingPlan`) runs the loop on its mesh: rows split over
+    data x fsdp, parameters by the rules, jitted with explicit input shardings under the plan's rules.
     Other ``options`` are :class:`DecodeConfig` fields (``cache`` = none | prefix | dual, ``factor_rule``,
     ``planner_temperature``, ``exclude_mask``, ``early_stop``, ``stop_id``, ``max_iterations``).
     """
@@ -221,12 +224,37 @@ def generate(
         if uniforms.ndim != 3 or uniforms.shape[1:] != (b, p + gen_length):
             raise ValueError(f"uniforms must be [S, {b}, {p + gen_length}], got {uniforms.shape}")
     graphdef, state = nnx.split(model)
+    if plan is not None:
+        return _decode_on_mesh(plan, graphdef, state, ids, canvas_mask, key, seeds, uniforms, cfg)
     return _decode(graphdef, state, jnp.asarray(ids), None if canvas_mask is None else jnp.asarray(canvas_mask),
                    key, jnp.asarray(seeds), uniforms, cfg)
 
 
+_MESH_DECODERS: dict = {}
+
+
+def _decode_on_mesh(plan, graphdef, state, ids, canvas_mask, key, seeds, uniforms, cfg) -> DecodeResult:
+    """The same loop jitted by the sharding plan: explicit shardings for parameters, rows and per-row inputs."""
+    state = plan.shard_state(state)
+    from dultra_jax.parallel import shardings_of
+
+    rows2, rows1 = plan.batch_sharding(2), plan.batch_sharding(1)
+    in_shardings = (shardings_of(state), rows2, None if canvas_mask is None else rows2, plan.replicated, rows1,
+                    None if uniforms is None else plan.sharding([None, "activation_batch", None]))
+    key_ = (id(plan), graphdef, cfg, canvas_mask is None, uniforms is None)
+    if key_ not in _MESH_DECODERS:  # one compiled loop per plan, model structure and settings
+        _MESH_DECODERS[key_] = (plan, plan.jit(partial(_decode_impl, graphdef, cfg=cfg), in_shardings=in_shardings))
+    fn = _MESH_DECODERS[key_][1]
+    return fn(state, plan.shard_batch(ids), None if canvas_mask is None else plan.shard_batch(canvas_mask), key,
+              plan.shard_batch(seeds), uniforms)
+
+
 @partial(jax.jit, static_argnums=(0, 7))
 def _decode(graphdef, state, prompt_ids, canvas_mask, key, row_seeds, uniforms, cfg: DecodeConfig) -> DecodeResult:
+    return _decode_impl(graphdef, state, prompt_ids, canvas_mask, key, row_seeds, uniforms, cfg=cfg)
+
+
+def _decode_impl(graphdef, state, prompt_ids, canvas_mask, key, row_seeds, uniforms, *, cfg: DecodeConfig):
     mcfg = graphdef_config(graphdef, state)
     mask_id = mcfg.mask_token_id
     b, p = prompt_ids.shape

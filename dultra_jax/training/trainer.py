@@ -295,7 +295,7 @@ class Trainer:
         t0 = time.perf_counter()
         res = generate(self._current_model(), ids, attention_mask=mask, gen_length=g.gen_length,
                        block_length=g.block_length, temperature=g.temperature, rng=rng, return_trajectory=True,
-                       row_seeds=np.arange(len(ids)) + self.step * len(ids))
+                       row_seeds=np.arange(len(ids)) + self.step * len(ids), plan=self.plan)
         jax.block_until_ready(res.tokens)
         rollout_s = time.perf_counter() - t0
         traj = res.trajectory
