@@ -1,0 +1,96 @@
+"""Render the README's results tables (markdown) from the JSON files in benchmarks/results/.
+
+    python benchmarks/results_tables.py            # prints markdown; paste into README.md "Results"
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def _load(name: str):
+    path = RESULTS / name
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def decode_tables() -> list[str]:
+    parts = []
+    for name in sorted(RESULTS.glob("decode_*.json")):
+        d = json.loads(name.read_text())
+        base = {r["strategy"]: r["positions_per_s"] for r in d["rows"] if r["cache"] == "none"}
+        rows = []
+        for r in d["rows"]:
+            speedup = r["positions_per_s"] / base[r["strategy"]] if r["strategy"] in base else float("nan")
+            roof = f"{r['fraction_of_roofline']:.0%}" if r.get("fraction_of_roofline") is not None else "-"
+            over = f"{r['loop_overhead']:+.1%}" if r.get("loop_overhead") is not None else "-"
+            rows.append([r["cache"], r["strategy"], r["iterations"], f"{r['ms_per_iteration']:.2f}",
+                         f"{r['mean_equivalent_forwards']:.2f}", f"{r['positions_per_s']:.0f}", f"{speedup:.2f}x",
+                         over, roof])
+        parts.append(f"`{name.name}`: {d['device']}, {d['model']} {d['dtype']}, B={d['batch']} P={d['prompt_len']} "
+                     f"G={d['gen_len']} block={d['block']}; full-logits forward {d['full_logits_forward_ms']:.2f} ms, "
+                     f"same-work forward {d['block_forward_ms']:.2f} ms (+planner {d['planner_forward_ms']:.2f} ms)\n\n"
+                     + _table(["cache", "strategy", "iters", "ms/iter", "eq. full fwd", "positions/s", "vs exact",
+                               "loop overhead", "of roofline"], rows))
+    return parts
+
+
+def forward_tables() -> list[str]:
+    rows = []
+    for name in sorted(RESULTS.glob("forward_*.json")):
+        d = json.loads(name.read_text())
+        for r in d["rows"]:
+            if "error" in r:
+                continue
+            rows.append([f"{d['batch']} x {d['seq_len']}", r["attention_impl"], f"{r['forward_ms']:.1f}",
+                         f"{r['forward_plus_planner_ms']:.1f}", f"{r['roofline_ms']:.1f}",
+                         f"{r['fraction_of_roofline']:.0%}", d["device"]])
+    return [_table(["B x L", "attention", "ms/forward", "+planner", "roofline ms", "of roofline", "device"], rows)]
+
+
+def toy_table() -> list[str]:
+    d = _load("toy_acceptance.json")
+    if d is None:
+        return []
+    rows = [[r["method"], f"{r['accuracy']:.1%}", f"{r['nfe']:.2f}", f"{r['tpf']:.2f}"] for r in d["rows"]]
+    return [f"`toy_acceptance.json` ({d['machine']}, {d['wall_s']:.0f} s): NFE cut {d['nfe_cut']:.0%}, accuracy "
+            f"change {d['accuracy_change']:+.1%}, passed={d['passed']}\n\n"
+            + _table(["method", "accuracy", "NFE", "TPF"], rows)]
+
+
+def memory_check_table() -> list[str]:
+    d = _load("gpu_memory_check.json")
+    if d is None:
+        return []
+    gib = 1024**3
+    rows = []
+    for c in d.get("results", []):
+        peak = (c.get("measured") or {}).get("peak_bytes_in_use")
+        rows.append([c["case"], c["model"], c["batch"], f"{c['plan_cpu']['per_device_bytes'] / gib:.2f}",
+                     f"{c['xla_estimate_this_device']['per_device_bytes'] / gib:.2f}",
+                     "-" if peak is None else f"{peak / gib:.2f}", c["device"]])
+    header = ["case", "model", "batch", "plan GiB (CPU AOT)", "XLA:GPU estimate GiB", "measured peak GiB", "device"]
+    return [_table(header, rows)] if rows else []
+
+
+def main() -> None:
+    sections = [("Forward vs roofline", forward_tables()), ("Decoding per cache mode", decode_tables()),
+                ("Toy acceptance (GRPO with a step penalty)", toy_table()),
+                ("Planned vs measured memory", memory_check_table())]
+    for title, parts in sections:
+        if parts:
+            print(f"### {title}\n")
+            print("\n\n".join(parts))
+            print()
+
+
+if __name__ == "__main__":
+    main()
