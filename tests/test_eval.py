@@ -228,6 +228,9 @@ def test_clear_errors(model_dir, tmp_path, capsys):
     assert "has no tokenizer files" in capsys.readouterr().err
     assert main(["eval", "--model", str(model_dir), "--task", "synthetic-addition", "--seeds", "1", "1"]) == 2
     assert "repeated" in capsys.readouterr().err
+    assert main(["eval", "--model", str(model_dir), "--task", "humaneval", "--data-file", str(DATA["humaneval"]),
+                 "--limit", "1", "--gen-length", "1024", "--block-length", "32"]) == 2
+    assert "'HumanEval/0'" in capsys.readouterr().err
     assert main(["plot", "--summaries", str(tmp_path / "missing.json"), "--out", str(tmp_path)]) == 2
     assert "not found" in capsys.readouterr().err
 

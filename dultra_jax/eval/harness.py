@@ -323,6 +323,12 @@ def evaluate(model, tokenizer, examples: Sequence[Example], settings: EvalSettin
         raise EvalError(f"task {task!r} has no problems to evaluate")
     cfg = model.cfg
     texts, prompts = encode_prompts(tokenizer, examples)
+    too_long = [(e.id, len(p)) for e, p in zip(examples, prompts, strict=True)
+                if len(p) + settings.gen_length > cfg.max_sequence_length]
+    if too_long:
+        raise EvalError(f"{len(too_long)} prompt(s) do not fit the model's max_sequence_length "
+                        f"{cfg.max_sequence_length} with gen_length {settings.gen_length}, e.g. {too_long[0][0]!r} "
+                        f"({too_long[0][1]} tokens)")
     exclude = metrics.excluded_ids(cfg.eos_token_id, cfg.pad_token_id, tokenizer)
     known = known_ids(tokenizer)
     rows: list[dict[str, Any]] = []
