@@ -30,6 +30,7 @@ from _common import (
     median_ms,
     model_config,
     random_model,
+    random_prompts,
     write_json,
 )
 from flax import nnx
@@ -61,8 +62,7 @@ def main() -> None:
     length = p + g
     model = random_model(cfg, dtype)
     graphdef, state = nnx.split(model)
-    rng = np.random.default_rng(0)
-    prompts = rng.integers(0, cfg.vocab_size - 2, size=(b, p)).astype(np.int32)
+    prompts = random_prompts(cfg, b, p)  # never MASK / end-of-text / pad
     canvas = jnp.asarray(np.concatenate([prompts, np.full((b, g), cfg.mask_token_id, np.int32)], axis=1))
 
     @jax.jit
