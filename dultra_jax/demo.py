@@ -29,13 +29,15 @@ class DemoSize:
     num_eval: int
     grpo_prompts: int = 4
     grpo_generations: int = 8
+    step_penalty_weight: float = 0.5  # x -(steps with a reveal)/8
 
 
 SIZES = {
     "full": DemoSize(model=("d_model=128", "n_layers=4", "mlp_hidden_size=256"), sft_steps=1200, planner_steps=300,
-                     grpo_steps=40, max_operand=20, num_eval=64),
+                     grpo_steps=40, max_operand=20, num_eval=256),
     "small": DemoSize(model=("d_model=64", "n_layers=2", "mlp_hidden_size=128"), sft_steps=300, planner_steps=100,
-                      grpo_steps=15, max_operand=4, num_eval=32, grpo_prompts=4, grpo_generations=4),
+                      grpo_steps=15, max_operand=4, num_eval=32, grpo_prompts=4, grpo_generations=4,
+                      step_penalty_weight=1.0),
 }
 GEN_LENGTH, BLOCK_LENGTH = 16, 8
 
@@ -87,8 +89,8 @@ def run_demo(out: str | Path, *, seed: int = 0, size: str = "full", progress: bo
         f"model.path={out / 'planner' / 'model'}", "train.mode=grpo", f"train.max_steps={s.grpo_steps}",
         f"train.batch_size={s.grpo_prompts}", "train.micro_batches=2", f"grpo.num_generations={s.grpo_generations}",
         f"grpo.gen_length={GEN_LENGTH}", f"grpo.block_length={BLOCK_LENGTH}", "grpo.temperature=0.7",
-        "grpo.scale_rewards=group", "grpo.advantage_min_clip=null", "grpo.reward_weights={exact_answer: 1.0, "
-        "step_penalty: 1.0}", "grpo.step_penalty_scale=8.0", "optim.learning_rate=1e-4", "optim.weight_decay=0.0",
+        "grpo.scale_rewards=group", "grpo.advantage_min_clip=null",
+        f"grpo.reward_weights={{exact_answer: 1.0, step_penalty: {s.step_penalty_weight}}}", "grpo.step_penalty_scale=8.0", "optim.learning_rate=1e-4", "optim.weight_decay=0.0",
         f"train.save_every={s.grpo_steps}", f"train.eval_every={max(1, s.grpo_steps // 4)}"], progress)
     rows.insert(1, _evaluate(grpo, "planner", "planner_after_grpo"))
     for r in rows:
