@@ -90,7 +90,8 @@ def run_demo(out: str | Path, *, seed: int = 0, size: str = "full", progress: bo
         f"train.batch_size={s.grpo_prompts}", "train.micro_batches=2", f"grpo.num_generations={s.grpo_generations}",
         f"grpo.gen_length={GEN_LENGTH}", f"grpo.block_length={BLOCK_LENGTH}", "grpo.temperature=0.7",
         "grpo.scale_rewards=group", "grpo.advantage_min_clip=null",
-        f"grpo.reward_weights={{exact_answer: 1.0, step_penalty: {s.step_penalty_weight}}}", "grpo.step_penalty_scale=8.0", "optim.learning_rate=1e-4", "optim.weight_decay=0.0",
+        f"grpo.reward_weights={{exact_answer: 1.0, step_penalty: {s.step_penalty_weight}}}",
+        "grpo.step_penalty_scale=8.0", "optim.learning_rate=1e-4", "optim.weight_decay=0.0",
         f"train.save_every={s.grpo_steps}", f"train.eval_every={max(1, s.grpo_steps // 4)}"], progress)
     rows.insert(1, _evaluate(grpo, "planner", "planner_after_grpo"))
     for r in rows:
