@@ -141,3 +141,19 @@ def write_json(path: Path, obj: Any) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def time_decode(model, prompts, kw: dict, repeats: int):
+    """(compile + first run seconds, median wall seconds, last result) of ``generate(model, prompts, **kw)``."""
+    from dultra_jax.decoding import generate
+
+    t0 = time.perf_counter()
+    jax.block_until_ready(generate(model, prompts, **kw).tokens)
+    compile_s = time.perf_counter() - t0
+    walls, result = [], None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        result = generate(model, prompts, **kw)
+        jax.block_until_ready(result.tokens)
+        walls.append(time.perf_counter() - t0)
+    return compile_s, float(np.median(walls)), result

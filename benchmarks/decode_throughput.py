@@ -15,7 +15,6 @@ every iteration. Table + JSON in benchmarks/results/.
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
 import jax
@@ -31,12 +30,12 @@ from _common import (
     model_config,
     random_model,
     random_prompts,
+    time_decode,
     write_json,
 )
 from flax import nnx
 
 from dultra_jax.checkpoints.hf import parse_dtype
-from dultra_jax.decoding import generate
 
 
 def main() -> None:
@@ -97,14 +96,7 @@ def main() -> None:
     for cache, name in combos:
         kw = dict(STRATEGY_ARGS[name], gen_length=g, block_length=bl, rng=0, cache=cache,
                   max_iterations=args.max_iterations)
-        generate(model, prompts, **kw)  # compile
-        walls, result = [], None
-        for _ in range(args.repeats):
-            t0 = time.perf_counter()
-            result = generate(model, prompts, **kw)
-            jax.block_until_ready(result.tokens)
-            walls.append(time.perf_counter() - t0)
-        wall = float(np.median(walls))
+        _, wall, result = time_decode(model, prompts, kw, args.repeats)
         iters = int(result.iterations)
         ms_iter = 1e3 * wall / iters
         ref_ms = plan_ms if name.startswith("planner") else block_ms

@@ -23,7 +23,6 @@ benchmarks/results/.
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
 import jax
@@ -44,12 +43,12 @@ from _common import (
     planner_flops,
     random_model,
     random_prompts,
+    time_decode,
     write_json,
 )
 from flax import nnx
 
 from dultra_jax.checkpoints.hf import parse_dtype
-from dultra_jax.decoding import generate
 
 
 def _ints(text: str, name: str) -> list[int]:
@@ -135,16 +134,7 @@ def main(argv: list[str] | None = None) -> dict:
             for name in strategies:
                 kw = dict(STRATEGY_ARGS[name], gen_length=g, block_length=bl, rng=0, cache=args.cache,
                           max_iterations=args.max_iterations)
-                t0 = time.perf_counter()
-                jax.block_until_ready(generate(model, prompts, **kw).tokens)
-                compile_s = time.perf_counter() - t0
-                walls, result = [], None
-                for _ in range(args.repeats):
-                    t0 = time.perf_counter()
-                    result = generate(model, prompts, **kw)
-                    jax.block_until_ready(result.tokens)
-                    walls.append(time.perf_counter() - t0)
-                wall = float(np.median(walls))
+                compile_s, wall, result = time_decode(model, prompts, kw, args.repeats)
                 gen = np.asarray(result.generated)
                 nfe = np.asarray(result.nfe)
                 iters = int(result.iterations)

@@ -22,8 +22,6 @@ programs in the sandbox (pass@1); the synthetic addition task by exact match.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -33,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from dultra_jax.atomic import write_atomic
 from dultra_jax.config import ConfigError
 from dultra_jax.data import synthetic
 from dultra_jax.data.tasks import Example
@@ -292,19 +291,6 @@ def score(task: str, examples: Sequence[Example], completions: Sequence[str], *,
 
 
 # ------------------------------------------------------------------------------------------- runs
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename (never a partial file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _check_seeds(seeds: Sequence[int]) -> list[int]:
     seeds = [int(s) for s in seeds]
     if not seeds:

@@ -10,13 +10,12 @@ Output (written atomically): ``samples.jsonl`` (one verdict per input line, in o
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from dultra_jax.atomic import write_atomic
 from dultra_jax.data.tasks import DataError, Example, find_example, load_task, task_spec
 from dultra_jax.rewards import math as math_rewards
 
@@ -45,15 +44,6 @@ def read_completions(path: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def score_completions(
@@ -129,6 +119,6 @@ def score_completions(
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        _write_atomic(out / "samples.jsonl", "".join(json.dumps(s) + "\n" for s in samples))
-        _write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+        write_atomic(out / "samples.jsonl", "".join(json.dumps(s) + "\n" for s in samples))
+        write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
