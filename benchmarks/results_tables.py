@@ -81,9 +81,35 @@ def memory_check_table() -> list[str]:
     return [_table(header, rows)] if rows else []
 
 
+def cache_agreement_table() -> list[str]:
+    d = _load("cache_agreement.json")
+    if d is None:
+        return []
+    rows = [[r["strategy"], r["cache"], f"{r['accuracy']:.1%}", f"{r['accuracy_change']:+.1%}",
+             f"{r['token_agreement']:.1%}", f"{r['nfe']:.2f}", f"{r['equivalent_forwards']:.2f}"] for r in d["rows"]]
+    return [f"`cache_agreement.json`: the demo's trained model, {d['num']} held-out problems, gen {d['gen_length']}, "
+            f"block {d['block_length']}\n\n"
+            + _table(["strategy", "cache", "accuracy", "vs exact", "token agreement", "NFE", "eq. full fwd"], rows)]
+
+
+def throughput_table() -> list[str]:
+    d = _load("throughput_llada-8b_h200.json")
+    if d is None or "decode" not in d:
+        return []
+    rows = []
+    for r in d["decode"]:
+        rows.append([r["batch"], r["block"], r["strategy"], f"{r['ms_per_iteration']:.1f}",
+                     f"{r['fraction_of_roofline']:.0%}", f"{r['positions_per_s']:.0f}"])
+    return [f"`throughput_llada-8b_h200.json`: {d['device']}, random LLaDA-8B weights, bf16, P={d['prompt_len']} "
+            f"G={d['gen_len']}, loop capped at {d['max_iterations']} iterations\n\n"
+            + _table(["B", "block", "strategy", "ms/iteration", "of roofline", "positions/s"], rows)]
+
+
 def main() -> None:
     sections = [("Forward vs roofline", forward_tables()), ("Decoding per cache mode", decode_tables()),
+                ("Decode throughput sweep (8B shapes)", throughput_table()),
                 ("Toy acceptance (GRPO with a step penalty)", toy_table()),
+                ("Approximate caches on a trained model", cache_agreement_table()),
                 ("Planned vs measured memory", memory_check_table())]
     for title, parts in sections:
         if parts:
