@@ -2,7 +2,7 @@
 
 Key names and layouts are the original's (REFERENCE_MODEL.md §2): PyTorch ``Linear`` weights are [out, in]
 and become [in, out] kernels; per-layer tensors ``...blocks.{i}.*`` / ``mask_head.{i}.*`` are stacked on a
-leading layer axis because our blocks run under ``nnx.scan``. Everything is validated from the safetensors
+leading layer axis because our blocks run under a scan. Everything is validated from the safetensors
 headers (names, shapes) before a single tensor is read, so a bad checkpoint fails fast with the list of what is
 wrong.
 """

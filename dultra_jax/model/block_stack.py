@@ -1,6 +1,6 @@
 """A stack of identical transformer blocks with parameters stacked on a leading layer axis.
 
-Stacking lets ``nnx.scan`` compile one block for all layers (fast compiles, small HLO) and lets remat
+Stacking lets a scan compile one block for all layers (fast compiles, small HLO) and lets remat
 policies actually reduce memory (XLA honours remat inside a scan body, not across unrolled layers).
 """
 
@@ -26,7 +26,7 @@ _POLICIES = {
 
 
 class BlockStack(nnx.Module):
-    """``n`` LLaDA blocks; ``scan=True`` runs them with ``nnx.scan``, otherwise as an unrolled Python loop."""
+    """``n`` LLaDA blocks; ``scan=True`` scans them (one compiled block), otherwise an unrolled Python loop."""
 
     def __init__(
         self,
