@@ -93,7 +93,9 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         "proposals": proposal[gen].tolist(), "reveal_prob": [float(x) for x in p[gen]],
         "converted_vs_hf_max_abs_logit_diff": diff,
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    from dultra_jax.atomic import write_atomic
+
+    write_atomic(out / "summary.json", json.dumps(summary, indent=2))
     print(f"wrote {out / 'summary.json'}")
     return 0
 
