@@ -149,3 +149,21 @@ def test_teacher_reward_minus_student_logprobs(scorer):
     assert scorer.rewards([PROMPT], ["It is 4."], [student])[0] == pytest.approx(base + 0.5, abs=1e-6)
     with pytest.raises(ValueError, match="student_logprobs"):
         scorer.rewards([PROMPT], ["It is 4."], [[-0.5]])
+
+
+def test_teacher_sharded_by_the_same_rules_equals_one_device(teacher, golden):
+    import jax
+
+    from dultra_jax.parallel import ShardingPlan
+    from dultra_jax.teacher import shard_teacher
+
+    if len(jax.devices()) < 8:
+        pytest.skip("needs 8 (fake) devices; tests/conftest.py sets them up")
+    plan = ShardingPlan.create("data=2,fsdp=2,tensor=2")
+    sharded = shard_teacher(load_qwen2(TINY, dtype="fp32"), plan)
+    specs = {p: v[...].sharding.spec for p, v in nnx.to_flat_state(nnx.state(sharded, nnx.Param))}
+    assert any(any(a is not None for a in s) for s in specs.values())  # something is actually split
+    ids = jnp.asarray(golden["input_ids"], jnp.int32)
+    with plan.context():
+        logits = forward(*nnx.split(sharded), ids)
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(forward(*nnx.split(teacher), ids)), atol=1e-5)

@@ -167,3 +167,25 @@ def resolve_teacher_path(name_or_path: str | Path, *, cache_dir: str | Path | No
             f"could not fetch teacher {name_or_path!r} from the Hugging Face hub ({type(e).__name__}: {e}); "
             "pass a local checkpoint directory instead"
         ) from e
+
+
+def shard_teacher(model: Qwen2ForCausalLM, plan, *, on_uneven: str = "replicate") -> Qwen2ForCausalLM:
+    """Place the teacher's parameters on ``plan``'s mesh by their logical names and the plan's rules (the same
+    table the student uses); dimensions the mesh does not divide are replicated unless ``on_uneven="raise"``."""
+    import jax
+    from jax.sharding import NamedSharding
+
+    from dultra_jax.model.axes import logical_to_spec
+
+    names = logical_axes(model)
+    mesh_shape = dict(plan.mesh.shape)
+    graphdef, state = nnx.split(model)
+    flat = []
+    for path, var in nnx.to_flat_state(state):
+        key = tuple(str(p) for p in path)
+        if key in names:
+            spec = logical_to_spec(names[key], var[...].shape, mesh_shape, plan.rules, on_uneven=on_uneven,
+                                   what="teacher parameter " + "/".join(key))
+            var = var.replace(jax.device_put(var[...], NamedSharding(plan.mesh, spec)))
+        flat.append((path, var))
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
