@@ -152,10 +152,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         raise ConfigError(str(e)) from e
     gen = np.asarray(result.generated[0])
     cfg = model.cfg
-    exclude = [i for i in {cfg.eos_token_id, cfg.pad_token_id} if i is not None]
-    if tok is not None and "<|eot_id|>" in tok.get_vocab():
-        exclude.append(tok.convert_tokens_to_ids("<|eot_id|>"))
-    eff = int(effective_tokens(gen[None], exclude)[0])
+    from dultra_jax.eval.metrics import excluded_ids
+
+    eff = int(effective_tokens(gen[None], excluded_ids(cfg.eos_token_id, cfg.pad_token_id, tok))[0])
     nfe = int(result.nfe[0])
     out = {
         # ids the tokenizer does not know (e.g. padded embedding rows) carry no text

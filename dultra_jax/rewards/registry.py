@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from dultra_jax.rewards import format as fmt
-from dultra_jax.rewards.speed import step_penalty
+from dultra_jax.rewards.speed import STEP_SCALE, step_penalty
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "rewards.yaml"
 
@@ -154,11 +154,12 @@ def _code_tests(ctx: RewardContext, opts: dict) -> RewardFn:
 
 def _step_penalty(ctx: RewardContext, opts: dict) -> RewardFn:
     mode = opts.get("mode", "sum")
+    scale = float(opts.get("scale", STEP_SCALE))
 
     def run(inp: RewardInputs) -> list[float | None]:
         if inp.trajectories is None:
             raise RewardConfigError("step_penalty needs the decoding trajectories (RewardInputs.trajectories)")
-        return [step_penalty(t, mode) for t in inp.trajectories]
+        return [step_penalty(t, mode, scale) for t in inp.trajectories]
 
     return run
 

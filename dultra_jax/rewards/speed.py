@@ -12,16 +12,16 @@ from collections.abc import Sequence
 STEP_SCALE = 50.0  # "sum" mode: -(steps with >= 1 reveal) / 50
 
 
-def step_penalty(trajectory: Sequence[Sequence[int]], mode: str = "sum") -> float:
+def step_penalty(trajectory: Sequence[Sequence[int]], mode: str = "sum", scale: float = STEP_SCALE) -> float:
     """One completion's speed reward.
 
-    - ``sum`` (used in training): -(number of steps that revealed at least one position) / 50.
+    - ``sum`` (used in training): -(number of steps that revealed at least one position) / scale (50).
     - ``sqrt``: -sum over steps of sqrt(#revealed).
     - ``sqrt_sum``: ``sqrt`` divided by the total number of revealed positions (0 when nothing was revealed).
     """
     sizes = [len(step) for step in trajectory]
     if mode == "sum":
-        return -sum(1 for n in sizes if n > 0) / STEP_SCALE
+        return -sum(1 for n in sizes if n > 0) / scale
     if mode == "sqrt":
         return -sum(math.sqrt(n) for n in sizes)
     if mode == "sqrt_sum":

@@ -26,13 +26,20 @@ from tqdm.auto import tqdm
 from dultra_jax.checkpoints.hf import parse_dtype
 from dultra_jax.config import ConfigError, preset
 from dultra_jax.data import synthetic
-from dultra_jax.decoding import generate
+from dultra_jax.decoding import effective_tokens, generate
+from dultra_jax.eval.metrics import excluded_ids
 from dultra_jax.model.dultra import DUltra
 from dultra_jax.training import grpo as grpo_mod
 from dultra_jax.training.config import RunConfig
 from dultra_jax.training.planner_pretrain import noise_batch, planner_loss
 from dultra_jax.training.sft import sft_loss
-from dultra_jax.training.step import init_optimizer, make_optimizer, make_train_step, split_trainable
+from dultra_jax.training.step import (
+    init_optimizer,
+    learning_rate_schedule,
+    make_optimizer,
+    make_train_step,
+    split_trainable,
+)
 
 log = logging.getLogger(__name__)
 
@@ -176,8 +183,11 @@ class Trainer:
         which = "planner" if mode == "planner" else cfg.train.trainable
         self.graphdef, self.trainable, self.frozen = split_trainable(self.model, which)
         self.tx = make_optimizer(cfg.optim)
+        self.schedule = learning_rate_schedule(cfg.optim)
         self.opt_state = init_optimizer(self.tx, self.trainable, self.plan)
         self.mcfg = self.model.cfg
+        # ids that are not effective tokens for TPF (end-of-text, pad, <|eot_id|>), as the evaluation counts
+        self.exclude_ids = excluded_ids(self.mcfg.eos_token_id, self.mcfg.pad_token_id, self.tokenizer)
         self.examples = load_examples(cfg, "train")
         self._eval_examples = None
         self.loss_cfg = grpo_mod.GRPOLossConfig(
@@ -235,11 +245,11 @@ class Trainer:
         for name, w in weights.items():
             if name == "exact_answer":
                 terms.append((name, w, lambda inp: synthetic.exact_answer(inp.completions, inp.examples)))
-            elif name == "step_penalty":
-                terms.append((name, w, lambda inp, scale=g.step_penalty_scale: [
-                    -sum(1 for s in t if len(s)) / scale for t in inp.trajectories]))
             else:
-                terms.append((name, w, registry.REWARDS[name](ctx, ctx.opt(name))))
+                opts = ctx.opt(name)
+                if name == "step_penalty":
+                    opts["scale"] = g.step_penalty_scale
+                terms.append((name, w, registry.REWARDS[name](ctx, opts)))
         self.rewards = registry.RewardSet(dataset=self.cfg.task.name, terms=terms, context=ctx)
 
     def _next_batch(self):
@@ -287,6 +297,7 @@ class Trainer:
 
     def _grpo_batch(self, rng: jax.Array):
         from dultra_jax.rewards.registry import RewardInputs
+        from dultra_jax.rewards.speed import trajectory_from_reveals
 
         g, n = self.cfg.grpo, self.cfg.train.micro_batches
         batch = self._next_batch()
@@ -301,7 +312,7 @@ class Trainer:
         traj = res.trajectory
         reveal = np.asarray(traj.reveal)
         s = int(traj.num_steps)
-        positions = [[np.nonzero(reveal[k, b])[0].tolist() for k in range(s)] for b in range(len(ids))]
+        positions = [trajectory_from_reveals(reveal[:s, b]) for b in range(len(ids))]
         gen = np.asarray(res.generated)
         texts = self.tokenizer.batch_decode([row[row < len(self.tokenizer)] for row in gen],
                                             skip_special_tokens=True)
@@ -334,8 +345,7 @@ class Trainer:
                  "advantage_positive_fraction": float(jnp.mean(adv > 0)), "rollout_s": rollout_s}
         for name, values in out.per_function.items():
             stats[f"reward/{name}"] = float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
-        exclude = [i for i in {self.mcfg.eos_token_id, self.mcfg.pad_token_id} if i is not None]
-        eff = (~np.isin(gen, exclude)).sum(-1)
+        eff = effective_tokens(gen, self.exclude_ids)
         stats["tpf"] = float(eff.mean() / max(nfe.mean(), 1e-9))
         stats["generated_tokens_per_s"] = float(gen.size / max(rollout_s, 1e-9))
         for key in ("exact_answer", "math_correctness", "apps_execution", "code_tests"):
@@ -399,10 +409,7 @@ class Trainer:
             fn = [t for t in self.rewards.terms if t[0] in ("math_correctness", "code_tests", "apps_execution")]
             correct = [float((v or 0) > 0) for v in fn[0][2](RewardInputs(texts, exs))] if fn else []
         nfe = float(np.mean(np.asarray(res.nfe)))
-        exclude = [i for i in {self.mcfg.eos_token_id, self.mcfg.pad_token_id} if i is not None]
-        if "<|eot_id|>" in self.tokenizer.get_vocab():
-            exclude.append(self.tokenizer.convert_tokens_to_ids("<|eot_id|>"))
-        eff = float((~np.isin(gen, exclude)).sum(-1).mean())
+        eff = float(effective_tokens(gen, self.exclude_ids).mean())
         return {"eval_accuracy": float(np.mean(correct)) if correct else float("nan"), "eval_nfe": nfe,
                 "eval_tpf": eff / nfe if nfe else 0.0}
 
@@ -425,7 +432,7 @@ class Trainer:
                                                                  key)
             m = {k: float(v) for k, v in m.items()}
             self.step += 1
-            row = {"step": self.step, **m, **stats, "lr": float(self._lr(self.step - 1)),
+            row = {"step": self.step, **m, **stats, "lr": float(self.schedule(self.step - 1)),
                    "step_time_s": time.perf_counter() - t0}
             bad = bad + 1 if m["skipped"] else 0
             if bad >= cfg.train.max_bad_steps:
@@ -446,11 +453,6 @@ class Trainer:
             self._save(force=True)
         self.ckpt.wait_until_finished()
         return last
-
-    def _lr(self, step: int) -> float:
-        from dultra_jax.training.step import learning_rate_schedule
-
-        return float(learning_rate_schedule(self.cfg.optim)(step))
 
     def export(self, directory: str | Path | None = None) -> Path:
         """Write the trained model as a converted checkpoint (+ tokenizer) for decoding and evaluation."""
