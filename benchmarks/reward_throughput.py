@@ -101,7 +101,7 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/reward_throughput_<n>cpu.json)")
     args = ap.parse_args()
 
-    from dultra_jax.rewards.math import extract_hash_answer
+    from dultra_jax.answers import extract_hash_answer
     from dultra_jax.rewards.sandbox import namespaces_available
 
     with gzip.open(args.humaneval, "rt") if args.humaneval.endswith(".gz") else open(args.humaneval) as f:

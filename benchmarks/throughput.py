@@ -48,6 +48,7 @@ from _common import (
 )
 from flax import nnx
 
+from dultra_jax import accounting
 from dultra_jax.checkpoints.hf import parse_dtype
 
 
@@ -102,7 +103,7 @@ def main(argv: list[str] | None = None) -> dict:
     graphdef, state = nnx.split(model)
     counts = matmul_params(model)
     length = p + g
-    special = [i for i in (cfg.eos_token_id, cfg.pad_token_id) if i is not None]
+    special = accounting.model_excluded_ids(cfg)
 
     @jax.jit
     def full_forward(state, ids):  # the original's iteration: logits for every position
@@ -139,7 +140,8 @@ def main(argv: list[str] | None = None) -> dict:
                 nfe = np.asarray(result.nfe)
                 iters = int(result.iterations)
                 decoded = gen != cfg.mask_token_id
-                effective = decoded & ~np.isin(gen, special)
+                counted = accounting.account(gen, nfe, special, cfg.mask_token_id)
+                effective = counted.effective_tokens
                 ms_iter = 1e3 * wall / iters
                 exact = args.cache == "none"
                 roof_iter = _roof(flops_per_iteration(counts, cfg, b, length, bl, name.startswith("planner")), rate)
@@ -147,7 +149,7 @@ def main(argv: list[str] | None = None) -> dict:
                 decode_rows.append({
                     "batch": b, "block": bl, "strategy": name, "cache": args.cache, "iterations": iters,
                     "mean_nfe": float(nfe.mean()),
-                    "tpf": float(effective.sum(-1).mean() / nfe.mean()) if nfe.mean() else 0.0,
+                    "tpf": counted.tpf,
                     "wall_s": round(wall, 6), "compile_and_first_run_s": round(compile_s, 2),
                     "ms_per_iteration": round(ms_iter, 3),
                     "roofline_ms_per_iteration": round(roof_iter, 3) if exact else None,

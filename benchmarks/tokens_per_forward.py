@@ -11,7 +11,7 @@ downloaded); ``--task gsm8k|math500|humaneval|mbpp`` with ``--data-file`` uses t
 
 Per (block length, strategy): the distribution over problems (mean, p50, p90, min, max) of the NFE and of the
 per-sample TPF (effective tokens / NFE), the aggregate TPF as the original reports it (mean effective tokens /
-mean NFE; effective = generated ids other than end-of-text, pad, <|eot_id|>), and for the synthetic task the
+mean NFE; effective = generated ids other than end-of-text, pad, MASK, <|eot_id|>), and for the synthetic task the
 accuracy. Decoding goes through the evaluation harness (batched, padding-correct). Table + JSON in
 benchmarks/results/.
 """
@@ -25,6 +25,7 @@ import jax
 import numpy as np
 from _common import RANDOM_MODELS, RESULTS, commit, device_name, model_config, random_model, write_json
 
+from dultra_jax import accounting
 from dultra_jax.checkpoints.hf import parse_dtype
 from dultra_jax.data import synthetic
 from dultra_jax.eval import metrics
@@ -102,7 +103,7 @@ def main(argv: list[str] | None = None) -> dict:
     texts, prompts = encode_prompts(tok, examples)
     tok_eos = tok.convert_tokens_to_ids(tok.eos_token) if tok.eos_token else None
     # the tokenizer's <|eot_id|> counts as end-of-text only when the tokenizer is the model's own
-    exclude = metrics.excluded_ids(cfg.eos_token_id, cfg.pad_token_id, tok if tok_eos == cfg.eos_token_id else None)
+    exclude = accounting.model_excluded_ids(cfg, tok if tok_eos == cfg.eos_token_id else None)
     rows = []
     for name, bl, s in settings:
         run = decode_prompts(model, prompts, s, seed=args.seed, row_seeds=[e.index for e in examples],
@@ -113,7 +114,7 @@ def main(argv: list[str] | None = None) -> dict:
         row = {"strategy": name, "block": bl, "settings": s.to_dict(), "n": len(nfe),
                "nfe": metrics.distribution(nfe),
                "tpf_per_sample": metrics.distribution(e / n for e, n in zip(eff, nfe, strict=True) if n > 0),
-               "tpf": metrics.tpf(eff, nfe), "mean_effective_tokens": float(np.mean(eff)),
+               "tpf": accounting.tpf(eff, nfe), "mean_effective_tokens": float(np.mean(eff)),
                "mean_masks_left": float(np.mean([x["masks_left"] for x in run.samples])),
                "decode_time_s": round(sum(b["time_s"] for b in run.batches), 4)}
         if args.task == synthetic.TASK_NAME:

@@ -114,7 +114,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     import jax
 
     import dultra_jax
-    from dultra_jax.decoding import effective_tokens, generate
+    from dultra_jax.accounting import account, model_excluded_ids
+    from dultra_jax.decoding import generate
 
     path = Path(args.model)
     plan = None
@@ -152,15 +153,13 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         raise ConfigError(str(e)) from e
     gen = np.asarray(result.generated[0])
     cfg = model.cfg
-    from dultra_jax.eval.metrics import excluded_ids
-
-    eff = int(effective_tokens(gen[None], excluded_ids(cfg.eos_token_id, cfg.pad_token_id, tok))[0])
-    nfe = int(result.nfe[0])
+    counted = account(gen[None], result.nfe, model_excluded_ids(cfg, tok), cfg.mask_token_id)
+    eff, nfe = int(counted.effective_tokens[0]), int(counted.nfe[0])
     out = {
         # ids the tokenizer does not know (e.g. padded embedding rows) carry no text
         "answer": tok.decode(gen[gen < len(tok)], skip_special_tokens=True) if tok is not None else None,
         "generated_ids": gen.tolist(), "nfe": nfe, "effective_tokens": eff,
-        "tpf": eff / nfe if nfe else 0.0, "wall_s": wall, "strategy": args.strategy, "cache": args.cache,
+        "tpf": counted.tpf, "wall_s": wall, "strategy": args.strategy, "cache": args.cache,
         "equivalent_forwards": float(result.equivalent_forwards[0]),
         "gen_length": args.gen_length, "block_length": args.block_length,
     }

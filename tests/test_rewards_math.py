@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from dultra_jax.answers import extract_hash_answer
 from dultra_jax.rewards import math as M
 from dultra_jax.rewards.procpool import MathVerifier, WorkerPool
 
@@ -15,7 +16,7 @@ GSM8K = Path(__file__).parent / "fixtures" / "gsm8k" / "test_sample.jsonl"
 @pytest.fixture(scope="module")
 def gsm8k():
     rows = [json.loads(line) for line in GSM8K.open()]
-    return [(r["question"], M.extract_hash_answer(r["answer"])) for r in rows]
+    return [(r["question"], extract_hash_answer(r["answer"])) for r in rows]
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +49,8 @@ def test_last_boxed_only_string_edge_cases():
 
 
 def test_gsm8k_reference_is_text_after_hashes():
-    assert M.extract_hash_answer("She makes 9 * 2 = $18.\n#### 18") == "18"
-    assert M.extract_hash_answer("no final answer") is None
+    assert extract_hash_answer("She makes 9 * 2 = $18.\n#### 18") == "18"
+    assert extract_hash_answer("no final answer") is None
 
 
 @pytest.mark.parametrize("text, value", [

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dultra_jax.answers import extract_hash_answer, parse_apps_io
 from dultra_jax.data import prompts as P
-from dultra_jax.rewards.math import extract_hash_answer
 
 
 class DataError(ValueError):
@@ -157,8 +157,6 @@ def make_example(task: str, index: int, row: dict[str, Any], *, style: str = "tr
         msgs = _messages("math", style, prompt_mode, P.math_user_prompt(q), P.math_eval_user_prompt(q))
         return Example(spec.name, index, ident, q, msgs, answer=str(answer), metadata=meta)
     if spec.name == "apps":
-        from dultra_jax.rewards.code import parse_apps_io
-
         q = str(row["question"])
         io = parse_apps_io(row.get("input_output"))
         starter = row.get("starter_code") or ""

@@ -1,19 +1,17 @@
-"""Decoding: one jitted loop (``generate``) for the dUltra planner and the confidence baselines, NFE/TPF
-accounting, and the trajectory replay GRPO trains on."""
+"""Decoding: one jitted loop (``generate``) for the dUltra planner and the confidence baselines (each row's NFE
+is counted in the loop; effective tokens and TPF are :mod:`dultra_jax.accounting`), and the trajectory replay
+GRPO trains on."""
 
 from dultra_jax.decoding.loop import (
     STRATEGIES,
     DecodeConfig,
     DecodeResult,
     Trajectory,
-    effective_tokens,
     generate,
     pad_prompts,
-    tokens_per_forward,
 )
 from dultra_jax.decoding.trajectory import trajectory_logps
 
 __all__ = [
-    "STRATEGIES", "DecodeConfig", "DecodeResult", "Trajectory", "effective_tokens", "generate", "pad_prompts",
-    "tokens_per_forward", "trajectory_logps",
+    "STRATEGIES", "DecodeConfig", "DecodeResult", "Trajectory", "generate", "pad_prompts", "trajectory_logps",
 ]

@@ -14,7 +14,6 @@ depend on what else is in the batch: with ``row_seeds`` a batch-1 run reproduces
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Literal
@@ -399,18 +398,3 @@ def _early_stop(x: jax.Array, p: int, mask_id: int, stop_ids: jax.Array) -> jax.
     fill = stop_ids[0]
     gen = jnp.where(done[:, None] & masked, fill, gen)
     return x.at[:, p:].set(gen)
-
-
-# ------------------------------------------------------------------------------------------ accounting
-def effective_tokens(generated, exclude_ids: Sequence[int]) -> np.ndarray:
-    """Generated tokens that count for TPF: everything except end-of-text / pad / eot ids (per row)."""
-    gen = np.asarray(generated)
-    return (~np.isin(gen, np.asarray(list(exclude_ids)))).sum(-1)
-
-
-def tokens_per_forward(generated, nfe, exclude_ids: Sequence[int]) -> float:
-    """TPF as the original reports it: mean effective tokens / mean NFE over the samples."""
-    nfe = np.asarray(nfe, np.float64)
-    if nfe.size == 0 or nfe.mean() == 0:
-        return 0.0
-    return float(effective_tokens(generated, exclude_ids).mean() / nfe.mean())

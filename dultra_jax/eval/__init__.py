@@ -4,6 +4,7 @@ throughput counted honestly (generated tokens only, compile excluded); accuracy-
 ``dultra eval`` / :func:`run_eval` for a checkpoint directory; :func:`evaluate` for a model in memory.
 """
 
+from dultra_jax.accounting import excluded_ids, tpf
 from dultra_jax.eval.harness import (
     EVAL_TASKS,
     SWEEP_FACTORS,
@@ -20,7 +21,7 @@ from dultra_jax.eval.harness import (
     score,
     sweep_settings,
 )
-from dultra_jax.eval.metrics import accuracy_over_seeds, distribution, excluded_ids, speed_summary, tpf
+from dultra_jax.eval.metrics import accuracy_over_seeds, distribution, speed_summary
 
 __all__ = [
     "EVAL_TASKS", "SWEEP_FACTORS", "DecodeRun", "EvalError", "EvalSettings", "accuracy_over_seeds", "decode_prompts",

@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from dultra_jax import accounting
 from dultra_jax.atomic import write_atomic
 from dultra_jax.config import ConfigError
 from dultra_jax.data import synthetic
@@ -188,7 +189,7 @@ def decode_prompts(model, prompts: Sequence[Sequence[int]], settings: EvalSettin
     import jax
     from tqdm.auto import tqdm
 
-    from dultra_jax.decoding import effective_tokens, generate
+    from dultra_jax.decoding import generate
 
     cfg = model.cfg
     n = len(prompts)
@@ -242,10 +243,11 @@ def decode_prompts(model, prompts: Sequence[Sequence[int]], settings: EvalSettin
         except ValueError as e:
             raise EvalError(str(e)) from e
         eq = np.asarray(result.equivalent_forwards)
-        eff = effective_tokens(gen, exclude)
+        counted = accounting.account(gen, nfe, exclude, cfg.mask_token_id)
+        eff = counted.effective_tokens
         for r, i in enumerate(idx):
             samples[i] = {"ids": gen[r], "nfe": int(nfe[r]), "equivalent_forwards": float(eq[r]),
-                          "effective_tokens": int(eff[r]), "masks_left": int((gen[r] == cfg.mask_token_id).sum()),
+                          "effective_tokens": int(eff[r]), "masks_left": int(counted.masks_left[r]),
                           "time_s": dt, "batch_rows": len(idx)}
         batches.append({"rows": len(idx), "width": width, "time_s": dt, "iterations": int(result.iterations),
                         "effective_tokens": int(eff[: len(idx)].sum())})
@@ -315,7 +317,7 @@ def evaluate(model, tokenizer, examples: Sequence[Example], settings: EvalSettin
         raise EvalError(f"{len(too_long)} prompt(s) do not fit the model's max_sequence_length "
                         f"{cfg.max_sequence_length} with gen_length {settings.gen_length}, e.g. {too_long[0][0]!r} "
                         f"({too_long[0][1]} tokens)")
-    exclude = metrics.excluded_ids(cfg.eos_token_id, cfg.pad_token_id, tokenizer)
+    exclude = accounting.model_excluded_ids(cfg, tokenizer)
     known = known_ids(tokenizer)
     rows: list[dict[str, Any]] = []
     batches: list[dict[str, Any]] = []

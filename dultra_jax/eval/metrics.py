@@ -1,10 +1,8 @@
 """Speed and accuracy arithmetic of an evaluation, kept pure so it can be checked on hand-made rows.
 
-Definitions (REFERENCE_TRAINING.md §5, and the issue's "honest throughput"):
+NFE, effective tokens and TPF are defined in :mod:`dultra_jax.accounting` (this module aggregates them).
+Throughput:
 
-- NFE of a sample: backbone forwards in which its row was still decoding (the batch-1 count).
-- Effective tokens: generated ids that are not end-of-text, pad or ``<|eot_id|>``.
-- TPF: mean effective tokens / mean NFE over the samples (the original's ratio of means, not a mean of ratios).
 - positions/s: generated canvas positions (rows x gen_length, prompt tokens never counted) per second of decode
   wall time; effective tokens/s: effective tokens per second of the same wall time. Compilation is excluded.
 """
@@ -17,23 +15,7 @@ from typing import Any
 
 import numpy as np
 
-
-def excluded_ids(eos_id: int | None, pad_id: int | None, tokenizer: Any = None) -> list[int]:
-    """Ids that do not count as effective tokens: end-of-text, pad, and the tokenizer's ``<|eot_id|>``."""
-    ids = {i for i in (eos_id, pad_id) if i is not None}
-    if tokenizer is not None:
-        vocab = tokenizer.get_vocab()
-        if "<|eot_id|>" in vocab:
-            ids.add(int(vocab["<|eot_id|>"]))
-    return sorted(int(i) for i in ids)
-
-
-def tpf(effective: Sequence[float], nfe: Sequence[float]) -> float:
-    """Mean effective tokens / mean NFE (0.0 when there were no forwards)."""
-    nfe_arr = np.asarray(nfe, np.float64)
-    if nfe_arr.size == 0 or nfe_arr.mean() == 0:
-        return 0.0
-    return float(np.mean(np.asarray(effective, np.float64)) / nfe_arr.mean())
+from dultra_jax.accounting import tpf
 
 
 def distribution(values: Iterable[float]) -> dict[str, float]:

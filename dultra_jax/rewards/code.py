@@ -11,12 +11,12 @@ from the original's training set) are run once per test and judged by their stdo
 from __future__ import annotations
 
 import ast
-import json
 import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from dultra_jax.answers import parse_apps_io
 from dultra_jax.rewards.sandbox import Job, RunResult, Sandbox, SandboxLimits
 
 APPS_TIMEOUT_S = 10.0  # the original's APPS_TIMEOUT, per test
@@ -87,19 +87,6 @@ def mbpp_program(problem: dict[str, Any], completion: str) -> str:
     """The evaluation's MBPP program: the fenced code (or the whole completion) followed by the asserts."""
     code = completion.split("```python", 1)[-1].split("```")[0].strip() if "```" in completion else completion
     return code + "\n" + "\n".join(problem["test_list"]) + "\n"
-
-
-def parse_apps_io(input_output: str | dict | None) -> dict[str, Any]:
-    """APPS ``input_output`` -> {"fn_name": str | None, "inputs": [...], "outputs": [...]}."""
-    if not input_output:
-        return {"fn_name": None, "inputs": [], "outputs": []}
-    try:
-        io = json.loads(input_output) if isinstance(input_output, str) else dict(input_output)
-    except (json.JSONDecodeError, TypeError, ValueError) as e:
-        raise ValueError(f"APPS input_output is not valid JSON: {e}") from e
-    inputs, outputs = list(io.get("inputs", [])), list(io.get("outputs", []))
-    n = min(len(inputs), len(outputs))
-    return {"fn_name": io.get("fn_name"), "inputs": inputs[:n], "outputs": outputs[:n]}
 
 
 def prepare_apps_code(code: str, fn_name: str | None) -> str:

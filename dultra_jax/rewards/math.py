@@ -72,13 +72,6 @@ def extract_boxed_answer(text: str) -> str:
         return text
 
 
-def extract_hash_answer(text: str) -> str | None:
-    """GSM8K reference: the text after the first ``####`` (up to a second one), stripped; None without one."""
-    if "####" not in text:
-        return None
-    return text.split("####")[1].strip()
-
-
 # ------------------------------------------------------------------------------------------- Hendrycks MATH normaliser
 def _fix_fracs(string: str) -> str:
     substrs = string.split("\\frac")

@@ -23,11 +23,11 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from tqdm.auto import tqdm
 
+from dultra_jax import accounting
 from dultra_jax.checkpoints.hf import parse_dtype
 from dultra_jax.config import ConfigError, preset
 from dultra_jax.data import synthetic
-from dultra_jax.decoding import effective_tokens, generate
-from dultra_jax.eval.metrics import excluded_ids
+from dultra_jax.decoding import generate
 from dultra_jax.model.dultra import DUltra
 from dultra_jax.training import grpo as grpo_mod
 from dultra_jax.training.config import RunConfig
@@ -186,8 +186,8 @@ class Trainer:
         self.schedule = learning_rate_schedule(cfg.optim)
         self.opt_state = init_optimizer(self.tx, self.trainable, self.plan)
         self.mcfg = self.model.cfg
-        # ids that are not effective tokens for TPF (end-of-text, pad, <|eot_id|>), as the evaluation counts
-        self.exclude_ids = excluded_ids(self.mcfg.eos_token_id, self.mcfg.pad_token_id, self.tokenizer)
+        # ids that are not effective tokens for TPF (end-of-text, pad, MASK, <|eot_id|>), as the evaluation counts
+        self.exclude_ids = accounting.model_excluded_ids(self.mcfg, self.tokenizer)
         self.examples = load_examples(cfg, "train")
         self._eval_examples = None
         self.loss_cfg = grpo_mod.GRPOLossConfig(
@@ -338,15 +338,14 @@ class Trainer:
             advantages=split(rollout.advantages), attention_mask=split(rollout.attention_mask),
             ref_logps=None if ref is None else split(ref, 1),
         )
-        nfe = np.asarray(res.nfe, np.float64)
+        counted = accounting.account(gen, res.nfe, self.exclude_ids, self.mcfg.mask_token_id)
         stats = {"reward_mean": float(out.total.mean()), "reward_std": float(out.total.std()),
-                 "nfe_mean": float(nfe.mean()), "iterations": float(res.iterations),
+                 "nfe_mean": counted.mean_nfe, "iterations": float(res.iterations),
                  "advantage_mean": float(jnp.mean(adv)), "advantage_std": float(jnp.std(adv)),
                  "advantage_positive_fraction": float(jnp.mean(adv > 0)), "rollout_s": rollout_s}
         for name, values in out.per_function.items():
             stats[f"reward/{name}"] = float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
-        eff = effective_tokens(gen, self.exclude_ids)
-        stats["tpf"] = float(eff.mean() / max(nfe.mean(), 1e-9))
+        stats["tpf"] = counted.tpf
         stats["generated_tokens_per_s"] = float(gen.size / max(rollout_s, 1e-9))
         for key in ("exact_answer", "math_correctness", "apps_execution", "code_tests"):
             if key in out.per_function:
@@ -408,10 +407,9 @@ class Trainer:
 
             fn = [t for t in self.rewards.terms if t[0] in ("math_correctness", "code_tests", "apps_execution")]
             correct = [float((v or 0) > 0) for v in fn[0][2](RewardInputs(texts, exs))] if fn else []
-        nfe = float(np.mean(np.asarray(res.nfe)))
-        eff = float(effective_tokens(gen, self.exclude_ids).mean())
-        return {"eval_accuracy": float(np.mean(correct)) if correct else float("nan"), "eval_nfe": nfe,
-                "eval_tpf": eff / nfe if nfe else 0.0}
+        counted = accounting.account(gen, res.nfe, self.exclude_ids, self.mcfg.mask_token_id)
+        return {"eval_accuracy": float(np.mean(correct)) if correct else float("nan"), "eval_nfe": counted.mean_nfe,
+                "eval_tpf": counted.tpf}
 
     # --------------------------------------------------------------------------------------- loop
     def run(self) -> dict[str, Any]:
