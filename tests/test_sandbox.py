@@ -15,7 +15,7 @@ from dultra_jax.rewards.code import (
     extract_code,
     humaneval_program,
     mbpp_program,
-    sanitize_program,
+    sanitize_lenient,
     stdout_matches,
 )
 from dultra_jax.rewards.sandbox import Sandbox, SandboxError, SandboxLimits, namespaces_available
@@ -37,11 +37,26 @@ def verifier():
 
 
 # ------------------------------------------------------------------------------------------- real tests
-def test_humaneval_canonical_solutions_all_pass(humaneval, verifier):
+def test_humaneval_canonical_solutions_pass_as_in_the_original(humaneval, verifier):
+    """All but HumanEval/50 pass under the original's sanitiser: it drops ``encode_shift``, which the test calls
+    but the entry point never names; the lenient rule keeps it."""
     results = verifier.score_humaneval(humaneval, [p["canonical_solution"] for p in humaneval])
-    failed = [(p["task_id"], r.status, r.error) for p, r in zip(humaneval, results, strict=True) if not r.passed]
-    assert not failed
-    assert all(r.reward == 1.0 for r in results)
+    failed = [p["task_id"] for p, r in zip(humaneval, results, strict=True) if not r.passed]
+    assert failed == ["HumanEval/50"]
+    assert "NameError" in (results[50].error or "") and "encode_shift" in results[50].error
+    assert all(r.reward == 1.0 for r in results if r.passed)
+    [lenient] = verifier.score_humaneval([humaneval[50]], [humaneval[50]["canonical_solution"]], sanitizer="lenient")
+    assert lenient.passed
+
+
+def test_humaneval_prose_inside_the_fence(humaneval, verifier):
+    """A fenced whole function followed by a line of prose inside the fence: the original's sanitiser keeps the
+    longest parseable range (passes); the lenient rule returns the unparseable text (a syntax error)."""
+    p = humaneval[2]
+    completion = f"```python\n{p['prompt']}{p['canonical_solution']}\nThis returns the decimal part.\n```"
+    original = verifier.score_humaneval([p], [completion])[0]
+    lenient = verifier.score_humaneval([p], [completion], sanitizer="lenient")[0]
+    assert original.passed and not lenient.passed and "SyntaxError" in (lenient.error or "")
 
 
 def test_humaneval_with_body_replaced_by_pass_all_fail(humaneval, verifier):
@@ -112,9 +127,9 @@ def test_extraction_helpers():
     assert extract_code("<answer>```python\n  x = 1\n```</answer>") == "x = 1"
     assert extract_code("text\n```\ny = 2\n```") == "y = 2"
     assert extract_code("plain = 3") == "plain = 3"
-    kept = sanitize_program("import os\nprint(1)\ndef f():\n    return 1\nf()\n")
+    kept = sanitize_lenient("import os\nprint(1)\ndef f():\n    return 1\nf()\n")
     assert kept == "import os\ndef f():\n    return 1\n"
-    assert sanitize_program("def (") == "def ("
+    assert sanitize_lenient("def (") == "def ("
     assert stdout_matches("3 \n\n", "3\n") and stdout_matches("1 2\n3", "1 2 3") and not stdout_matches("3", "4")
     assert mbpp_program({"test_list": ["assert f()"]}, "no fences") == "no fences\nassert f()\n"
     he = {"prompt": "def f():\n", "test": "def check(c):\n    assert c() == 1\n", "entry_point": "f"}

@@ -55,11 +55,98 @@ def extract_code(text: str) -> str:
     return textwrap.dedent(body).strip()
 
 
-def sanitize_program(code: str) -> str:
-    """Keep only top-level imports, definitions and assignments (drop demo calls, prints, ``__main__`` blocks).
+SANITIZE_SCAN_LINES = 100  # the original's sanitiser looks for code in the first 100 lines only
 
-    A light version of the evaluation harness's sanitiser: code that does not parse is returned unchanged
-    (it then fails as a syntax error, as it would have).
+
+def _parseable(code: str) -> bool:
+    try:
+        ast.parse(code)
+    except (SyntaxError, ValueError):  # ValueError: NUL bytes
+        return False
+    return True
+
+
+def longest_parseable_range(code: str, max_lines: int = SANITIZE_SCAN_LINES) -> str:
+    """Of the first ``max_lines`` lines, the contiguous range that parses and has the most non-blank lines
+    (the earliest start on ties; "" when no line parses).
+
+    Searched from the widest range down with pruning, so a program that parses whole costs one parse: a range
+    is tried only while its non-blank count can still beat the best found.
+    """
+    lines = code.split("\n")[:max_lines]
+    n = len(lines)
+    filled = [0]
+    for line in lines:
+        filled.append(filled[-1] + bool(line.strip()))
+    best, best_range = 0, (0, 0)
+    for i in range(n):
+        if filled[n] - filled[i] <= best:
+            break  # no range starting here or later can beat it
+        for j in range(n, i, -1):
+            count = filled[j] - filled[i]
+            if count <= best:
+                break
+            if _parseable("\n".join(lines[i:j])):
+                best, best_range = count, (i, j)
+                break
+    return "\n".join(lines[best_range[0]:best_range[1]])
+
+
+def _defined_name(node: ast.stmt) -> str | None:
+    """The name a kept top-level definition binds: classes, functions containing a ``return``, ``name = ...``."""
+    if isinstance(node, ast.ClassDef):
+        return node.name
+    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+        return node.name if any(isinstance(n, ast.Return) for n in ast.walk(node)) else None
+    if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+        return node.targets[0].id
+    if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.value is not None:
+        return node.target.id
+    return None
+
+
+def _names_used(node: ast.AST) -> set[str]:
+    return {n.id for n in ast.walk(node) if isinstance(n, ast.Name)} | {
+        n.attr for n in ast.walk(node) if isinstance(n, ast.Attribute)}
+
+
+def sanitize(code: str, entry_point: str | None = None) -> str:
+    """The HumanEval sanitiser of the original's evaluation (its lm-eval ``humaneval_instruct``), from its rules.
+
+    Tabs become 4 spaces and CRLF LF; the longest parseable range of the first 100 lines
+    (:func:`longest_parseable_range`) is kept; of it, every top-level import, and the top-level definitions
+    :func:`_defined_name` names (a later definition of a name replaces the earlier one in the earlier one's
+    place). With ``entry_point`` only definitions reachable from it through the names and attribute names they
+    use are kept. Output: the imports, then the definitions, unparsed. Statements (demo calls, prints,
+    ``__main__`` blocks), functions without a ``return`` and helpers the entry point never names are dropped.
+    """
+    code = code.replace("\r\n", "\n").replace("\t", "    ")
+    tree = ast.parse(longest_parseable_range(code))
+    imports: list[ast.stmt] = []
+    definitions: dict[str, ast.stmt] = {}
+    for node in tree.body:
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            imports.append(node)
+        elif (name := _defined_name(node)) is not None:
+            definitions[name] = node  # a re-definition replaces the node, the dict keeps the first position
+    if entry_point is not None:
+        reachable, todo = set(), [entry_point]
+        while todo:
+            name = todo.pop()
+            if name in reachable or name not in definitions:
+                continue
+            reachable.add(name)
+            todo.extend(_names_used(definitions[name]) - reachable)
+        definitions = {k: v for k, v in definitions.items() if k in reachable}
+    return "\n".join(ast.unparse(node) for node in [*imports, *definitions.values()]) + "\n"
+
+
+def sanitize_lenient(code: str) -> str:
+    """Keep every top-level import, definition and assignment (drop demo calls, prints, ``__main__`` blocks).
+
+    This project's earlier rule, kept as the ``"lenient"`` HumanEval option: unlike :func:`sanitize` it keeps
+    helpers the entry point does not name and functions without ``return``, and code that does not parse is
+    returned unchanged (it then fails as a syntax error).
     """
     try:
         tree = ast.parse(code)
@@ -76,10 +163,21 @@ def sanitize_program(code: str) -> str:
     return "\n".join(out) + "\n"
 
 
-def humaneval_program(problem: dict[str, Any], completion: str) -> str:
-    """prompt + completion code (a body continuation or a whole function), sanitised, + test + check(...)."""
+HUMANEVAL_SANITIZERS = ("original", "lenient")
+
+
+def humaneval_program(problem: dict[str, Any], completion: str, sanitizer: str = "original") -> str:
+    """The evaluation's HumanEval program: ``sanitize(prompt + "\\n" + code, entry_point)`` + test + check(...).
+
+    ``code`` is the text after the first ```` ```python\\n```` up to the next ```` ``` ```` (the whole completion
+    without a fence: a body continuation or a whole function). ``sanitizer="lenient"`` uses
+    :func:`sanitize_lenient` instead (no entry-point pruning).
+    """
+    if sanitizer not in HUMANEVAL_SANITIZERS:
+        raise ValueError(f"unknown HumanEval sanitizer {sanitizer!r}; choose one of {list(HUMANEVAL_SANITIZERS)}")
     code = completion.split("```python\n", 1)[-1].split("```")[0]
-    program = sanitize_program(problem["prompt"] + "\n" + code)
+    source = problem["prompt"] + "\n" + code
+    program = sanitize(source, problem["entry_point"]) if sanitizer == "original" else sanitize_lenient(source)
     return f"{program}\n{problem['test']}\ncheck({problem['entry_point']})\n"
 
 
@@ -128,7 +226,11 @@ class CodeVerifier:
 
     def __init__(self, sandbox: Sandbox | None = None, *, workers: int | None = None,
                  apps_timeout_s: float = APPS_TIMEOUT_S, harness_timeout_s: float = HARNESS_TIMEOUT_S,
-                 memory_mb: int = 1024):
+                 memory_mb: int = 1024, humaneval_sanitizer: str = "original"):
+        if humaneval_sanitizer not in HUMANEVAL_SANITIZERS:
+            raise ValueError(f"unknown HumanEval sanitizer {humaneval_sanitizer!r}; choose one of "
+                             f"{list(HUMANEVAL_SANITIZERS)}")
+        self.humaneval_sanitizer = humaneval_sanitizer
         base = sandbox or Sandbox(SandboxLimits(timeout_s=harness_timeout_s, memory_mb=memory_mb), workers=workers)
         self.harness = base
         self.apps = Sandbox(
@@ -147,8 +249,11 @@ class CodeVerifier:
             for p, r in zip(programs, runs, strict=True)
         ]
 
-    def score_humaneval(self, problems: Sequence[dict[str, Any]], completions: Sequence[str]) -> list[CodeResult]:
-        return self.score_programs([humaneval_program(p, c) for p, c in zip(problems, completions, strict=True)])
+    def score_humaneval(self, problems: Sequence[dict[str, Any]], completions: Sequence[str], *,
+                        sanitizer: str | None = None) -> list[CodeResult]:
+        """``sanitizer`` (default: the verifier's ``humaneval_sanitizer``) is one of :data:`HUMANEVAL_SANITIZERS`."""
+        rule = sanitizer or self.humaneval_sanitizer
+        return self.score_programs([humaneval_program(p, c, rule) for p, c in zip(problems, completions, strict=True)])
 
     def score_mbpp(self, problems: Sequence[dict[str, Any]], completions: Sequence[str]) -> list[CodeResult]:
         return self.score_programs([mbpp_program(p, c) for p, c in zip(problems, completions, strict=True)])
