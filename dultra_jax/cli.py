@@ -12,9 +12,12 @@ from pathlib import Path
 import numpy as np
 
 from dultra_jax.checkpoints import CheckpointError
+from dultra_jax.checkpoints.hub import resolve_model_path
 from dultra_jax.config import ConfigError
 
 TINY_CHECKPOINT = "lladou-tiny"
+MODEL_HELP = ("HF checkpoint directory, converted directory, or hub id org/name[@revision] (HF_HOME / HF_HUB_CACHE / "
+              "HF_HUB_OFFLINE honoured; a local directory wins)")
 
 
 def embedded_checkpoint() -> Path:
@@ -117,7 +120,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from dultra_jax.accounting import account, model_excluded_ids
     from dultra_jax.decoding import generate
 
-    path = Path(args.model)
+    path = resolve_model_path(args.model)
     plan = None
     if args.mesh:
         from dultra_jax.parallel import ShardingPlan, initialize_distributed
@@ -223,6 +226,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         cache=args.cache, batch_size=args.batch_size, pad_multiple=args.pad_multiple,
     )
     out = Path(args.out or f"runs/eval-{args.task}")
+    args.model = resolve_model_path(args.model)  # a hub id -> its cached snapshot (a local directory wins)
     try:
         summaries = run_eval(args.model, args.task, settings, seeds=args.seeds, data_file=args.data_file,
                              split=args.split, limit=args.limit, out_dir=out, dtype=args.dtype,
@@ -252,7 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     c = sub.add_parser("convert", help="convert an original HF checkpoint to ours, or ours back to HF (--to-hf)")
-    c.add_argument("src", help="HF checkpoint directory (config.json + safetensors) or a converted directory")
+    c.add_argument("src", help="HF checkpoint directory (config.json + safetensors), a converted directory, or a "
+                   "hub id org/name[@revision]")
     c.add_argument("out", help="output directory (must not exist unless --overwrite)")
     c.add_argument("--to-hf", action="store_true", help="write the original's safetensors format instead")
     c.add_argument("--dtype", default=None, help="bf16|fp16|fp32 (default: keep the stored dtype)")
@@ -262,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=_cmd_convert)
 
     g = sub.add_parser("generate", help="decode one prompt and report the answer, NFE, TPF and wall time")
-    g.add_argument("--model", required=True, help="HF checkpoint directory or converted directory")
+    g.add_argument("--model", required=True, help=MODEL_HELP)
     g.add_argument("--prompt", help="user message (chat template of the checkpoint's tokenizer applied)")
     g.add_argument("--prompt-ids", help="prompt token ids, comma or space separated (no tokenizer needed)")
     g.add_argument("--strategy", default="planner", choices=["planner", "threshold", "factor", "fixed"])
@@ -294,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_cmd_score)
 
     e = sub.add_parser("eval", help="evaluate a checkpoint on a task: accuracy, NFE, TPF, throughput per run")
-    e.add_argument("--model", required=True, help="HF checkpoint directory or converted directory (its tokenizer)")
+    e.add_argument("--model", required=True, help=MODEL_HELP + " (its tokenizer is used)")
     e.add_argument("--task", required=True, choices=["gsm8k", "math500", "humaneval", "mbpp", "synthetic-addition"])
     e.add_argument("--data-file", default=None, help="local JSONL/parquet with the hub's columns (default: the hub)")
     e.add_argument("--split", default=None, help="hub split (default: the evaluation split)")

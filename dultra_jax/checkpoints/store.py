@@ -31,6 +31,7 @@ from dultra_jax.checkpoints.hf import (
     parse_dtype,
     stored_dtype,
 )
+from dultra_jax.checkpoints.hub import resolve_model_path
 from dultra_jax.config import ModelConfig
 from dultra_jax.model.dultra import DUltra
 
@@ -147,7 +148,8 @@ def load(
     rules=None,
     **model_kwargs,
 ) -> DUltra:
-    """Open a model from an original HF checkpoint directory or a converted directory.
+    """Open a model from an original HF checkpoint directory, a converted directory, or a hub id
+    ``org/name[@revision]`` (fetched into the hub cache; a local directory of that name wins).
 
     ``dtype`` is the compute dtype (``"bf16"``/``"fp32"`` strings accepted); ``param_dtype`` the storage dtype
     (defaults to ``dtype``). Extra keyword arguments go to :class:`DUltra` (``attention_impl``, ``remat``,
@@ -158,9 +160,7 @@ def load(
     A converted directory is restored straight into those shardings; HF safetensors are read into host memory
     first and then placed (convert once, then load the converted directory on big meshes).
     """
-    path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"model path not found or not a directory: {path}")
+    path = resolve_model_path(path)
     dtype, param_dtype = parse_dtype(dtype), parse_dtype(param_dtype)
     if is_converted(path):
         model_kwargs.pop("seed", None)
@@ -201,10 +201,9 @@ def convert(
     seed: int = 0,
     max_shard_bytes: int = 5 * 1024**3,
 ) -> Path:
-    """HF -> converted (default) or any -> HF (``to_hf``). ``dtype=None`` keeps the stored dtype."""
-    src, out = Path(src), Path(out)
-    if not src.is_dir():
-        raise CheckpointError(f"source checkpoint directory not found: {src}")
+    """HF -> converted (default) or any -> HF (``to_hf``); ``src`` may be a hub id ``org/name[@revision]``.
+    ``dtype=None`` keeps the stored dtype."""
+    src, out = resolve_model_path(src, what="source checkpoint"), Path(out)
     if out.exists() and not overwrite:
         raise CheckpointError(f"output directory {out} already exists; pass --overwrite to replace it")
     if src.resolve() == out.resolve():

@@ -148,25 +148,11 @@ def load_qwen2(directory: str | Path, *, dtype="fp32", param_dtype=None) -> Qwen
 
 
 def resolve_teacher_path(name_or_path: str | Path, *, cache_dir: str | Path | None = None) -> Path:
-    """A local checkpoint directory as is; otherwise a Hugging Face repo id, downloaded (weights, config,
-    tokenizer only) with ``huggingface_hub``."""
-    path = Path(name_or_path).expanduser()
-    if path.is_dir():
-        return path
-    if path.exists() or str(name_or_path).startswith((".", "/", "~")):
-        raise CheckpointError(f"teacher checkpoint directory not found: {path}")
-    from huggingface_hub import snapshot_download
+    """A local checkpoint directory as is; otherwise a Hugging Face hub id ``org/name[@revision]``, fetched
+    (weights, config, tokenizer only) by :func:`dultra_jax.checkpoints.hub.resolve_model_path`."""
+    from dultra_jax.checkpoints.hub import resolve_model_path
 
-    try:
-        return Path(snapshot_download(
-            str(name_or_path), cache_dir=cache_dir,
-            allow_patterns=["*.safetensors", "*.json", "*.txt", "*.jinja", "tokenizer*", "merges.txt", "vocab.json"],
-        ))
-    except Exception as e:  # noqa: BLE001 - network / auth / missing repo: one clear message
-        raise CheckpointError(
-            f"could not fetch teacher {name_or_path!r} from the Hugging Face hub ({type(e).__name__}: {e}); "
-            "pass a local checkpoint directory instead"
-        ) from e
+    return resolve_model_path(name_or_path, what="teacher", cache_dir=cache_dir)
 
 
 def shard_teacher(model: Qwen2ForCausalLM, plan, *, on_uneven: str = "replicate") -> Qwen2ForCausalLM:
