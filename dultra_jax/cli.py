@@ -16,6 +16,7 @@ from dultra_jax.checkpoints.hub import resolve_model_path
 from dultra_jax.config import ConfigError
 
 TINY_CHECKPOINT = "lladou-tiny"
+WANDB_HELP = "also log to Weights & Biases (pip install 'dultra-jax[wandb]'; WANDB_MODE=offline works offline)"
 MODEL_HELP = ("HF checkpoint directory, converted directory, or hub id org/name[@revision] (HF_HOME / HF_HUB_CACHE / "
               "HF_HUB_OFFLINE honoured; a local directory wins)")
 
@@ -201,6 +202,8 @@ def _cmd_train(args: argparse.Namespace, mode: str | None = None) -> int:
     overrides = list(args.overrides)
     if mode is not None:
         overrides.append(f"train.mode={mode}")
+    if args.wandb:
+        overrides.append("logging.wandb=true")
     cfg = load_run_config(args.config, overrides)
     trainer = Trainer(cfg, args.output_dir)
     try:
@@ -226,6 +229,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         cache=args.cache, batch_size=args.batch_size, pad_multiple=args.pad_multiple,
     )
     out = Path(args.out or f"runs/eval-{args.task}")
+    if args.wandb:
+        from dultra_jax.wandb_sink import wandb_available
+
+        if not wandb_available():  # fail before decoding, not after
+            raise ConfigError("--wandb needs wandb: pip install 'dultra-jax[wandb]'")
     args.model = resolve_model_path(args.model)  # a hub id -> its cached snapshot (a local directory wins)
     try:
         summaries = run_eval(args.model, args.task, settings, seeds=args.seeds, data_file=args.data_file,
@@ -234,6 +242,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.wandb:
+        from dultra_jax.wandb_sink import log_eval_summaries
+
+        config = {k: v for k, v in vars(args).items() if k != "func"}
+        log_eval_summaries(summaries, out, name=f"eval-{args.task}", config={**config, "model": str(args.model)})
     s0 = summaries[0]
     print(f"{args.task}: {s0['n_problems']} problems x {len(s0['seeds'])} seed(s) on {s0['device']}")
     print(format_table(summaries))
@@ -323,6 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--factors", type=float, nargs="+", default=[0.5, 0.8, 1.0, 1.2, 1.5])
     e.add_argument("--workers", type=int, default=None, help="parallel verifier/sandbox processes (default: cores)")
     e.add_argument("--out", default=None, help="output directory (default: runs/eval-TASK)")
+    e.add_argument("--wandb", action="store_true", help=WANDB_HELP)
     e.set_defaults(func=_cmd_eval)
 
     pl = sub.add_parser("plot", help="accuracy-vs-NFE chart (PNG + SVG) from evaluation summaries")
@@ -338,6 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
         t.add_argument("--config", help="YAML under configs/ (e.g. configs/tiny_cpu.yaml)")
         t.add_argument("--output-dir", required=True, help="checkpoints, metrics.jsonl and the final model go here")
         t.add_argument("overrides", nargs="*", help="dotted overrides such as train.max_steps=6")
+        t.add_argument("--wandb", action="store_true", help=WANDB_HELP + " (= logging.wandb=true)")
         t.set_defaults(func=lambda a, mode=mode: _cmd_train(a, mode))
 
     d = sub.add_parser("demo", help="the method end to end on the CPU in minutes: SFT, planner pre-training, GRPO")

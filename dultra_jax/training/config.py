@@ -96,6 +96,15 @@ class EvalSection:
 
 
 @dataclass
+class LoggingSection:
+    """Metric sinks beside metrics.jsonl and TensorBoard (dultra_jax.wandb_sink)."""
+
+    wandb: bool = False  # mirror the metrics into a wandb run (WANDB_MODE / WANDB_PROJECT / WANDB_DIR honoured)
+    wandb_project: str | None = None  # default: WANDB_PROJECT, else "dultra-jax"
+    wandb_name: str | None = None  # default: the output directory's name
+
+
+@dataclass
 class RunConfig:
     model: ModelSection = field(default_factory=ModelSection)
     task: TaskSection = field(default_factory=TaskSection)
@@ -104,6 +113,7 @@ class RunConfig:
     sequence: SequenceSection = field(default_factory=SequenceSection)
     grpo: GRPOSection = field(default_factory=GRPOSection)
     eval: EvalSection = field(default_factory=EvalSection)
+    logging: LoggingSection = field(default_factory=LoggingSection)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -151,7 +161,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
 _SECTIONS = {
     (RunConfig, "model"): ModelSection, (RunConfig, "task"): TaskSection, (RunConfig, "train"): TrainSection,
     (RunConfig, "optim"): OptimConfig, (RunConfig, "sequence"): SequenceSection, (RunConfig, "grpo"): GRPOSection,
-    (RunConfig, "eval"): EvalSection,
+    (RunConfig, "eval"): EvalSection, (RunConfig, "logging"): LoggingSection,
 }
 
 

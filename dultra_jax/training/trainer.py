@@ -130,10 +130,11 @@ def _split_micro(tree, n: int, axis: int = 0, plan=None):
 
 
 class MetricsWriter:
-    """JSONL (always) + TensorBoard (when tensorboardX is importable)."""
+    """JSONL (always) + TensorBoard (when tensorboardX is importable) + wandb (a ``WandbSink``, when given)."""
 
-    def __init__(self, directory: Path):
+    def __init__(self, directory: Path, *, wandb=None):
         self.path = directory / "metrics.jsonl"
+        self._wandb = wandb
         self._tb = None
         try:
             from tensorboardX import SummaryWriter  # optional
@@ -151,6 +152,14 @@ class MetricsWriter:
             for k, v in row.items():
                 if isinstance(v, (int, float)) and k != "step":
                     self._tb.add_scalar(k, v, row["step"])
+        if self._wandb is not None:
+            self._wandb.log(row, step=row["step"])
+
+    def close(self) -> None:
+        """Finish the wandb run (JSONL and TensorBoard need nothing)."""
+        if self._wandb is not None:
+            self._wandb.close()
+            self._wandb = None
 
     def truncate_after(self, step: int) -> None:
         """Drop rows past ``step`` (from a run killed after its last checkpoint) so a resumed log is clean."""
@@ -160,6 +169,16 @@ class MetricsWriter:
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text("".join(r + "\n" for r in rows))
         tmp.replace(self.path)
+
+
+def _wandb_sink(cfg: RunConfig, out: Path):
+    """The wandb run of ``logging.wandb`` (resumed with the output directory), or None."""
+    if not cfg.logging.wandb:
+        return None
+    from dultra_jax.wandb_sink import WandbSink
+
+    return WandbSink(out, job_type=cfg.train.mode, name=cfg.logging.wandb_name, project=cfg.logging.wandb_project,
+                     config=cfg.to_dict(), resumable=True)
 
 
 # ------------------------------------------------------------------------------------------- trainer
@@ -202,7 +221,7 @@ class Trainer:
             options=ocp.CheckpointManagerOptions(max_to_keep=cfg.train.keep, save_interval_steps=cfg.train.save_every,
                                                  enable_async_checkpointing=cfg.train.async_checkpointing),
         )
-        self.metrics = MetricsWriter(self.out)
+        self.metrics = MetricsWriter(self.out, wandb=_wandb_sink(cfg, self.out))
         self.step = 0
         self.ref_states = None
         (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=str))
@@ -450,6 +469,7 @@ class Trainer:
         if self.ckpt.latest_step() != self.step:
             self._save(force=True)
         self.ckpt.wait_until_finished()
+        self.metrics.close()
         return last
 
     def export(self, directory: str | Path | None = None) -> Path:
