@@ -39,3 +39,19 @@ def converted_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("converted") / "tiny"
     convert(TINY, out)
     return out
+
+
+def _has_accelerator() -> bool:
+    import jax
+
+    return jax.default_backend() in ("gpu", "cuda", "rocm", "tpu")
+
+
+def pytest_collection_modifyitems(config, items):
+    """``gpu`` tests need an accelerator: skipped (with the reason) on CPU-only machines. ``real_weights`` tests
+    skip themselves unless DULTRA_REAL_CHECKPOINT is set (tests/test_real_weights.py)."""
+    gpu_items = [item for item in items if item.get_closest_marker("gpu") is not None]
+    if gpu_items and not _has_accelerator():
+        skip = pytest.mark.skip(reason="needs a GPU (jax found only the CPU backend)")
+        for item in gpu_items:
+            item.add_marker(skip)
