@@ -50,12 +50,21 @@ def test_pure_jitted_entry_points_match(tiny_model, golden):
     np.testing.assert_allclose(np.asarray(plan), golden["plan_logits"], atol=TOL, rtol=0)
 
 
-def test_default_ignores_padding_like_the_original(tiny_model, golden):
-    """Without the padding-aware option, pads are attended and positions start at column 0 (REFERENCE §1.3)."""
-    ids = jnp.asarray(golden["fwd_input_ids"])
-    a, _ = tiny_model(ids)
-    b, _ = tiny_model(ids, None)
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+def test_default_attends_pads_like_the_original(tiny_model, golden):
+    """No attention mask = the original's behaviour (REFERENCE §1.3): every column attended, positions from 0, so
+    an all-ones mask computes the golden outputs too, while left pads change the real positions' outputs. With a
+    mask that marks the pads, the padded batch reproduces the golden (unpadded) outputs."""
+    ids = np.asarray(golden["fwd_input_ids"])
+    ref = golden["fwd_logits"]
+    ones, _ = tiny_model(jnp.asarray(ids), jnp.ones(ids.shape, jnp.int32))
+    np.testing.assert_allclose(np.asarray(ones), ref, atol=TOL, rtol=0)
+    pads = 5
+    padded = np.concatenate([np.full((ids.shape[0], pads), tiny_model.cfg.pad_token_id), ids], axis=1)
+    naive, _ = tiny_model(jnp.asarray(padded))
+    assert np.abs(np.asarray(naive)[:, pads:] - ref).max() > 1e-2  # pads attended, positions shifted
+    mask = np.concatenate([np.zeros((ids.shape[0], pads), np.int32), np.ones(ids.shape, np.int32)], axis=1)
+    aware, _ = tiny_model(jnp.asarray(padded), jnp.asarray(mask))
+    np.testing.assert_allclose(np.asarray(aware)[:, pads:], ref, atol=TOL, rtol=0)
 
 
 def test_scan_equals_unrolled(tiny_dir, tiny_model, golden):
