@@ -105,12 +105,23 @@ def throughput_table() -> list[str]:
             + _table(["B", "block", "strategy", "ms/iteration", "of roofline", "positions/s"], rows)]
 
 
+def humaneval_sanitizer_table() -> list[str]:
+    d = _load("humaneval_sanitizer.json")
+    if d is None:
+        return []
+    rows = [[r["form"], r["sanitizer"], f"{r['passed']}/{r['total']}", ", ".join(r["failed"][:3])
+             + (f" (+{len(r['failed']) - 3})" if len(r["failed"]) > 3 else "")] for r in d["rows"]]
+    return [f"`humaneval_sanitizer.json`: the 164 canonical solutions, commit {d['commit']}\n\n"
+            + _table(["completion", "sanitizer", "passed", "failing"], rows)]
+
+
 def main() -> None:
     sections = [("Forward vs roofline", forward_tables()), ("Decoding per cache mode", decode_tables()),
                 ("Decode throughput sweep (8B shapes)", throughput_table()),
                 ("Toy acceptance (GRPO with a step penalty)", toy_table()),
                 ("Approximate caches on a trained model", cache_agreement_table()),
-                ("Planned vs measured memory", memory_check_table())]
+                ("Planned vs measured memory", memory_check_table()),
+                ("HumanEval scoring rule", humaneval_sanitizer_table())]
     for title, parts in sections:
         if parts:
             print(f"### {title}\n")
