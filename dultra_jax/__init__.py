@@ -1,6 +1,6 @@
 """dultra-jax: dUltra (LLaDA + learned unmasking planner) in JAX/Flax NNX.
 
-    model = dultra_jax.load(path, dtype="bf16")       # HF checkpoint dir or converted dir
+    model = dultra_jax.load(path, dtype="bf16")       # HF checkpoint dir, converted dir or hub id org/name[@rev]
     logits, hidden = model(input_ids)                   # [B, L, V], [B, L, D] (post final norm)
     plan = model.planner_logits(hidden, timestep, mask_index)   # float32 [B, L]
 """

@@ -234,7 +234,6 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
         if not wandb_available():  # fail before decoding, not after
             raise ConfigError("--wandb needs wandb: pip install 'dultra-jax[wandb]'")
-    args.model = resolve_model_path(args.model)  # a hub id -> its cached snapshot (a local directory wins)
     try:
         summaries = run_eval(args.model, args.task, settings, seeds=args.seeds, data_file=args.data_file,
                              split=args.split, limit=args.limit, out_dir=out, dtype=args.dtype,

@@ -33,6 +33,7 @@ import numpy as np
 
 from dultra_jax import accounting
 from dultra_jax.atomic import write_atomic
+from dultra_jax.checkpoints.hub import resolve_model_path
 from dultra_jax.config import ConfigError
 from dultra_jax.data import synthetic
 from dultra_jax.data.tasks import Example
@@ -139,7 +140,7 @@ def load_tokenizer(model_path: str | Path | None, task: str):
         return synthetic.build_tokenizer()
     if model_path is None:
         raise EvalError(f"task {task!r} needs the model directory's tokenizer: pass --model")
-    path = Path(model_path)
+    path = resolve_model_path(model_path)  # a hub id -> its cached snapshot (dultra_jax.load resolves it alike)
     if not any((path / f).is_file() for f in TOKENIZER_FILES):
         raise EvalError(f"{path} has no tokenizer files ({', '.join(TOKENIZER_FILES)}); copy the checkpoint's "
                         "tokenizer into it (dultra convert does)")

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from dultra_jax import accounting
 from dultra_jax.checkpoints.hf import parse_dtype
+from dultra_jax.checkpoints.hub import resolve_model_path
 from dultra_jax.config import ConfigError, preset
 from dultra_jax.data import synthetic
 from dultra_jax.decoding import generate
@@ -66,7 +67,7 @@ def build_model(cfg: RunConfig) -> DUltra:
 def build_tokenizer(cfg: RunConfig):
     if cfg.task.name == synthetic.TASK_NAME and cfg.task.tokenizer is None:
         return synthetic.build_tokenizer()
-    src = cfg.task.tokenizer or cfg.model.path
+    src = cfg.task.tokenizer or (str(resolve_model_path(cfg.model.path)) if cfg.model.path else None)
     if src is None:
         raise ConfigError("task.tokenizer (or model.path with tokenizer files) is needed for task " + cfg.task.name)
     from transformers import AutoTokenizer
