@@ -161,6 +161,16 @@ def grpo_loss(
     return loss, metrics
 
 
+def make_loss(cfg: GRPOLossConfig):
+    """The GRPO loss in :func:`dultra_jax.training.step.make_train_step`'s ``(graphdef, states, batch, rng)``
+    form (the trainer's step and the memory plan's compile of it)."""
+
+    def loss(graphdef: nnx.GraphDef, states: tuple, batch: Rollout, rng: jax.Array):
+        return grpo_loss(graphdef, states, batch, cfg)
+
+    return loss
+
+
 # ------------------------------------------------------------------------------------------- trimming S
 MIN_BUCKET = 8
 
