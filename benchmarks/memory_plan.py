@@ -1,34 +1,41 @@
-"""Does a configuration fit? Per-device memory of dUltra's two big programs, compiled ahead of time on fake devices.
+"""Does a run fit? Per-device memory of the trainer's own programs, compiled ahead of time on fake devices.
 
-    python benchmarks/memory_plan.py --model llada-8b --mesh data=1,fsdp=8,tensor=1 --step train \\
-        --batch 64 --prompt-len 256 --gen-len 256 --json
-    python benchmarks/memory_plan.py --model llada-8b --mesh data=1,fsdp=8,tensor=1 --search \\
-        --out benchmarks/results/memory_plan.json          # largest batches that fit 8xH200 / 8xH100
+    python benchmarks/memory_plan.py --config configs/grpo_gsm8k_b32.yaml --json
+    python benchmarks/memory_plan.py --config configs/grpo_gsm8k_b32.yaml --search --json   # largest that fit
 
-Nothing is allocated: the model exists only as abstract shapes with their shardings (``ShardingPlan``), and
-each program is lowered and compiled for N fake CPU devices (``jax_num_cpu_devices``); XLA's
-``memory_analysis()`` then gives the per-device argument, output, alias and temporary bytes.
+From a run config (``training.config.RunConfig``) this builds, with no weights allocated anywhere:
+- ``train_step``: the trainer's jitted step, :func:`dultra_jax.training.step.make_train_step` over
+  :func:`dultra_jax.training.grpo.make_loss` (the replayed trajectory loss), AdamW as
+  :func:`~dultra_jax.training.step.make_optimizer` builds it from ``optim``, fp32 (``model.param_dtype``)
+  master weights split into trainable / frozen as ``train.trainable`` says, parameters and optimiser state
+  donated, micro-batches stacked as the trainer stacks them (``train.micro_batches``), and the recorded
+  iterations S = the rollout's iteration cap (G for the planner: the worst case; the trainer trims S to
+  buckets on the host, :func:`~dultra_jax.training.grpo.bucket_for`).
+- ``rollout``: the decoding loop :func:`dultra_jax.decoding.generate` runs on the plan with
+  ``return_trajectory=True`` (the same ``_decode_impl`` jitted with the same shardings), over the rows the
+  trainer feeds it (``train.batch_size`` prompts x ``grpo.num_generations``, left-padded to
+  ``task.max_prompt_length``, with the padding mask). Two weight placements: ``sharded`` (the training
+  weights as they are) and ``replicated_bf16`` (a bf16 copy replicated over ``fsdp``: no all-gather per
+  iteration), each also counted beside the training state that stays resident while the rollout runs.
 
-Programs (the shapes that matter for memory, written the way the real ones are):
-- ``decode``: one rollout iteration over the canvas [B, P+G]: backbone forward, planner head, token proposal
-  (Gumbel-max at the sampling temperature, log q at T=1 over the vocabulary minus MASK), Bernoulli reveals with
-  the forced reveal, and the trajectory buffers [S, B, P+G] (S = G steps) updated in place. bf16 weights.
-- ``train``: one GRPO micro-step: replay a recorded step on B rows with gradients (bf16 compute, fp32 master
-  weights, remat of every scanned block), per-position log-probabilities of the planner (log p / log(1-p)) and
-  of the tokens (log q), the sequence-level clipped ratio objective against the rollout's log-probability, then
-  global-norm clipping and AdamW (fp32 moments), parameters and optimizer state donated.
-
+Each program is lowered with abstract inputs (``jax.ShapeDtypeStruct`` with their shardings) and compiled for
+N fake CPU devices; XLA's ``memory_analysis()`` gives per-device argument, output, alias and temporary bytes.
 Per-device bytes = arguments + outputs - aliased (donated) + temporaries. Arguments and outputs are exact; the
-temporaries come from XLA:CPU's buffer assignment (GPU fusion differs; benchmarks/gpu_memory_check.py measures
-the real peak on a GPU). "Fits" means within the budget minus the margin (default 10%).
+temporaries come from XLA:CPU's buffer assignment (benchmarks/gpu_memory_check.py measures the same programs'
+peak on a GPU). "Fits" means within the budget minus the margin (default 10%).
+
+``--layers N`` compiles with N layers; ``--extrapolate N1,N2`` compiles at two layer counts and extrapolates
+every byte count linearly to the config's layer count (the JSON says so and gives both measurements).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import json
+import os
 import platform
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -36,326 +43,468 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
-from flax import nnx
-
-from dultra_jax.config import ModelConfig, preset
-from dultra_jax.model import axes
-from dultra_jax.parallel import MeshConfig, ShardingPlan, make_mesh, shardings_of
 
 RESULTS = Path(__file__).parent / "results"
 GB = 1e9
 GIB = 1024**3
 BUDGETS = {"h200": 141 * GB, "h100": 80 * GB}  # HBM per GPU as sold (141 GB, 80 GB)
 DEFAULT_MARGIN = 0.10
-
-# Model sizes the plan knows. "small" is the CI case (every dimension divisible by 8); "gpu-small" has the
-# 8B model's widths (vocabulary, d_model, MLP, heads, planner) with 2 layers: big enough that activations and
-# the vocabulary-sized tensors dominate as they do at 8B, small enough to run for real on one GPU.
-MODELS: dict[str, Callable[[], ModelConfig]] = {
-    "llada-8b": lambda: preset("llada-8b"),
-    "gpu-small": lambda: preset("llada-8b", n_layers=2),
-    "small": lambda: preset(
-        "tiny", d_model=256, n_heads=4, n_kv_heads=4, n_layers=2, mlp_hidden_size=512, vocab_size=1024,
-        embedding_size=1024, mask_token_id=1023, eos_token_id=1022, pad_token_id=1022, max_sequence_length=4096,
-    ),
-}
-
-BATCH = axes.ACT_BATCH
+ROLLOUT_WEIGHTS = ("sharded", "replicated_bf16")
 
 
-# ------------------------------------------------------------------------------------------- programs
+def _jax():
+    import jax
+
+    return jax
+
+
+# ------------------------------------------------------------------------------------------- the setup
 @dataclass
-class Program:
-    """A jitted step and the abstract arguments to lower it with."""
+class Setup:
+    """What the trainer would build from the run config, as abstract shapes on a mesh."""
 
-    fn: Any  # parallel.MeshJit
-    args: tuple
-    param_count: int
-    param_bytes: int  # per device
-    optimizer_bytes: int  # per device
+    run: Any  # RunConfig
+    model_cfg: Any  # ModelConfig
+    model_source: str
+    plan: Any  # ShardingPlan
+
+    @property
+    def rows(self) -> int:
+        """Rollout rows per step: prompts x generations."""
+        return self.run.train.batch_size * self.run.grpo.num_generations
+
+    @property
+    def prompt_len(self) -> int:
+        return self.run.task.max_prompt_length
+
+    @property
+    def recorded_steps(self) -> int:
+        """The rollout's iteration cap: how many iterations it records (and the replay scans at most)."""
+        return self.decode_config().iteration_cap
+
+    def decode_config(self):
+        from dultra_jax.decoding.loop import DecodeConfig
+
+        g = self.run.grpo
+        return DecodeConfig(gen_length=g.gen_length, block_length=g.block_length, strategy="planner",
+                            temperature=float(g.temperature), return_trajectory=True)
 
 
-def _abstract(shape, dtype, sharding) -> jax.ShapeDtypeStruct:
-    return jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype), sharding=sharding)
+def model_config(run, *, preset_name: str = "llada-8b", layers: int | None = None):
+    """(ModelConfig, where it came from): ``model.path``'s config.json when it exists; otherwise the preset
+    (with ``model.overrides``; for a missing ``model.path``, ``preset_name``: the shipped configs point at
+    8B checkpoints that exist only on the training node)."""
+    from dultra_jax.config import ModelConfig, preset
+    from dultra_jax.data import synthetic
+
+    m = run.model
+    overrides = dict(m.overrides)
+    if m.path and (Path(m.path) / "config.json").is_file():
+        cfg, source = ModelConfig.from_json_file(Path(m.path) / "config.json"), f"{m.path}/config.json"
+    elif m.path:
+        cfg, source = preset(preset_name, **overrides), f"preset {preset_name} ({m.path} not found here)"
+    else:
+        if run.task.name == synthetic.TASK_NAME:
+            overrides = {**synthetic.MODEL_OVERRIDES, **overrides}
+        cfg, source = preset(m.preset, **overrides), f"preset {m.preset}"
+    if layers is not None and layers != cfg.n_layers:
+        cfg = dataclasses.replace(cfg, n_layers=layers)
+        source += f", {layers} of its layers"
+    return cfg, source
+
+
+def make_setup(run, devices, *, mesh: str | None = None, preset_name: str = "llada-8b",
+               layers: int | None = None) -> Setup:
+    from dultra_jax.parallel import ShardingPlan, make_mesh
+
+    spec = mesh or run.train.mesh
+    if spec is None:
+        spec = f"data=1,fsdp={len(devices)},tensor=1"
+    cfg, source = model_config(run, preset_name=preset_name, layers=layers)
+    return Setup(run, cfg, source, ShardingPlan(make_mesh(spec, devices=devices)))
+
+
+def _sds(shape, dtype, sharding):
+    return _jax().ShapeDtypeStruct(tuple(shape), dtype, sharding=sharding)
+
+
+def _attach(plan, state, *, dtype=None):
+    """Abstract state -> ShapeDtypeStructs with the plan's parameter shardings (as ``shard_model`` places)."""
+    jax = _jax()
+    shardings = plan.param_shardings(state, on_uneven="replicate")
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, dtype or a.dtype, sharding=s), state, shardings)
+
+
+def _abstract_model(setup: Setup, *, param_dtype=None):
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from dultra_jax.checkpoints.hf import parse_dtype
+    from dultra_jax.model.dultra import DUltra
+
+    m = setup.run.model
+    dtype = parse_dtype(m.dtype)
+    pdt = param_dtype if param_dtype is not None else parse_dtype(m.param_dtype) if m.param_dtype else dtype
+    cfg = setup.model_cfg
+    return nnx.eval_shape(lambda: DUltra(cfg, dtype=dtype, param_dtype=pdt, remat=m.remat, rngs=nnx.Rngs(0))), jnp
 
 
 def shard_bytes(tree) -> int:
     """Bytes one device holds of an abstract tree (by each leaf's sharding)."""
+    jax = _jax()
     total = 0
     for leaf in jax.tree.leaves(tree):
         shape = leaf.sharding.shard_shape(leaf.shape)
-        total += int(np.prod(shape, dtype=np.int64)) * jnp.dtype(leaf.dtype).itemsize
+        total += int(np.prod(shape, dtype=np.int64)) * leaf.dtype.itemsize
     return total
 
 
-def _token_scores(cfg: ModelConfig, logits: jax.Array) -> jax.Array:
-    """float32 logits with MASK (and padding rows beyond the vocabulary) removed, as the sampler sees them."""
-    vocab = jnp.arange(logits.shape[-1])
-    ok = (vocab != cfg.mask_token_id) & (vocab < cfg.vocab_size)
-    return jnp.where(ok, logits.astype(jnp.float32), -jnp.inf)
+@dataclass
+class Program:
+    """A jitted program and the abstract arguments to lower it with."""
+
+    fn: Any  # parallel.MeshJit
+    args: tuple
+    info: dict
 
 
-def _gather(scores: jax.Array, ids: jax.Array) -> jax.Array:
-    """log-softmax(scores)[ids] without materialising the log-softmax."""
-    picked = jnp.take_along_axis(scores, ids[..., None], axis=-1)[..., 0]
-    return picked - jax.nn.logsumexp(scores, axis=-1)
+def _loss_config(run):
+    """GRPOLossConfig from the run config, field by field as the trainer builds it."""
+    from dultra_jax.training.grpo import GRPOLossConfig
+
+    g = run.grpo
+    if isinstance(g, GRPOLossConfig):
+        return g
+    names = {f.name for f in dataclasses.fields(GRPOLossConfig)}
+    kw = {k: getattr(g, k) for k in names if hasattr(g, k)}
+    kw["max_completion_length"] = g.gen_length
+    return GRPOLossConfig(**kw)
 
 
-def _planner_inputs(cfg: ModelConfig, canvas: jax.Array, block_end: jax.Array):
-    is_mask = canvas == cfg.mask_token_id
-    pos = jnp.arange(canvas.shape[1])
-    mask_index = is_mask & (pos[None, :] < block_end[:, None])
-    timestep = 1.0 - is_mask.mean(axis=1)
-    return mask_index, timestep
+def training_state(setup: Setup):
+    """(graphdef, trainable, frozen, opt_state, tx) abstract and sharded, as the trainer creates them."""
+    import optax
+    from flax import nnx
+
+    from dultra_jax.training.step import make_optimizer, split_trainable
+
+    jax = _jax()
+    run, plan = setup.run, setup.plan
+    abstract, _ = _abstract_model(setup)
+    which = "planner" if run.train.mode == "planner" else run.train.trainable
+    graphdef, trainable, frozen = split_trainable(abstract, which)
+    trainable, frozen = _attach(plan, trainable), _attach(plan, frozen)
+    tx = make_optimizer(run.optim)
+    opt_abs = jax.eval_shape(tx.init, trainable)
+    # moments inherit the parameters' shardings, the rest (step counters) is replicated (init_optimizer)
+    opt_sh = optax.tree_map_params(tx, lambda _, s: s, opt_abs, jax.tree.map(lambda a: a.sharding, trainable),
+                                   transform_non_params=lambda _: plan.replicated,
+                                   is_leaf=lambda x: isinstance(x, nnx.Variable))
+    opt_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), opt_abs, opt_sh)
+    return graphdef, trainable, frozen, opt_state, tx
 
 
-def decode_program(plan: ShardingPlan, cfg: ModelConfig, batch: int, prompt_len: int, gen_len: int, *,
-                   attention_impl: str = "xla", temperature: float = 0.1, max_steps: int | None = None) -> Program:
-    """One rollout iteration (forward + planner + proposal + reveal), trajectory state donated."""
-    graphdef, params = plan.abstract_model(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
-                                           attention_impl=attention_impl, on_uneven="raise")
-    length, steps = prompt_len + gen_len, max_steps or gen_len
-    rows, hist, vec = plan.batch_sharding(2), plan.sharding([None, BATCH, None]), plan.batch_sharding(1)
-    rep = plan.replicated
-    state = {
-        "canvas": _abstract((batch, length), jnp.int32, rows),
-        "block_end": _abstract((batch,), jnp.int32, vec),
-        "x0": _abstract((steps, batch, length), jnp.int32, hist),
-        "logp": _abstract((steps, batch, length), jnp.float32, hist),
-        "step": _abstract((), jnp.int32, rep),
-        "key": _abstract((2,), jnp.uint32, rep),
-    }
-
-    def iteration(params, st):
-        model = nnx.merge(graphdef, params)
-        canvas = st["canvas"]
-        logits, hidden = model(canvas)
-        scores = _token_scores(cfg, logits)
-        key, k_tok, k_rev = jax.random.split(st["key"], 3)
-        x0 = jax.random.categorical(k_tok, scores / temperature, axis=-1).astype(jnp.int32)  # Gumbel-max
-        logq = _gather(scores, x0)  # temperature 1, as the original scores it
-        mask_index, timestep = _planner_inputs(cfg, canvas, st["block_end"])
-        p = jax.nn.sigmoid(model.planner_logits(hidden, timestep, mask_index)) * mask_index
-        reveal = (jax.random.uniform(k_rev, p.shape) < p) & mask_index
-        stuck = ~reveal.any(axis=1) & mask_index.any(axis=1)
-        forced = jax.nn.one_hot(jnp.argmax(jnp.where(mask_index, p, -1.0), axis=1), p.shape[1], dtype=bool)
-        reveal = reveal | (stuck[:, None] & forced)
-        logp = jnp.where(reveal, jnp.log(jnp.maximum(p, 1e-30)) + logq, jnp.where(mask_index, jnp.log1p(-p), 0.0))
-        s = st["step"]
-        return {
-            "canvas": jnp.where(reveal, x0, canvas),
-            "block_end": st["block_end"],
-            "x0": jax.lax.dynamic_update_index_in_dim(st["x0"], x0, s, 0),
-            "logp": jax.lax.dynamic_update_index_in_dim(st["logp"], logp, s, 0),
-            "step": s + 1,
-            "key": key,
-        }
-
-    p_sh, s_sh = shardings_of(params), shardings_of(state)
-    fn = plan.jit(iteration, in_shardings=(p_sh, s_sh), out_shardings=s_sh, donate_argnums=(1,))
-    n = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(params))
-    return Program(fn, (params, state), n, shard_bytes(params), 0)
+def _rows_check(setup: Setup, rows: int, what: str) -> None:
+    q = setup.plan.batch_shards
+    if rows <= 0 or rows % q:
+        raise ValueError(f"{what}: {rows} rows cannot be split {q} ways over the batch axes of mesh "
+                         f"{dict(setup.plan.mesh.shape)}; use a multiple of {q} rows")
 
 
-def make_optimizer(lr: float = 5e-6) -> optax.GradientTransformation:
-    """The original's GRPO optimiser (train.yaml): AdamW b 0.9/0.99, weight decay 0.1, grad-norm clip 1."""
-    return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(lr, b1=0.9, b2=0.99, weight_decay=0.1))
+def train_step_program(setup: Setup, *, micro_rows: int | None = None, recorded_steps: int | None = None,
+                       state=None) -> Program:
+    """The trainer's GRPO step over ``train.micro_batches`` micro-batches of ``micro_rows`` rows each."""
+    from dultra_jax.model import axes
+    from dultra_jax.training.grpo import Rollout, make_loss
+    from dultra_jax.training.step import make_train_step
+
+    jax = _jax()
+    run, plan = setup.run, setup.plan
+    if run.train.mode != "grpo":
+        raise ValueError(f"the plan covers GRPO runs; {run.train.mode!r} has no rollout")
+    n = run.train.micro_batches
+    if micro_rows is None:
+        if setup.rows % n:
+            raise ValueError(f"{setup.rows} rollout rows do not split into train.micro_batches={n}")
+        micro_rows = setup.rows // n
+    _rows_check(setup, micro_rows, f"train.micro_batches={n} of the {setup.rows} rollout rows")
+    s = recorded_steps or setup.recorded_steps
+    graphdef, trainable, frozen, opt_state, tx = state or training_state(setup)
+    cfg = _loss_config(run)
+    step = make_train_step(graphdef, make_loss(cfg), tx, plan=plan, trainable=trainable, frozen=frozen,
+                           opt_state=opt_state)
+    p, length = setup.prompt_len, setup.prompt_len + run.grpo.gen_length
+    b = axes.ACT_BATCH
+    rows3, hist = plan.sharding([None, b, None]), plan.sharding([None, None, b, None])
+    micro = Rollout(
+        prompt_ids=_sds((n, micro_rows, p), np.int32, rows3),
+        reveal=_sds((n, s, micro_rows, length), np.bool_, hist),
+        proposals=_sds((n, s, micro_rows, length), np.int32, hist),
+        old_logps=_sds((n, s, micro_rows, length), np.float32, hist),
+        advantages=_sds((n, micro_rows), np.float32, plan.sharding([None, b])),
+        attention_mask=_sds((n, micro_rows, length), np.int32, rows3),
+        ref_logps=_sds((n, s, micro_rows, length), np.float32, hist) if cfg.beta > 0 else None,
+    )
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    rng = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=plan.replicated)
+    info = {"rows_per_device": micro_rows // plan.batch_shards, "micro_batch_rows": micro_rows,
+            "micro_batches": n, "recorded_steps": s,
+            "training_state_bytes": shard_bytes((trainable, frozen, opt_state))}
+    return Program(step, (trainable, frozen, opt_state, micro, rng), info)
 
 
-def grpo_loss(graphdef, cfg: ModelConfig, prompt_len: int, params, batch, *, eps_low: float = 0.2,
-              eps_high: float = 1.0, adv_min_clip: float = 0.1) -> jax.Array:
-    """Replay one decoding step with gradients: the original's clipped sequence-level ratio objective.
+def _fsdp_free_rules(rules):
+    """The plan's rules with parameters replicated over ``fsdp`` (activations unchanged)."""
+    from dultra_jax.model import axes
 
-    ell[b, i] = log p_i + log q_i(token_i) where revealed, log(1 - p_i) where kept masked in the block;
-    lambda_b = sum over the completion of ell - the rollout's value; loss = -min(rho A, clip(rho) A) / (B G).
-    """
-    model = nnx.merge(graphdef, params)
-    canvas = batch["canvas"]
-    logits, hidden = model(canvas)
-    logq = _gather(_token_scores(cfg, logits), batch["tokens"])
-    mask_index, timestep = _planner_inputs(cfg, canvas, batch["block_end"])
-    z = model.planner_logits(hidden, timestep, mask_index)
-    revealed = batch["reveal"] & mask_index
-    ell = jnp.where(revealed, jax.nn.log_sigmoid(z) + logq, jnp.where(mask_index, jax.nn.log_sigmoid(-z), 0.0))
-    lam = ell[:, prompt_len:].sum(axis=1) - batch["old_logp"]
-    ratio = jnp.exp(lam)
-    adv = jnp.where(batch["advantages"] < adv_min_clip, 0.0, batch["advantages"])
-    per_row = jnp.minimum(ratio * adv, jnp.clip(ratio, 1 - eps_low, 1 + eps_high) * adv)
-    return -per_row.sum() / (canvas.shape[0] * (canvas.shape[1] - prompt_len))
+    out = []
+    for name, target in rules:
+        if name in axes.PARAM_AXES:
+            names = [target] if isinstance(target, str) else list(target or ())
+            names = [t for t in names if t != "fsdp"]
+            target = None if not names else names[0] if len(names) == 1 else tuple(names)
+        out.append((name, target))
+    return tuple(out)
 
 
-def train_program(plan: ShardingPlan, cfg: ModelConfig, batch: int, prompt_len: int, gen_len: int, *,
-                  remat: str = "full", attention_impl: str = "xla") -> Program:
-    """One GRPO micro-step + AdamW update; fp32 master weights and moments donated."""
-    graphdef, params = plan.abstract_model(cfg, dtype=jnp.bfloat16, param_dtype=jnp.float32, remat=remat,
-                                           attention_impl=attention_impl, on_uneven="raise")
-    tx = make_optimizer()
-    p_sh = shardings_of(params)
-    opt_abs = jax.eval_shape(tx.init, params)
-    o_sh = optax.tree_map_params(tx, lambda _, s: s, opt_abs, p_sh, transform_non_params=lambda _: plan.replicated,
-                                 is_leaf=lambda x: isinstance(x, nnx.Variable))
-    opt_state = jax.tree.map(lambda a, s: _abstract(a.shape, a.dtype, s), opt_abs, o_sh)
-    length = prompt_len + gen_len
-    rows, vec = plan.batch_sharding(2), plan.batch_sharding(1)
-    data = {
-        "canvas": _abstract((batch, length), jnp.int32, rows),
-        "tokens": _abstract((batch, length), jnp.int32, rows),
-        "reveal": _abstract((batch, length), jnp.bool_, rows),
-        "block_end": _abstract((batch,), jnp.int32, vec),
-        "old_logp": _abstract((batch,), jnp.float32, vec),
-        "advantages": _abstract((batch,), jnp.float32, vec),
-    }
+def rollout_program(setup: Setup, *, rows: int | None = None, weights: str = "sharded") -> Program:
+    """``generate(..., return_trajectory=True, plan=...)``'s jitted loop over ``rows`` left-padded prompts."""
+    import jax.numpy as jnp
+    from flax import nnx
 
-    def step(params, opt_state, data):
-        loss, grads = jax.value_and_grad(lambda p: grpo_loss(graphdef, cfg, prompt_len, p, data))(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
+    from dultra_jax.decoding import loop
+    from dultra_jax.parallel import ShardingPlan, shardings_of
 
-    fn = plan.jit(step, in_shardings=(p_sh, o_sh, shardings_of(data)), out_shardings=(p_sh, o_sh, plan.replicated),
-                  donate_argnums=(0, 1))
-    n = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(params))
-    return Program(fn, (params, opt_state, data), n, shard_bytes(params), shard_bytes(opt_state))
+    jax = _jax()
+    plan = setup.plan
+    rows = rows or setup.rows
+    _rows_check(setup, rows, f"train.batch_size x grpo.num_generations = {rows} rollout rows")
+    if weights == "sharded":  # the training weights themselves: nnx.merge(graphdef, trainable, frozen)
+        abstract, _ = _abstract_model(setup)
+        wplan = plan
+    elif weights == "replicated_bf16":
+        abstract, _ = _abstract_model(setup, param_dtype=jnp.bfloat16)
+        wplan = ShardingPlan(plan.mesh, _fsdp_free_rules(plan.rules))
+    else:
+        raise ValueError(f"unknown rollout weights {weights!r}; choose one of {list(ROLLOUT_WEIGHTS)}")
+    graphdef, state = nnx.split(abstract)
+    state = _attach(wplan, state)
+    cfg = setup.decode_config()
+    p, length = setup.prompt_len, setup.prompt_len + setup.run.grpo.gen_length
+    rows2, rows1 = plan.batch_sharding(2), plan.batch_sharding(1)
+    # the in_shardings of decoding.loop._decode_on_mesh (padding mask present, no uniforms)
+    in_shardings = (shardings_of(state), rows2, rows2, plan.replicated, rows1, None)
+    fn = plan.jit(functools.partial(loop._decode_impl, graphdef, cfg=cfg), in_shardings=in_shardings)
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    args = (state, _sds((rows, p), np.int32, rows2), _sds((rows, length), np.int32, rows2),
+            jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=plan.replicated), _sds((rows,), np.int32, rows1),
+            None)
+    info = {"rows_per_device": rows // plan.batch_shards, "rows": rows, "weights": weights,
+            "recorded_steps": cfg.iteration_cap, "weight_bytes": shard_bytes(state)}
+    return Program(fn, args, info)
 
 
 # ------------------------------------------------------------------------------------------- analysis
-def plan_memory(model: str | ModelConfig, mesh: str | MeshConfig, step: str, batch: int, prompt_len: int,
-                gen_len: int, *, devices=None, margin: float = DEFAULT_MARGIN, remat: str = "full",
-                attention_impl: str = "xla") -> dict[str, Any]:
-    """Compile ``step`` for ``batch`` rows on ``mesh`` (fake CPU devices by default) and report per-device bytes."""
-    cfg = MODELS[model]() if isinstance(model, str) else model
-    devices = list(jax.devices("cpu") if devices is None else devices)
-    mesh_obj = make_mesh(mesh, devices=devices)
-    plan = ShardingPlan(mesh_obj)
-    if batch <= 0 or batch % plan.batch_shards:
-        raise ValueError(f"batch {batch} must be a positive multiple of {plan.batch_shards} "
-                         f"(the batch is split over data x fsdp on mesh {mesh})")
-    if step == "decode":
-        prog = decode_program(plan, cfg, batch, prompt_len, gen_len, attention_impl=attention_impl)
-    elif step == "train":
-        prog = train_program(plan, cfg, batch, prompt_len, gen_len, remat=remat, attention_impl=attention_impl)
-    else:
-        raise ValueError(f"unknown step {step!r}; choose train or decode")
+def measure(prog: Program) -> dict[str, Any]:
+    """Lower + compile; XLA's per-device bytes."""
     t0 = time.perf_counter()
     lowered = prog.fn.lower(*prog.args)
     t1 = time.perf_counter()
-    compiled = lowered.compile()
+    mem = lowered.compile().memory_analysis()
     t2 = time.perf_counter()
-    mem = compiled.memory_analysis()
     arg, out, alias = mem.argument_size_in_bytes, mem.output_size_in_bytes, mem.alias_size_in_bytes
-    temp, code = mem.temp_size_in_bytes, mem.generated_code_size_in_bytes
-    total = arg + out - alias + temp
-    result = {
-        "model": model if isinstance(model, str) else "custom",
-        "mesh": ",".join(f"{k}={v}" for k, v in mesh_obj.shape.items()),
-        "devices": len(devices),
-        "backend": devices[0].platform,
-        "step": step,
-        "batch": batch,
-        "batch_per_device": batch // plan.batch_shards,
-        "prompt_len": prompt_len,
-        "gen_len": gen_len,
-        "remat": remat if step == "train" else None,
-        "attention_impl": attention_impl,
-        "param_count": prog.param_count,
-        "param_bytes_per_device": prog.param_bytes,
-        "optimizer_bytes_per_device": prog.optimizer_bytes,
-        "expected_argument_bytes": shard_bytes(prog.args),
-        "argument_bytes": arg,
-        "output_bytes": out,
-        "alias_bytes": alias,
-        "temp_bytes": temp,
-        "generated_code_bytes": code,
-        "per_device_bytes": total,
-        "per_device_gib": round(total / GIB, 3),
-        "margin": margin,
-        "lower_s": round(t1 - t0, 2),
-        "compile_s": round(t2 - t1, 2),
+    temp = mem.temp_size_in_bytes
+    return {"per_device_bytes": int(arg + out - alias + temp), "argument_bytes": int(arg), "output_bytes": int(out),
+            "alias_bytes": int(alias), "temp_bytes": int(temp),
+            "expected_argument_bytes": shard_bytes([a for a in prog.args if a is not None]),
+            **prog.info, "lower_s": round(t1 - t0, 2), "compile_s": round(t2 - t1, 2)}
+
+
+def _with_training_state(r: dict, state_bytes: int, weights: str) -> dict:
+    """A rollout's bytes plus the training state resident beside it (what is not already its argument)."""
+    resident = state_bytes - r["weight_bytes"] if weights == "sharded" else state_bytes
+    return {**r, "resident_training_state_bytes": int(resident),
+            "per_device_bytes_with_training_state": int(r["per_device_bytes"] + resident)}
+
+
+def plan_programs(setup: Setup, *, micro_rows: int | None = None, rollout_rows: int | None = None,
+                  weights: tuple[str, ...] = ROLLOUT_WEIGHTS, log=lambda *_: None) -> dict[str, Any]:
+    state = training_state(setup)
+    train = measure(train_step_program(setup, micro_rows=micro_rows, state=state))
+    log(f"  train_step {train['micro_batch_rows']} rows x {train['micro_batches']} micro-batches, "
+        f"S={train['recorded_steps']}: {train['per_device_bytes'] / GIB:.2f} GiB/device "
+        f"(compile {train['compile_s']} s)")
+    rollouts = {}
+    for w in weights:
+        r = _with_training_state(measure(rollout_program(setup, rows=rollout_rows, weights=w)),
+                                 train["training_state_bytes"], w)
+        rollouts[w] = r
+        log(f"  rollout[{w}] {r['rows']} rows: {r['per_device_bytes'] / GIB:.2f} GiB/device, "
+            f"{r['per_device_bytes_with_training_state'] / GIB:.2f} with the training state "
+            f"(compile {r['compile_s']} s)")
+    return {"train_step": train, "rollout": rollouts.get("sharded"),
+            "rollout_variants": rollouts}
+
+
+_BYTE_KEYS = ("per_device_bytes", "argument_bytes", "output_bytes", "alias_bytes", "temp_bytes",
+              "expected_argument_bytes", "training_state_bytes", "weight_bytes", "resident_training_state_bytes",
+              "per_device_bytes_with_training_state")
+
+
+def extrapolate(at: dict[int, dict], layers: int) -> dict:
+    """Byte counts linear in the layer count through two measurements (n1, n2) -> value at ``layers``."""
+    (n1, a), (n2, b) = sorted(at.items())
+
+    def lin(x, y):
+        return int(round(x + (y - x) * (layers - n1) / (n2 - n1)))
+
+    def walk(x, y):
+        if isinstance(x, dict):
+            return {k: walk(x[k], y[k]) if k in y else x[k] for k in x}
+        return x
+
+    out = walk(a, b)
+    for prog in ("train_step", "rollout"):
+        if out.get(prog) is None:
+            continue
+        for k in _BYTE_KEYS:
+            if k in a[prog]:
+                out[prog][k] = lin(a[prog][k], b[prog][k])
+        out[prog]["compile_s"] = round(a[prog]["compile_s"] + b[prog]["compile_s"], 2)
+    for w, r in out.get("rollout_variants", {}).items():
+        for k in _BYTE_KEYS:
+            if k in r:
+                r[k] = lin(a["rollout_variants"][w][k], b["rollout_variants"][w][k])
+    return out
+
+
+def fits(nbytes: int, budget: float, margin: float) -> bool:
+    return nbytes <= (1 - margin) * budget
+
+
+def summarize(doc: dict, margin: float, budget: float) -> dict:
+    """Per program: fits with the margin (the rollout beside the training state)."""
+    p = doc["programs"]
+    out = {"train_step": fits(p["train_step"]["per_device_bytes"], budget, margin)}
+    for w, r in doc.get("rollout_variants", {}).items():
+        out[f"rollout_{w}"] = fits(r["per_device_bytes_with_training_state"], budget, margin)
+    return out
+
+
+def run_plan(run, devices, *, mesh=None, preset_name="llada-8b", layers=None, extrapolate_from=None,
+             micro_rows=None, rollout_rows=None, weights=ROLLOUT_WEIGHTS, log=lambda *_: None) -> dict[str, Any]:
+    """The plan's programs for one run config (optionally extrapolated from two layer counts)."""
+    if extrapolate_from:
+        at = {}
+        for n in extrapolate_from:
+            log(f"{n} layers:")
+            setup = make_setup(run, devices, mesh=mesh, preset_name=preset_name, layers=n)
+            at[n] = plan_programs(setup, micro_rows=micro_rows, rollout_rows=rollout_rows, weights=weights, log=log)
+        full = make_setup(run, devices, mesh=mesh, preset_name=preset_name, layers=layers)
+        target = full.model_cfg.n_layers
+        res = extrapolate(at, target)
+        res["layers"] = {"compiled": sorted(at), "reported": target,
+                         "method": f"bytes extrapolated linearly per layer from compiles at {sorted(at)} layers",
+                         "at": {str(k): v for k, v in at.items()}}
+        return {"setup": full, **res}
+    setup = make_setup(run, devices, mesh=mesh, preset_name=preset_name, layers=layers)
+    res = plan_programs(setup, micro_rows=micro_rows, rollout_rows=rollout_rows, weights=weights, log=log)
+    res["layers"] = {"compiled": [setup.model_cfg.n_layers], "reported": setup.model_cfg.n_layers,
+                     "method": "compiled at this layer count"}
+    return {"setup": setup, **res}
+
+
+def document(run_path: str, res: dict, budget_name: str, margin: float) -> dict[str, Any]:
+    from flax import nnx
+
+    setup = res.pop("setup")
+    jax = _jax()
+    abstract, _ = _abstract_model(setup)
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(abstract)))
+    doc = {
+        "benchmark": "memory_plan", "config": str(run_path), "model": setup.model_source,
+        "mesh": ",".join(f"{k}={v}" for k, v in setup.plan.mesh.shape.items()),
+        "devices": int(setup.plan.mesh.size), "backend": jax.devices()[0].platform,
+        "param_count": n_params, "budget": budget_name, "budget_bytes": int(BUDGETS[budget_name]), "margin": margin,
+        "usable_bytes": int((1 - margin) * BUDGETS[budget_name]),
+        "rows": setup.rows, "prompt_len": setup.prompt_len, "gen_len": setup.run.grpo.gen_length,
+        "block_length": setup.run.grpo.block_length, "remat": setup.run.model.remat,
+        "programs": {"train_step": res["train_step"], "rollout": res["rollout"]},
+        "rollout_variants": res["rollout_variants"], "layers": res["layers"],
     }
-    for name, budget in BUDGETS.items():
-        result[f"{name}_budget_bytes"] = int(budget)
-        result[f"fits_{name}"] = bool(total <= (1 - margin) * budget)
-    return result
+    doc["fits"] = summarize(doc, margin, BUDGETS[budget_name])
+    return doc
 
 
-def largest_batch(evaluate: Callable[[int], dict], quantum: int, budget: float, margin: float,
-                  start: int | None = None, cap: int = 1 << 16) -> tuple[dict | None, dict | None]:
-    """(largest fitting result, smallest non-fitting result) over batches that are multiples of ``quantum``.
+def largest(evaluate: Callable[[int], int], quantum: int, limit: float, start: int | None = None,
+            cap: int = 1 << 14) -> tuple[int | None, int | None]:
+    """(largest multiple of ``quantum`` whose bytes fit ``limit``, smallest that does not); bytes grow with it.
 
-    Doubles until the budget is exceeded, then bisects; memory grows monotonically with the batch.
-    """
-    limit = (1 - margin) * budget
-    fits = lambda r: r["per_device_bytes"] <= limit  # noqa: E731
+    Doubles until over the limit, then bisects."""
     lo, hi = None, None
     b = start or quantum
     while b <= cap:
-        r = evaluate(b)
-        if fits(r):
-            lo = r
-            b *= 2
+        if evaluate(b) <= limit:
+            lo, b = b, b * 2
         else:
-            hi = r
+            hi = b
             break
-    if lo is None:
-        return None, hi
-    if hi is None:
-        return lo, None
-    a, z = lo["batch"] // quantum, hi["batch"] // quantum
+    if lo is None or hi is None:
+        return lo, hi
+    a, z = lo // quantum, hi // quantum
     while z - a > 1:
         m = (a + z) // 2
-        r = evaluate(m * quantum)
-        if fits(r):
-            a, lo = m, r
+        if evaluate(m * quantum) <= limit:
+            a = m
         else:
-            z, hi = m, r
-    return lo, hi
+            z = m
+    return a * quantum, z * quantum
 
 
-def search(model: str, mesh: str, prompt_len: int, gen_len: int, steps: list[str], *, margin: float,
-           remat: str, log=print) -> dict[str, Any]:
-    devices = jax.devices("cpu")
-    plan = ShardingPlan(make_mesh(mesh, devices=devices))
-    out: dict[str, Any] = {}
-    for step in steps:
-        cache: dict[int, dict] = {}
+def search(run, devices, *, mesh=None, preset_name="llada-8b", layers=None, extrapolate_from=None,
+           budget: float, margin: float, log=print) -> dict[str, Any]:
+    """Largest micro-batch (rows per train micro-step) and rollout batch (rows) that fit with the margin."""
+    limit = (1 - margin) * budget
+    q = make_setup(run, devices, mesh=mesh, preset_name=preset_name, layers=1).plan.batch_shards
+    seen: dict[tuple, dict] = {}
 
-        def evaluate(b, step=step, cache=cache):
-            if b not in cache:
-                cache[b] = plan_memory(model, mesh, step, b, prompt_len, gen_len, devices=devices, margin=margin,
-                                       remat=remat)
-                r = cache[b]
-                log(f"  {step:6s} B={b:5d}: {r['per_device_gib']:7.2f} GiB/device "
-                    f"(args {r['argument_bytes'] / GIB:.2f}, temp {r['temp_bytes'] / GIB:.2f}; "
-                    f"compile {r['compile_s']:.1f}s)")
-            return cache[b]
+    def plan_at(micro_rows=None, rollout_rows=None, weights=("sharded",)):
+        key = (micro_rows, rollout_rows, weights)
+        if key not in seen:
+            seen[key] = run_plan(run, devices, mesh=mesh, preset_name=preset_name, layers=layers,
+                                 extrapolate_from=extrapolate_from, micro_rows=micro_rows,
+                                 rollout_rows=rollout_rows, weights=weights)
+        return seen[key]
 
-        entry = {}
-        start = None
-        for gpu in sorted(BUDGETS, key=BUDGETS.get):  # smaller budget first; its answer seeds the larger one
-            best, first_over = largest_batch(evaluate, plan.batch_shards, BUDGETS[gpu], margin, start=start)
-            entry[gpu] = {
-                "largest_batch": best and best["batch"],
-                "per_device_bytes": best and best["per_device_bytes"],
-                "per_device_gib": best and best["per_device_gib"],
-                "usable_bytes": int((1 - margin) * BUDGETS[gpu]),
-                "next_batch_over_budget": first_over and first_over["batch"],
-                "next_batch_per_device_gib": first_over and first_over["per_device_gib"],
-            }
-            start = best["batch"] if best else None
-        entry["evaluations"] = [cache[b] for b in sorted(cache)]
-        out[step] = entry
+    def train_bytes(rows):
+        r = plan_at(micro_rows=rows, rollout_rows=q, weights=())["train_step"]
+        log(f"  train_step micro-batch {rows} rows: {r['per_device_bytes'] / GIB:.2f} GiB/device")
+        return r["per_device_bytes"]
+
+    out = {"usable_bytes": int(limit), "quantum_rows": q, "train_step": {}, "rollout": {}}
+    best, over = largest(train_bytes, q, limit)
+    out["train_step"] = {"largest_micro_batch_rows": best, "next_over_budget": over,
+                         "per_device_bytes": best and plan_at(micro_rows=best, rollout_rows=q,
+                                                              weights=())["train_step"]["per_device_bytes"]}
+    for w in ROLLOUT_WEIGHTS:
+        def roll_bytes(rows, w=w):
+            r = plan_at(micro_rows=q, rollout_rows=rows, weights=(w,))["rollout_variants"][w]
+            log(f"  rollout[{w}] {rows} rows: {r['per_device_bytes_with_training_state'] / GIB:.2f} GiB/device "
+                f"with the training state")
+            return r["per_device_bytes_with_training_state"]
+
+        best, over = largest(roll_bytes, q, limit)
+        out["rollout"][w] = {"largest_rows": best, "next_over_budget": over}
     return out
 
 
 def machine() -> dict[str, str]:
-    try:
-        commit = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
-                                         stderr=subprocess.DEVNULL).strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
+    jax = _jax()
+    import flax
+
+    from dultra_jax.eval.env import git_commit
+
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -364,85 +513,81 @@ def machine() -> dict[str, str]:
                 break
     except OSError:
         pass
-    import flax
-
-    return {"cpu": cpu, "python": platform.python_version(), "jax": jax.__version__, "flax": flax.__version__,
-            "commit": commit}
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "jax": jax.__version__,
+            "flax": flax.__version__, "commit": git_commit()}
 
 
-def _print_table(r: dict) -> None:
-    gib = lambda x: f"{x / GIB:9.2f} GiB"  # noqa: E731
-    print(f"{r['model']} {r['step']} B={r['batch']} P={r['prompt_len']} G={r['gen_len']} on mesh {r['mesh']} "
-          f"({r['devices']} {r['backend']} devices); {r['param_count']:,} parameters")
-    for k in ("argument_bytes", "output_bytes", "alias_bytes", "temp_bytes", "per_device_bytes"):
-        print(f"  {k:18s} {gib(r[k])}")
-    for name in BUDGETS:
-        usable = (1 - r["margin"]) * r[f"{name}_budget_bytes"]
-        print(f"  {name.upper()} budget {r[f'{name}_budget_bytes'] / GB:.0f} GB, usable with {r['margin']:.0%} margin "
-              f"{usable / GIB:.1f} GiB: {'fits' if r[f'fits_{name}'] else 'DOES NOT FIT'}")
-    print(f"  lower {r['lower_s']} s, compile {r['compile_s']} s")
+def _print_table(doc: dict) -> None:
+    gib = lambda x: f"{x / GIB:8.2f} GiB"  # noqa: E731
+    print(f"{doc['config']}: {doc['model']}, {doc['param_count']:,} parameters, mesh {doc['mesh']}; "
+          f"{doc['layers']['method']}")
+    for name, r in [("train_step", doc["programs"]["train_step"]),
+                    *[(f"rollout[{w}]", r) for w, r in doc["rollout_variants"].items()]]:
+        extra = (f", with training state {gib(r['per_device_bytes_with_training_state'])}"
+                 if "per_device_bytes_with_training_state" in r else "")
+        print(f"  {name:26s} {gib(r['per_device_bytes'])} (args {gib(r['argument_bytes'])}, temp "
+              f"{gib(r['temp_bytes'])}){extra}; {r['rows_per_device']} rows/device, S={r['recorded_steps']}")
+    print(f"  {doc['budget'].upper()} usable {doc['usable_bytes'] / GIB:.1f} GiB ({doc['margin']:.0%} margin): "
+          f"{doc['fits']}")
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="llada-8b", choices=sorted(MODELS))
-    ap.add_argument("--mesh", default="data=1,fsdp=8,tensor=1", help="AXIS=SIZE,... over data, fsdp, tensor")
-    ap.add_argument("--devices", type=int, default=None,
-                    help="fake CPU devices (default: the mesh's product, or 8 if it has a -1)")
-    ap.add_argument("--step", default="train", choices=["train", "decode", "all"])
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--prompt-len", type=int, default=256)
-    ap.add_argument("--gen-len", type=int, default=256)
-    ap.add_argument("--remat", default="full", choices=["none", "full", "dots", "dots_no_batch"])
+    ap.add_argument("--config", required=True, help="run config YAML (training.config.RunConfig)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
+    ap.add_argument("--mesh", default=None, help="AXIS=SIZE,... (default: train.mesh, else fsdp over --devices)")
+    ap.add_argument("--devices", type=int, default=None, help="fake CPU devices (default: the mesh's size, or 8)")
+    ap.add_argument("--preset", default="llada-8b", help="model shape when model.path does not exist here")
+    ap.add_argument("--layers", type=int, default=None, help="compile with this many layers")
+    ap.add_argument("--extrapolate", default=None, metavar="N1,N2",
+                    help="compile at two layer counts and extrapolate linearly to --layers / the model's")
+    ap.add_argument("--budget", default="h200", choices=sorted(BUDGETS))
     ap.add_argument("--margin", type=float, default=DEFAULT_MARGIN)
-    ap.add_argument("--json", action="store_true", help="print one JSON object per step")
-    ap.add_argument("--search", action="store_true",
-                    help="find the largest batch that fits each budget and write --out")
-    ap.add_argument("--out", default=str(RESULTS / "memory_plan.json"))
+    ap.add_argument("--search", action="store_true", help="largest micro-batch / rollout batch that fit")
+    ap.add_argument("--json", action="store_true", help="print one JSON object")
+    ap.add_argument("--out", default=None, help="also write the JSON here")
     args = ap.parse_args(argv)
 
-    cfg = MeshConfig.parse(args.mesh)
-    n = args.devices or (8 if -1 in cfg.sizes.values() else int(np.prod(list(cfg.sizes.values()))))
+    from dultra_jax.parallel import MeshConfig
+    from dultra_jax.training.config import load_run_config
+
+    run = load_run_config(args.config, args.set)
+    spec = args.mesh or run.train.mesh
+    if args.devices:
+        n = args.devices
+    elif spec:
+        sizes = MeshConfig.parse(spec).sizes
+        n = 8 if -1 in sizes.values() else int(np.prod(list(sizes.values())))
+    else:
+        n = 8
+    jax = _jax()
     jax.config.update("jax_platforms", "cpu")
     jax.config.update("jax_num_cpu_devices", n)
-    steps = ["train", "decode"] if args.step == "all" else [args.step]
-
+    devices = jax.devices("cpu")[:n]
+    ext = [int(x) for x in args.extrapolate.split(",")] if args.extrapolate else None
+    if ext is not None and len(set(ext)) != 2:
+        raise SystemExit("--extrapolate takes two different layer counts, e.g. 2,4")
+    log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
+    t0 = time.perf_counter()
+    res = run_plan(run, devices, mesh=args.mesh, preset_name=args.preset, layers=args.layers,
+                   extrapolate_from=ext, log=log)
+    doc = document(args.config, res, args.budget, args.margin)
     if args.search:
-        t0 = time.perf_counter()
-        log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
-        found = search(args.model, args.mesh, args.prompt_len, args.gen_len, steps, margin=args.margin,
-                       remat=args.remat, log=log)
-        doc = {
-            "benchmark": "memory_plan",
-            "model": args.model,
-            "mesh": str(cfg),
-            "devices": n,
-            "prompt_len": args.prompt_len,
-            "gen_len": args.gen_len,
-            "margin": args.margin,
-            "budgets_bytes": {k: int(v) for k, v in BUDGETS.items()},
-            "machine": machine(),
-            "search_s": round(time.perf_counter() - t0, 1),
-            **found,
-        }
-        out = Path(args.out)
-        if out.is_file():  # keep the other step's entry when searching one step at a time
-            old = json.loads(out.read_text())
-            if all(old.get(k) == doc[k] for k in ("model", "mesh", "prompt_len", "gen_len", "margin")):
-                doc = {**old, **doc}
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(doc, indent=2) + "\n")
-        summary = {s: {g: doc[s][g]["largest_batch"] for g in BUDGETS} for s in steps}
-        print(json.dumps(summary) if args.json else f"largest batches: {summary}; wrote {out}")
-        return 0
+        doc["search"] = search(run, devices, mesh=args.mesh, preset_name=args.preset, layers=args.layers,
+                               extrapolate_from=ext, budget=BUDGETS[args.budget], margin=args.margin, log=log)
+    doc["machine"] = machine()
+    doc["wall_s"] = round(time.perf_counter() - t0, 1)
+    if args.out:
+        sys.path.insert(0, str(Path(__file__).parent))
+        from _common import write_json
 
-    for step in steps:
-        r = plan_memory(args.model, args.mesh, step, args.batch, args.prompt_len, args.gen_len,
-                        margin=args.margin, remat=args.remat)
-        if args.json:
-            print(json.dumps(r))
-        else:
-            _print_table(r)
+        write_json(Path(args.out), doc)
+    if args.json:
+        print(json.dumps(doc))
+    else:
+        _print_table(doc)
+        if "search" in doc:
+            print(f"  search: {json.dumps(doc['search'])}")
     return 0
 
 

@@ -5,13 +5,16 @@ of the block were revealed (planner Bernoulli decisions) and which tokens they g
 each iteration from its recorded state (teacher forcing, :func:`dultra_jax.decoding.trajectory.replay_step_logps`),
 forms one *sequence-level* ratio per row and iteration (the sum of per-position log-ratios, as the original),
 clips it PPO-style and sums over iterations (REFERENCE_TRAINING.md §2.3-2.4). The replay is a ``lax.scan``
-whose body is rematerialised, so memory does not grow with the number of iterations, and iterations where no
-row revealed anything cost nothing (``lax.cond``).
+over the parameters as constants whose body is rematerialised, so its memory does not grow with the number of
+recorded iterations S, and an iteration where no row revealed anything is skipped (``lax.cond``). A rollout
+records up to its cap (G) iterations but needs far fewer: :func:`trim_rollout` cuts S on the host to the
+rollout's ``num_steps`` rounded up to one of :func:`recorded_step_buckets` (one compile per bucket).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import partial
 from typing import Literal
 
 import jax
@@ -92,6 +95,10 @@ class Rollout:
     ref_logps: jax.Array | None = None  # [S, B, L], needed when beta > 0
 
 
+def _skip(x, rec) -> jax.Array:
+    return jnp.zeros((4,), jnp.float32)
+
+
 def grpo_loss(
     graphdef: nnx.GraphDef, states: tuple[nnx.State, ...], rollout: Rollout, cfg: GRPOLossConfig
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -111,9 +118,9 @@ def grpo_loss(
     )
     completion = jnp.arange(length) >= p
 
-    def one_step(x, params, rec):
+    def one_step(x, rec):
         reveal, proposal, old, ref = rec
-        model = nnx.merge(graphdef, *params)  # params ride in the scan carry: NNX needs them at this trace level
+        model = nnx.merge(graphdef, *states)  # closed over: scan constants, never per-iteration residuals
         new = replay_step_logps(model, x, reveal, proposal, cfg.block_length, p, cfg.planner_temperature,
                                 cfg.factor, rollout.attention_mask)
         active = reveal.any(-1)
@@ -122,27 +129,28 @@ def grpo_loss(
         if cfg.beta > 0:
             row_loss = row_loss + cfg.beta * k3_kl(new, ref, completion[None, :] & (new != 0))
         row_loss = jnp.where(active, row_loss, 0.0)
-        stats = jnp.stack([
+        return jnp.stack([
             jnp.sum(row_loss), jnp.sum(jnp.where(active, clipped, False)), jnp.sum(active),
             jnp.max(jnp.where(active, jnp.abs(log_ratio), 0.0)),
         ])
-        return stats
 
-    def body(carry, rec):
-        x, params = carry
+    # Memory independent of S (benchmarks/replay_memory.py): the parameters are closed over (scan constants,
+    # not carry, which the scan would save once per iteration), and the skip of an iteration where no row
+    # revealed anything is a cond *inside* a checkpoint that saves nothing but its inputs (x and the
+    # iteration's records). A cond *around* the checkpoint returns the checkpoint's residuals, the
+    # parameters among them, as per-iteration outputs that the scan stacks S times. The branch keeps its own
+    # checkpoint: linearising the cond over the bare step gave NaN gradients (the finite-difference test in
+    # tests/test_training.py), and with it the branch's only residuals are its inputs.
+    @partial(jax.checkpoint, policy=jax.checkpoint_policies.nothing_saveable, prevent_cse=False)
+    def replay_one(x, rec):
+        return jax.lax.cond(rec[0].any(), jax.checkpoint(one_step), _skip, x, rec)
+
+    def body(x, rec):
         reveal, proposal = rec[0], rec[1]
-
-        def run(x, params):
-            return one_step(x, params, rec)
-
-        def skip(x, params):
-            return jnp.zeros((4,), jnp.float32)
-
-        stats = jax.lax.cond(reveal.any(), jax.checkpoint(run), skip, x, params)
-        return (jnp.where(reveal, proposal, x), params), stats
+        return jnp.where(reveal, proposal, x), replay_one(x, rec)
 
     ref = rollout.ref_logps if rollout.ref_logps is not None else jnp.zeros_like(rollout.old_logps)
-    _, stats = jax.lax.scan(body, (x0, tuple(states)), (rollout.reveal, rollout.proposals, rollout.old_logps, ref))
+    _, stats = jax.lax.scan(body, x0, (rollout.reveal, rollout.proposals, rollout.old_logps, ref))
     loss = stats[:, 0].sum() / b / cfg.max_completion_length
     n_active = jnp.maximum(stats[:, 2].sum(), 1.0)
     metrics = {
@@ -151,3 +159,63 @@ def grpo_loss(
         "replayed_steps": jnp.sum(stats[:, 2] > 0).astype(jnp.float32),
     }
     return loss, metrics
+
+
+def make_loss(cfg: GRPOLossConfig):
+    """The GRPO loss in :func:`dultra_jax.training.step.make_train_step`'s ``(graphdef, states, batch, rng)``
+    form (the trainer's step and the memory plan's compile of it)."""
+
+    def loss(graphdef: nnx.GraphDef, states: tuple, batch: Rollout, rng: jax.Array):
+        return grpo_loss(graphdef, states, batch, cfg)
+
+    return loss
+
+
+# ------------------------------------------------------------------------------------------- trimming S
+MIN_BUCKET = 8
+
+
+def recorded_step_buckets(cap: int) -> tuple[int, ...]:
+    """The recorded-iteration counts the replay is compiled for: powers of two from 8 below ``cap``, and ``cap``.
+
+    A rollout records up to ``cap`` iterations (its generation length) but the planner needs far fewer; the
+    trainer replays ``bucket_for(num_steps, cap)`` of them, so a run compiles at most log2(cap / 8) + 1
+    programs and replays at most twice the iterations it needs.
+    """
+    if cap < 1:
+        raise ValueError(f"the recorded-step cap must be >= 1, got {cap}")
+    buckets, b = [], MIN_BUCKET
+    while b < cap:
+        buckets.append(b)
+        b *= 2
+    return (*buckets, cap)
+
+
+def bucket_for(num_steps: int, cap: int) -> int:
+    """The smallest bucket of :func:`recorded_step_buckets` (``cap``) holding ``num_steps`` iterations."""
+    if not 0 <= num_steps <= cap:
+        raise ValueError(f"num_steps {num_steps} is outside [0, {cap}] (the rollout's recorded-step cap)")
+    return next(b for b in recorded_step_buckets(cap) if b >= num_steps)
+
+
+def trim_rollout(rollout: Rollout, s: int, *, axis: int = 0, check: bool = True) -> Rollout:
+    """The first ``s`` recorded iterations of ``rollout`` (its [S, ...] arrays sliced on ``axis``: 0 for one
+    rollout, 1 for micro-batches stacked in front). The loss and its gradient are unchanged when no
+    iteration past ``s`` revealed anything, which ``check`` verifies (one scalar read from the device)."""
+    steps = rollout.reveal.shape[axis]
+    if not 1 <= s <= steps:
+        raise ValueError(f"cannot trim a rollout of {steps} recorded iterations to {s}")
+    if s == steps:
+        return rollout
+    def part(a, start, stop):
+        return a[(slice(None),) * axis + (slice(start, stop),)]  # numpy stays numpy (host-side trimming)
+
+    if check and bool(part(rollout.reveal, s, steps).any()):
+        raise ValueError(f"trimming to {s} recorded iterations drops iterations that revealed tokens; "
+                         f"use bucket_for(num_steps, cap) with the rollout's num_steps")
+
+    def cut(a):
+        return None if a is None else part(a, 0, s)
+
+    return replace(rollout, reveal=cut(rollout.reveal), proposals=cut(rollout.proposals),
+                   old_logps=cut(rollout.old_logps), ref_logps=cut(rollout.ref_logps))
