@@ -230,7 +230,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         summaries = run_eval(args.model, args.task, settings, seeds=args.seeds, data_file=args.data_file,
                              split=args.split, limit=args.limit, out_dir=out, dtype=args.dtype,
                              factor_sweep=args.factor_sweep, factors=args.factors, workers=args.workers,
-                             resume=args.resume, mesh=args.mesh)
+                             resume=args.resume, mesh=args.mesh, max_operand=args.max_operand)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -324,6 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--factors", type=float, nargs="+", default=[0.5, 0.8, 1.0, 1.2, 1.5])
     e.add_argument("--workers", type=int, default=None, help="parallel verifier/sandbox processes (default: cores)")
     e.add_argument("--out", default=None, help="output directory (default: runs/eval-TASK)")
+    e.add_argument("--max-operand", type=int, default=None,
+                   help="synthetic-addition only: operands in [0, N] (the trainer's task.max_operand; default 20)")
     e.add_argument("--resume", action="store_true",
                    help="keep the (seed, problem) rows already in OUT/samples.jsonl and decode only the rest")
     e.add_argument("--mesh", default=None,

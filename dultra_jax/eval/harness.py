@@ -118,14 +118,23 @@ class DecodeRun:
 
 # ------------------------------------------------------------------------------------------- inputs
 def load_examples(task: str, *, data_file: str | Path | None = None, split: str | None = None,
-                  limit: int | None = None, cache_dir: str | Path | None = None) -> list[Example]:
-    """Problems of ``task`` with the evaluation's prompts (``style="eval"``); the first ``limit`` of them."""
+                  limit: int | None = None, cache_dir: str | Path | None = None, max_operand: int | None = None
+                  ) -> list[Example]:
+    """Problems of ``task`` with the evaluation's prompts (``style="eval"``); the first ``limit`` of them.
+
+    The synthetic task's problems are the trainer's held-out ones (seed 1; ``max_operand`` as in
+    ``task.max_operand``, default 20)."""
     if limit is not None and limit < 1:
         raise EvalError(f"--limit must be >= 1, got {limit}")
+    if max_operand is not None and task != synthetic.TASK_NAME:
+        raise EvalError(f"--max-operand is an option of the {synthetic.TASK_NAME} task, not of {task!r}")
     if task == synthetic.TASK_NAME:
         if data_file is not None:
             raise EvalError(f"task {task!r} is generated (no --data-file); use --limit for its size")
-        return synthetic.addition_examples(limit or SYNTHETIC_DEFAULT_N, seed=1)
+        if max_operand is not None and max_operand < 0:
+            raise EvalError(f"--max-operand must be >= 0, got {max_operand}")
+        return synthetic.addition_examples(limit or SYNTHETIC_DEFAULT_N, seed=1,
+                                           **({} if max_operand is None else {"max_operand": max_operand}))
     if task not in EVAL_TASKS:
         raise EvalError(f"unknown task {task!r}; choose one of {list(EVAL_TASKS)}")
     from dultra_jax.data import load_task
@@ -675,7 +684,7 @@ def run_eval(model_path: str | Path | None, task: str, settings: EvalSettings, *
              out_dir: str | Path = "runs/eval", dtype: str = "bf16", factor_sweep: bool = False,
              factors: Sequence[float] = SWEEP_FACTORS, workers: int | None = None, progress: bool = True,
              model=None, cache_dir: str | Path | None = None, resume: bool = False, mesh: str | None = None,
-             plan=None) -> list[dict[str, Any]]:
+             plan=None, max_operand: int | None = None) -> list[dict[str, Any]]:
     """``dultra eval``: load the model and task, run one evaluation (or the factor sweep), write the files.
 
     One run writes ``out_dir/summary.json`` and ``out_dir/samples.jsonl``; the sweep writes them under
@@ -686,7 +695,8 @@ def run_eval(model_path: str | Path | None, task: str, settings: EvalSettings, *
     seeds = _check_seeds(seeds)
     if plan is None and mesh is not None:
         plan = local_plan(mesh)
-    examples = load_examples(task, data_file=data_file, split=split, limit=limit, cache_dir=cache_dir)
+    examples = load_examples(task, data_file=data_file, split=split, limit=limit, cache_dir=cache_dir,
+                             max_operand=max_operand)
     tokenizer = load_tokenizer(model_path, task)
     if model is None:
         if model_path is None:
