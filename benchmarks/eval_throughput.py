@@ -32,8 +32,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 RESULTS = HERE / "results"
-KEEP = ("n_problems", "n_samples", "seeds", "accuracy", "mean_nfe", "tpf", "decode_time_s", "positions_per_s",
-        "effective_tokens_per_s", "compile_and_warmup_s", "batch_size", "mesh", "device", "jax", "commit")
+KEEP = ("n_problems", "n_samples", "seeds", "accuracy", "accuracy_std", "accuracy_per_seed", "mean_nfe", "tpf",
+        "decode_time_s", "positions_per_s", "effective_tokens_per_s", "compile_and_warmup_s", "batch_size", "mesh",
+        "device", "jax", "commit")
 
 
 def _child(args: argparse.Namespace) -> None:

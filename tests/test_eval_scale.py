@@ -103,6 +103,40 @@ def test_killed_then_resumed_run_gives_the_uninterrupted_summary(model, referenc
     _same_summary(again, ref_summary)
 
 
+def test_a_killed_eval_process_resumes_to_the_uninterrupted_summary(model_dir, tmp_path):
+    """SIGKILL a real `dultra eval` once a few batches are on disk; --resume finishes it with the same numbers."""
+    import signal
+    import time
+
+    from dultra_jax.cli import main
+
+    args = ["eval", "--model", str(model_dir), "--task", synthetic.TASK_NAME, "--limit", "48", "--seeds", "0", "1",
+            "--gen-length", "16", "--block-length", "8", "--dtype", "fp32"]
+    killed = tmp_path / "killed"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    proc = subprocess.Popen([sys.executable, "-m", "dultra_jax.cli", *args, "--batch-size", "1", "--out",
+                             str(killed)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    samples = killed / "samples.jsonl"
+    deadline = time.monotonic() + 180
+    while proc.poll() is None and time.monotonic() < deadline:
+        if samples.is_file() and samples.read_bytes().count(b"\n") >= 3:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    assert proc.wait(timeout=30) == -signal.SIGKILL, "the evaluation ended before it could be killed"
+    assert not (killed / "summary.json").exists()
+    kept = len(read_samples(samples))
+    assert 3 <= kept < 96
+    assert main([*args, "--batch-size", "8", "--out", str(killed), "--resume"]) == 0
+    assert main([*args, "--batch-size", "8", "--out", str(tmp_path / "whole")]) == 0
+    resumed = json.loads((killed / "summary.json").read_text())
+    whole = json.loads((tmp_path / "whole" / "summary.json").read_text())
+    assert resumed["resumed_samples"] == kept
+    assert {k: resumed[k] for k in SUMMARY_KEYS} == {k: whole[k] for k in SUMMARY_KEYS}
+    a, b = read_samples(samples), read_samples(tmp_path / "whole" / "samples.jsonl")
+    assert [{k: r[k] for k in ROW_KEYS} for r in a] == [{k: r[k] for k in ROW_KEYS} for r in b]
+
+
 def test_resume_rejects_corrupt_files_and_other_runs(model, reference, tmp_path):
     ref_out = reference[0]
     lines = (ref_out / "samples.jsonl").read_text().splitlines(keepends=True)
