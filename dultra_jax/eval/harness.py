@@ -4,7 +4,8 @@ One run = (model, task, decoding settings, seeds). For each seed every problem i
 unless ``temperature`` > 0; the planner's reveals are seeded), scored as the original scores it, and recorded:
 
 - ``samples.jsonl``: one line per (seed, problem): prompt, completion, correct, NFE, effective tokens, the wall
-  time of the decode call that produced it, and the scorer's details.
+  time of the decode call that produced it, and the scorer's details. Appended (flushed, fsynced) as each
+  batch is decoded and scored, so an interrupted run keeps its finished batches and ``resume`` continues it.
 - ``summary.json``: accuracy (mean and sample std over seeds), mean NFE, TPF, positions/s and effective
   tokens/s (generated tokens only, compilation excluded), batch, prompt/gen/block lengths, settings, device,
   commit. Definitions: :mod:`dultra_jax.eval.metrics`.
@@ -12,7 +13,9 @@ unless ``temperature`` > 0; the planner's reveals are seeded), scored as the ori
 Batching is padding-correct: prompts are left-padded and attention ignores the pads, and every row's
 randomness is keyed by its problem's index, so a problem's completion does not depend on the batch it lands
 in (batch 1 reproduces any row). Prompts are sorted by length (less padding) and padded up to a multiple of
-``pad_multiple`` tokens, so a whole evaluation compiles the decoding loop only a few times.
+``pad_multiple`` tokens, so a whole evaluation compiles the decoding loop only a few times. The same keying
+makes data parallelism exact: a mesh splits each batch's rows over devices, and several processes split the
+problems (process 0 merges), with results identical to one device.
 
 Scoring (REFERENCE_TRAINING.md §5): GSM8K by the evaluation's numeric parse (|pred - gt| < 1e-5); MATH500 by
 math-verify on the last ``\\boxed{}`` (string-normaliser fallback); HumanEval/MBPP by running the lm-eval
@@ -200,6 +203,10 @@ def decode_prompts(model, prompts: Sequence[Sequence[int]], settings: EvalSettin
     ``plan`` (a :class:`~dultra_jax.parallel.ShardingPlan`) splits each batch's rows over its mesh; the batch is
     rounded up to a multiple of its batch shards. ``on_batch(positions, samples, batch)`` is called as each
     decode call finishes (the harness appends its rows to ``samples.jsonl`` there).
+
+    This is the one function that decodes: swapping the per-batch ``generate`` for continuous batching
+    (``decoding.generate_many(model, prompts, slots=..., ...)``) changes only its body; callers see the same
+    samples and ``on_batch`` calls.
     """
     import jax
     from tqdm.auto import tqdm
@@ -354,6 +361,7 @@ def score(task: str, examples: Sequence[Example], completions: Sequence[str], *,
 # ------------------------------------------------------------------------------------------- samples file
 SAMPLES_FILE = "samples.jsonl"
 RUN_FILE = "run.json"
+SHARD_GLOB = "samples.p*-of-*.jsonl"  # one per process of a multi-process run
 # Settings that must match for --resume to extend a samples file (the rows would otherwise mix two runs).
 _RUN_KEYS = ("task", "settings", "n_problems", "problem_ids")
 
@@ -500,12 +508,18 @@ def evaluate(model, tokenizer, examples: Sequence[Example], settings: EvalSettin
             _check_resumable(out / RUN_FILE, run_info)
             wanted = {(s, ids[i]) for s in seeds for i in mine}
             seen: dict[tuple[int, str], dict] = {}
-            for f in dict.fromkeys([own, out / SAMPLES_FILE]):  # own shard, then a merged file of an earlier run
+            # own file first, then a merged file and other processes' shards of an earlier run (any process count)
+            for f in dict.fromkeys([own, out / SAMPLES_FILE, *sorted(out.glob(SHARD_GLOB))]):
                 for r in read_samples(f):
                     key = (int(r["seed"]), str(r["id"]))
                     if key in wanted and key not in seen:
                         seen[key] = r
             done = list(seen.values())
+        elif pid == 0:  # a fresh run: rows of an earlier one must not be picked up by a later --resume
+            stale = [out / SAMPLES_FILE] if nproc > 1 else []
+            stale += [f for f in out.glob(SHARD_GLOB) if not f.name.endswith(f"-of-{nproc}.jsonl")]
+            for f in stale:
+                f.unlink(missing_ok=True)
         if pid == 0:
             write_atomic(out / RUN_FILE, json.dumps(run_info, indent=2) + "\n")
         log = SampleLog(own, done)
