@@ -72,8 +72,16 @@ def _default_model() -> tuple[str, str]:
     """(path, what it is): the demo's GRPO model when a demo/toy run left one, else the tiny checkpoint."""
     for d in (REPO / "runs" / "toy" / "grpo" / "model", REPO / "runs" / "demo" / "grpo" / "model"):
         if (d / "dultra_jax.json").is_file():
-            return str(d), f"demo model ({d.relative_to(REPO)})"
+            return str(d), _describe(str(d.relative_to(REPO)))
     return "", "tiny"
+
+
+def _describe(model: str) -> str:
+    """What a given checkpoint is: a demo stage's model (``.../<stage>/model`` of a demo or toy run) or other."""
+    p = Path(model)
+    if p.name == "model" and p.parent.name in ("sft", "planner", "grpo"):
+        return f"demo model, {p.parent.name} stage ({model})"
+    return f"checkpoint {model}"
 
 
 def _tiny_checkpoint(tmp: Path) -> str:
@@ -93,7 +101,7 @@ def _tiny_checkpoint(tmp: Path) -> str:
 def _cpu(args: argparse.Namespace) -> None:
     from dultra_jax.eval.env import git_commit
 
-    what = "given checkpoint"
+    what = _describe(args.model)
     with tempfile.TemporaryDirectory() as tmp:
         if not args.model:
             args.model, what = _default_model()
@@ -110,7 +118,8 @@ def _cpu(args: argparse.Namespace) -> None:
               "machine": f"{platform.machine()} {_cpu_model()}, {os.cpu_count()} cores",
               "commit": git_commit(), "rows": rows,
               "note": "fake CPU devices share the same cores: the mesh splits rows, it adds no compute"}
-    name = f"eval_throughput_cpu_{'demo' if what.startswith('demo') else 'tiny'}.json"
+    kind = "demo" if what.startswith("demo") else "tiny" if what.startswith("tiny") else Path(args.model).name
+    name = f"eval_throughput_cpu_{kind}.json"
     _write(RESULTS / name, result)
     print(f"{'devices':>7} {'problems/s':>11} {'eff tok/s':>10} {'NFE':>6} {'TPF':>6} {'accuracy':>9} {'speedup':>8}")
     for r in rows:

@@ -86,7 +86,7 @@ def demo_sweep_tables() -> list[str]:
         return []
     by = {r["method"]: r for r in d["rows"]}
     points = [[r["method"], f"{r['accuracy']:.1%}", f"{r['nfe']:.2f}", f"{r['tpf']:.2f}"]
-              for r in sorted(d["sweep"], key=lambda r: (r["strategy"], r["nfe"]))]
+              for r in sorted(d["sweep"], key=lambda r: (r["strategy"], r.get("threshold", r.get("factor", 0))))]
     points += [[m, f"{by[m]['accuracy']:.1%}", f"{by[m]['nfe']:.2f}", f"{by[m]['tpf']:.2f}"]
                for m in ("planner_before_grpo", "planner_after_grpo")]
     at = []
@@ -207,6 +207,18 @@ def throughput_table() -> list[str]:
             + _table(["B", "block", "strategy", "ms/iteration", "of roofline", "positions/s"], rows)]
 
 
+def cpu_throughput_table() -> list[str]:
+    d = _load("throughput_cpu_cpu.json")
+    if d is None:
+        return []
+    rows = [[r["batch"], r["strategy"], f"{r['ms_per_iteration']:.1f}", f"{r['fraction_of_roofline']:.0%}",
+             f"{r['positions_per_s']:.0f}"] for r in d["decode"]]
+    return [f"`throughput_cpu_cpu.json`: {d['device']}, random weights of the `{d['model']}` config, "
+            f"{d['dtype']}, prompt {d['prompt_len']} + gen {d['gen_len']}, block {d['blocks'][0]}, matmul "
+            f"{d['matmul_tflops']:.2f} TFLOP/s (measured while other jobs shared the machine), commit {d['commit']}"
+            "\n\n" + _table(["B", "strategy", "ms/iteration", "of roofline", "positions/s"], rows)]
+
+
 SECTIONS = {
     "results": [("Forward vs roofline", forward_tables), ("Decoding per cache mode", decode_tables),
                 ("Decode throughput sweep (8B shapes)", throughput_table),
@@ -214,7 +226,8 @@ SECTIONS = {
                 ("Approximate caches on a trained model", cache_agreement_table),
                 ("Planned vs measured memory", memory_check_table)],
     "demo": [("The demo's trade-off", demo_sweep_tables)],
-    "evaluation": [("NFE and TPF of the demo's models", tpf_tables), ("Evaluation throughput", eval_throughput_tables)],
+    "evaluation": [("NFE and TPF of the demo's models", tpf_tables), ("Evaluation throughput", eval_throughput_tables),
+                   ("Decoding throughput on the CPU", cpu_throughput_table)],
 }
 
 

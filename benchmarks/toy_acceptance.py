@@ -73,6 +73,7 @@ def main() -> None:
     out = Path(args.out)
     if out.exists():
         shutil.rmtree(out)
+    code = (git_commit(), git_dirty())  # the code that runs (the checkout may move on during the run)
     t0 = time.perf_counter()
     summary = run_demo(out, seed=args.seed, size="full", progress=False)
     rows = summary["rows"]
@@ -80,7 +81,7 @@ def main() -> None:
     by = {r["method"]: r for r in rows}
     result = {
         "benchmark": "toy_acceptance", "machine": f"cpu ({platform.machine()}, {cpu_model()})",
-        "cores": os.cpu_count(), "jax": jax.__version__, "commit": git_commit(), "dirty": git_dirty(),
+        "cores": os.cpu_count(), "jax": jax.__version__, "commit": code[0], "dirty": code[1],
         "wall_s": round(wall, 1), "seed": args.seed, "rows": rows, "sweep": summary["sweep"],
         "at_planner_nfe": summary["at_planner_nfe"], "reward_weights": summary["reward_weights"],
         "nfe_cut": round(nfe_cut(rows), 4),
