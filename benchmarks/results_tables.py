@@ -105,9 +105,10 @@ def demo_sweep_tables() -> list[str]:
                f"{o['penalty_per_step_over_correct']:.4f} per step: the demo's penalty is "
                f"{w['penalty_per_step_over_correct'] / o['penalty_per_step_over_correct']:.1f}x stronger, relative to "
                "correctness, so that a tiny model learns the trade-off in a few dozen steps.")
-    return [f"`toy_acceptance.json` ({d['machine']}): the baselines swept on the same "
-            f"{len(d['rows']) and d.get('num_eval', 256)} held-out problems as the planner (threshold/factor on the "
-            "planner-stage model)\n\n" + _table(["point", "accuracy", "NFE", "TPF"], points),
+    n = f"{d['num_eval']} " if "num_eval" in d else ""
+    return [f"`toy_acceptance.json` ({d['machine']}): the baselines swept on the same {n}held-out problems as the "
+            "planner (threshold/factor on the planner-stage model)\n\n"
+            + _table(["point", "accuracy", "NFE", "TPF"], points),
             "Each baseline's accuracy at the GRPO planner's NFE (linear interpolation along its sweep, never "
             "extrapolated):\n\n"
             + _table(["baseline", "swept NFE", "planner NFE", "baseline accuracy there", "planner accuracy",

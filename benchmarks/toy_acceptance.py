@@ -84,6 +84,7 @@ def main() -> None:
         "cores": os.cpu_count(), "jax": jax.__version__, "commit": code[0], "dirty": code[1],
         "wall_s": round(wall, 1), "seed": args.seed, "rows": rows, "sweep": summary["sweep"],
         "at_planner_nfe": summary["at_planner_nfe"], "reward_weights": summary["reward_weights"],
+        "num_eval": summary["num_eval"], "max_operand": summary["max_operand"],
         "nfe_cut": round(nfe_cut(rows), 4),
         "accuracy_change": round(by["planner_after_grpo"]["accuracy"] - by["planner_before_grpo"]["accuracy"], 4),
         "criterion": "NFE cut >= 30% with accuracy within 2 points (or better)",
