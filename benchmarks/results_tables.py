@@ -1,6 +1,8 @@
 """Render the README's results tables (markdown) from the JSON files in benchmarks/results/.
 
-    python benchmarks/results_tables.py            # prints markdown; paste into README.md "Results"
+    python benchmarks/results_tables.py                       # prints markdown; paste into README.md "Results"
+    python benchmarks/results_tables.py --section demo        # the "Demo" section's numbers
+    python benchmarks/results_tables.py --section evaluation  # the "Evaluation" section's numbers
 """
 
 from __future__ import annotations
@@ -56,14 +58,115 @@ def forward_tables() -> list[str]:
     return [_table(["B x L", "attention", "ms/forward", "+planner", "roofline ms", "of roofline", "device"], rows)]
 
 
+def _toy_files() -> list[Path]:
+    """The current toy run first, then earlier ones kept under ``toy_acceptance_<commit>.json``."""
+    return sorted(RESULTS.glob("toy_acceptance*.json"), key=lambda p: (p.name != "toy_acceptance.json", p.name))
+
+
+def _toy_header(name: str, d: dict) -> str:
+    where = d["machine"] + (f", jax {d['jax']}, commit {d['commit']}" if d.get("commit") else "")
+    return (f"`{name}` ({where}, {d['wall_s']:.0f} s): NFE cut {d['nfe_cut']:.0%}, accuracy change "
+            f"{d['accuracy_change']:+.1%}, passed={d['passed']}")
+
+
 def toy_table() -> list[str]:
-    d = _load("toy_acceptance.json")
+    parts = []
+    for path in _toy_files():
+        d = json.loads(path.read_text())
+        rows = [[r["method"], f"{r['accuracy']:.1%}", f"{r['nfe']:.2f}", f"{r['tpf']:.2f}"] for r in d["rows"]]
+        parts.append(_toy_header(path.name, d) + "\n\n" + _table(["method", "accuracy", "NFE", "TPF"], rows))
+    return parts
+
+
+def demo_sweep_tables() -> list[str]:
+    """The demo's trade-off (from the newest toy run that has it): the baselines over their knobs, each one's
+    accuracy interpolated at the GRPO planner's NFE, and the reward weights beside the original's."""
+    d = next((json.loads(p.read_text()) for p in _toy_files() if "sweep" in json.loads(p.read_text())), None)
     if d is None:
         return []
-    rows = [[r["method"], f"{r['accuracy']:.1%}", f"{r['nfe']:.2f}", f"{r['tpf']:.2f}"] for r in d["rows"]]
-    return [f"`toy_acceptance.json` ({d['machine']}, {d['wall_s']:.0f} s): NFE cut {d['nfe_cut']:.0%}, accuracy "
-            f"change {d['accuracy_change']:+.1%}, passed={d['passed']}\n\n"
-            + _table(["method", "accuracy", "NFE", "TPF"], rows)]
+    by = {r["method"]: r for r in d["rows"]}
+    points = [[r["method"], f"{r['accuracy']:.1%}", f"{r['nfe']:.2f}", f"{r['tpf']:.2f}"]
+              for r in sorted(d["sweep"], key=lambda r: (r["strategy"], r.get("threshold", r.get("factor", 0))))]
+    points += [[m, f"{by[m]['accuracy']:.1%}", f"{by[m]['nfe']:.2f}", f"{by[m]['tpf']:.2f}"]
+               for m in ("planner_before_grpo", "planner_after_grpo")]
+    at = []
+    for strategy, a in d["at_planner_nfe"].items():
+        acc = "outside the swept NFE range" if a["accuracy"] is None else f"{a['accuracy']:.1%}"
+        gain = "-" if a["planner_accuracy_gain"] is None else f"{a['planner_accuracy_gain']:+.1%}"
+        at.append([strategy, f"{a['nfe_range'][0]:.2f}-{a['nfe_range'][1]:.2f}", f"{a['planner_nfe']:.2f}", acc,
+                   f"{a['planner_accuracy']:.1%}", gain])
+    w = d["reward_weights"]
+    o = w["original"]
+    weights = (f"Rewards: the demo's correctness reward is {w['correct_reward']:g} (weight "
+               f"{w['exact_answer_weight']:g}) and its step penalty {w['step_penalty_weight']:g} x -(steps with a "
+               f"reveal)/{w['step_penalty_scale']:g}, i.e. {w['penalty_per_step_over_correct']:.4f} of a correct "
+               f"answer per step; the original's are {o['correct_reward']:g} (weight 1) and "
+               f"{o['step_penalty_weight']:g} x -(steps)/{o['step_penalty_scale']:g}, i.e. "
+               f"{o['penalty_per_step_over_correct']:.4f} per step: the demo's penalty is "
+               f"{w['penalty_per_step_over_correct'] / o['penalty_per_step_over_correct']:.1f}x stronger, relative to "
+               "correctness, so that a tiny model learns the trade-off in a few dozen steps.")
+    n = f"{d['num_eval']} " if "num_eval" in d else ""
+    return [f"`toy_acceptance.json` ({d['machine']}): the baselines swept on the same {n}held-out problems as the "
+            "planner (threshold/factor on the planner-stage model)\n\n"
+            + _table(["point", "accuracy", "NFE", "TPF"], points),
+            "Each baseline's accuracy at the GRPO planner's NFE (linear interpolation along its sweep, never "
+            "extrapolated):\n\n"
+            + _table(["baseline", "swept NFE", "planner NFE", "baseline accuracy there", "planner accuracy",
+                      "planner gain"], at),
+            weights]
+
+
+def tpf_tables() -> list[str]:
+    """NFE / TPF distributions of the demo's models (``tokens_per_forward.py`` on the planner and GRPO stages)."""
+    rows, meta = [], None
+    for stage, name in (("planner stage", "tpf_demo-planner_synthetic-addition_cpu.json"),
+                        ("after GRPO", "tpf_demo-grpo_synthetic-addition_cpu.json")):
+        d = _load(name)
+        if d is None:
+            continue
+        meta = d
+        blocks = d["blocks"]
+        by = {(r["strategy"], r["block"]): r for r in d["rows"]}
+        for strategy in dict.fromkeys(r["strategy"] for r in d["rows"]):
+            cells = [stage, strategy]
+            for b in blocks:
+                r = by.get((strategy, b))
+                if r is None:
+                    cells += ["-", "-", "-"]
+                    continue
+                n = r["nfe"]
+                cells += [f"{n['mean']:.2f} / {n['p90']:.3g} / {n['max']:.0f}", f"{r['tpf']:.2f}",
+                          f"{r.get('accuracy', float('nan')):.2f}"]
+            rows.append(cells)
+    if meta is None:
+        return []
+    header = ["model", "strategy"]
+    for b in meta["blocks"]:
+        header += [f"block {b}: NFE mean / p90 / max", "TPF", "acc"]
+    return [f"`tpf_demo-*_synthetic-addition_cpu.json` ({meta['device']}, commit {meta['commit']}): "
+            f"{meta['n_problems']} problems, gen {meta['gen_len']}, seed {meta['seed']}\n\n" + _table(header, rows)]
+
+
+def eval_throughput_tables() -> list[str]:
+    parts = []
+    for path in sorted(RESULTS.glob("eval_throughput_*.json")):
+        d = json.loads(path.read_text())
+        if d.get("part") == "gpu":
+            rows = [[r["slots"], f"{r['problems_per_s']:.2f}", f"{r['effective_tokens_per_s']:.0f}",
+                     f"{r['mean_nfe']:.2f}"] for r in d["rows"]]
+            parts.append(f"`{path.name}`: {d['device']}, {d['model']}\n\n"
+                         + _table(["slots", "problems/s", "effective tokens/s", "NFE"], rows))
+            continue
+        rows = [[r["devices"], f"{r['problems_per_s']:.1f}", f"{r['effective_tokens_per_s']:.0f}",
+                 f"{r['speedup_problems_per_s']:.2f}x", f"{r['mean_nfe']:.2f}", f"{r['tpf']:.2f}",
+                 f"{r['accuracy']:.1%} +- {r.get('accuracy_std', 0.0):.1%}", f"{r['compile_and_warmup_s']:.1f}"]
+                for r in d["rows"]]
+        parts.append(f"`{path.name}`: {d['machine']}, {d['model']}, {d['problems']} problems x seeds "
+                     f"{d['seeds']}, {d['strategy']} gen {d['gen_length']} block {d['block_length']}, batch "
+                     f"{d['batch_size']}, commit {d['commit']}; {d['note']}\n\n"
+                     + _table(["devices", "problems/s", "effective tokens/s", "vs 1 device", "NFE", "TPF",
+                               "accuracy (seeds)", "compile s"], rows))
+    return parts
 
 
 def memory_check_table() -> list[str]:
@@ -115,16 +218,42 @@ def humaneval_sanitizer_table() -> list[str]:
             + _table(["completion", "sanitizer", "passed", "failing"], rows)]
 
 
-def main() -> None:
-    sections = [("Forward vs roofline", forward_tables()), ("Decoding per cache mode", decode_tables()),
-                ("Decode throughput sweep (8B shapes)", throughput_table()),
-                ("Toy acceptance (GRPO with a step penalty)", toy_table()),
-                ("Approximate caches on a trained model", cache_agreement_table()),
-                ("Planned vs measured memory", memory_check_table()),
-                ("HumanEval scoring rule", humaneval_sanitizer_table())]
-    for title, parts in sections:
+def cpu_throughput_table() -> list[str]:
+    d = _load("throughput_cpu_cpu.json")
+    if d is None:
+        return []
+    rows = [[r["batch"], r["strategy"], f"{r['ms_per_iteration']:.1f}", f"{r['fraction_of_roofline']:.0%}",
+             f"{r['positions_per_s']:.0f}"] for r in d["decode"]]
+    return [f"`throughput_cpu_cpu.json`: {d['device']}, random weights of the `{d['model']}` config, "
+            f"{d['dtype']}, prompt {d['prompt_len']} + gen {d['gen_len']}, block {d['blocks'][0]}, matmul "
+            f"{d['matmul_tflops']:.2f} TFLOP/s (measured while other jobs shared the machine), commit {d['commit']}"
+            "\n\n" + _table(["B", "strategy", "ms/iteration", "of roofline", "positions/s"], rows)]
+
+
+SECTIONS = {
+    "results": [("Forward vs roofline", forward_tables), ("Decoding per cache mode", decode_tables),
+                ("Decode throughput sweep (8B shapes)", throughput_table),
+                ("Toy acceptance (GRPO with a step penalty)", toy_table),
+                ("Approximate caches on a trained model", cache_agreement_table),
+                ("Planned vs measured memory", memory_check_table),
+                ("HumanEval scoring rule", humaneval_sanitizer_table)],
+    "demo": [("The demo's trade-off", demo_sweep_tables)],
+    "evaluation": [("NFE and TPF of the demo's models", tpf_tables), ("Evaluation throughput", eval_throughput_tables),
+                   ("Decoding throughput on the CPU", cpu_throughput_table)],
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--section", default="results", choices=sorted(SECTIONS),
+                    help="results (the README's Results), demo or evaluation (those sections' numbers)")
+    args = ap.parse_args(argv)
+    for title, fn in SECTIONS[args.section]:
+        parts = fn()
         if parts:
-            print(f"### {title}\n")
+            print(f"#### {title}\n")
             print("\n\n".join(parts))
             print()
 

@@ -5,21 +5,38 @@
 Runs the full `dultra demo` pipeline (tiny LLaDA, built-in addition task: SFT -> planner pre-training -> GRPO)
 on the CPU, then records into benchmarks/results/: `toy_acceptance.json` (before/after rows, NFE cut, accuracy
 change, machine, wall time), `toy_grpo_metrics.jsonl` (the GRPO curve, one row per step) and
-`toy_grpo_curve.png` (rollout NFE, accuracy and reward against the step).
+`toy_grpo_curve.png` (rollout NFE, accuracy and reward against the step). The JSON also holds the demo's baseline
+sweeps (threshold and factor over their knobs), each baseline's accuracy interpolated at the GRPO planner's NFE,
+and the demo's reward weights beside the original's.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shutil
 import time
 from pathlib import Path
 
+import jax
+
 from dultra_jax.demo import nfe_cut, run_demo
+from dultra_jax.eval.env import git_commit, git_dirty
 
 RESULTS = Path(__file__).parent / "results"
+
+
+def cpu_model() -> str:
+    """The CPU's model name (results of the tiny model's training differ across CPUs; see the README)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
 
 
 def plot_curve(metrics: list[dict], path: Path) -> None:
@@ -56,13 +73,19 @@ def main() -> None:
     out = Path(args.out)
     if out.exists():
         shutil.rmtree(out)
+    code = (git_commit(), git_dirty())  # the code that runs (the checkout may move on during the run)
     t0 = time.perf_counter()
-    rows = run_demo(out, seed=args.seed, size="full", progress=False)
+    summary = run_demo(out, seed=args.seed, size="full", progress=False)
+    rows = summary["rows"]
     wall = time.perf_counter() - t0
     by = {r["method"]: r for r in rows}
     result = {
-        "benchmark": "toy_acceptance", "machine": f"cpu ({platform.machine()}, {platform.processor() or 'cpu'})",
-        "wall_s": round(wall, 1), "seed": args.seed, "rows": rows, "nfe_cut": round(nfe_cut(rows), 4),
+        "benchmark": "toy_acceptance", "machine": f"cpu ({platform.machine()}, {cpu_model()})",
+        "cores": os.cpu_count(), "jax": jax.__version__, "commit": code[0], "dirty": code[1],
+        "wall_s": round(wall, 1), "seed": args.seed, "rows": rows, "sweep": summary["sweep"],
+        "at_planner_nfe": summary["at_planner_nfe"], "reward_weights": summary["reward_weights"],
+        "num_eval": summary["num_eval"], "max_operand": summary["max_operand"],
+        "nfe_cut": round(nfe_cut(rows), 4),
         "accuracy_change": round(by["planner_after_grpo"]["accuracy"] - by["planner_before_grpo"]["accuracy"], 4),
         "criterion": "NFE cut >= 30% with accuracy within 2 points (or better)",
     }

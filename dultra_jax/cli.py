@@ -222,7 +222,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     """Decode a task with the original's eval prompts, score it, write samples.jsonl + summary.json per run."""
     from dultra_jax.data.tasks import DataError
     from dultra_jax.eval import EvalSettings, format_table, run_eval
+    from dultra_jax.parallel import initialize_distributed
 
+    initialize_distributed()  # several processes (JAX_COORDINATOR_ADDRESS, ...) split the problems
     settings = EvalSettings(
         strategy=args.strategy, reveal=args.reveal, gen_length=args.gen_length, block_length=args.block_length,
         temperature=args.temperature, threshold=args.threshold, factor=args.factor, steps=args.steps,
@@ -237,7 +239,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     try:
         summaries = run_eval(args.model, args.task, settings, seeds=args.seeds, data_file=args.data_file,
                              split=args.split, limit=args.limit, out_dir=out, dtype=args.dtype,
-                             factor_sweep=args.factor_sweep, factors=args.factors, workers=args.workers)
+                             factor_sweep=args.factor_sweep, factors=args.factors, workers=args.workers,
+                             resume=args.resume, mesh=args.mesh, max_operand=args.max_operand)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -247,7 +250,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         config = {k: v for k, v in vars(args).items() if k != "func"}
         log_eval_summaries(summaries, out, name=f"eval-{args.task}", config={**config, "model": str(args.model)})
     s0 = summaries[0]
-    print(f"{args.task}: {s0['n_problems']} problems x {len(s0['seeds'])} seed(s) on {s0['device']}")
+    procs = f", {s0['processes']} processes" if s0.get("processes", 1) > 1 else ""
+    print(f"{args.task}: {s0['n_problems']} problems x {len(s0['seeds'])} seed(s) on {s0['device']}{procs}"
+          + (f" (resumed {s0['resumed_samples']} samples)" if s0.get("resumed_samples") else ""))
     print(format_table(summaries))
     print(f"wrote {out}" + (" (one directory per run, sweep.json)" if args.factor_sweep else
                             " (summary.json, samples.jsonl)"))
@@ -336,6 +341,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--workers", type=int, default=None, help="parallel verifier/sandbox processes (default: cores)")
     e.add_argument("--out", default=None, help="output directory (default: runs/eval-TASK)")
     e.add_argument("--wandb", action="store_true", help=WANDB_HELP)
+    e.add_argument("--max-operand", type=int, default=None,
+                   help="synthetic-addition only: operands in [0, N] (the trainer's task.max_operand; default 20)")
+    e.add_argument("--resume", action="store_true",
+                   help="keep the (seed, problem) rows already in OUT/samples.jsonl and decode only the rest")
+    e.add_argument("--mesh", default=None,
+                   help='split each batch over this process\'s devices, e.g. "data=8" (default: one device)')
     e.set_defaults(func=_cmd_eval)
 
     pl = sub.add_parser("plot", help="accuracy-vs-NFE chart (PNG + SVG) from evaluation summaries")

@@ -15,6 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from dultra_jax.atomic import write_atomic
 from dultra_jax.training.config import load_run_config
 from dultra_jax.training.trainer import Trainer
 
@@ -30,6 +33,8 @@ class DemoSize:
     grpo_prompts: int = 4
     grpo_generations: int = 8
     step_penalty_weight: float = 0.5  # x -(steps with a reveal)/8
+    thresholds: tuple[float, ...] = (0.3, 0.5, 0.7, 0.8, 0.9, 0.95)  # the baselines' knobs, swept
+    factors: tuple[float, ...] = (0.5, 1.0, 1.5, 2.0, 3.0, 4.0)
 
 
 SIZES = {
@@ -37,9 +42,24 @@ SIZES = {
                      grpo_steps=40, max_operand=20, num_eval=256),
     "small": DemoSize(model=("d_model=64", "n_layers=2", "mlp_hidden_size=128"), sft_steps=300, planner_steps=100,
                       grpo_steps=15, max_operand=4, num_eval=32, grpo_prompts=4, grpo_generations=4,
-                      step_penalty_weight=1.0),
+                      step_penalty_weight=1.0, thresholds=(0.5, 0.9), factors=(1.0, 4.0)),
 }
 GEN_LENGTH, BLOCK_LENGTH = 16, 8
+STEP_PENALTY_SCALE = 8.0
+DEFAULT_THRESHOLD, DEFAULT_FACTOR = 0.9, 1.0  # today's single baseline rows
+# The original's GRPO rewards (REFERENCE_TRAINING.md §3): correctness 2.0 x weight 1.0; step penalty weight 0.1 x
+# -(steps with a reveal)/50, i.e. -0.002 per step = 0.001 of a correct answer's reward.
+ORIGINAL_REWARDS = {"correct_reward": 2.0, "step_penalty_weight": 0.1, "step_penalty_scale": 50.0,
+                    "penalty_per_step_over_correct": 0.1 / 50.0 / 2.0}
+
+
+def reward_weights(size: DemoSize) -> dict[str, float]:
+    """The demo's GRPO reward weights beside the original's (the demo's penalty is far stronger, so a tiny model
+    learns the trade-off in 40 steps)."""
+    return {"correct_reward": 1.0, "exact_answer_weight": 1.0, "step_penalty_weight": size.step_penalty_weight,
+            "step_penalty_scale": STEP_PENALTY_SCALE,
+            "penalty_per_step_over_correct": size.step_penalty_weight / STEP_PENALTY_SCALE / 1.0,
+            "original": ORIGINAL_REWARDS}
 
 
 def _common(size: DemoSize, seed: int) -> list[str]:
@@ -59,15 +79,40 @@ def _stage(out: Path, name: str, overrides: list[str], progress: bool) -> Traine
     return trainer
 
 
-def _evaluate(trainer: Trainer, strategy: str, label: str) -> dict[str, Any]:
-    trainer.cfg.eval.strategy = strategy
-    r = trainer.evaluate()
-    return {"method": label, "accuracy": r["eval_accuracy"], "nfe": r["eval_nfe"],
-            "tpf": r["eval_tpf"], "strategy": strategy}
+def _evaluate(trainer: Trainer, label: str, strategy: str, **knob: float) -> dict[str, Any]:
+    """One point on the held-out problems through the evaluation harness (what ``dultra eval`` computes)."""
+    from dultra_jax.eval import harness
+
+    e = trainer.cfg.eval
+    settings = harness.EvalSettings(strategy=strategy, gen_length=GEN_LENGTH, block_length=BLOCK_LENGTH,
+                                    batch_size=e.batch_size, **knob)
+    s = harness.evaluate(trainer._current_model(), trainer.tokenizer, trainer.eval_examples[: e.num_examples],
+                         settings, task=trainer.cfg.task.name, progress=False, warmup=False, plan=trainer.plan)
+    return {"method": label, "accuracy": s["accuracy"], "nfe": s["mean_nfe"], "tpf": s["tpf"], "strategy": strategy,
+            **knob}
 
 
-def run_demo(out: str | Path, *, seed: int = 0, size: str = "full", progress: bool = True) -> list[dict[str, Any]]:
-    """Run the three stages into ``out`` and return the summary rows (also written to ``out/summary.json``)."""
+def interpolate_accuracy(points: list[dict[str, Any]], nfe: float) -> dict[str, Any]:
+    """A baseline's accuracy at ``nfe`` by linear interpolation along its sweep (sorted by NFE; points with the
+    same NFE averaged); None outside the swept NFE range (no extrapolation)."""
+    by: dict[float, list[float]] = {}
+    for p in points:
+        by.setdefault(float(p["nfe"]), []).append(float(p["accuracy"]))
+    xs = sorted(by)
+    ys = [float(np.mean(by[x])) for x in xs]
+    inside = xs[0] <= nfe <= xs[-1]
+    return {"accuracy": float(np.interp(nfe, xs, ys)) if inside else None, "nfe_range": [xs[0], xs[-1]],
+            "note": None if inside else f"NFE {nfe:.2f} is outside the swept range [{xs[0]:.2f}, {xs[-1]:.2f}]"}
+
+
+def run_demo(out: str | Path, *, seed: int = 0, size: str = "full", progress: bool = True) -> dict[str, Any]:
+    """Run the three stages into ``out``; returns the summary (also written to ``out/summary.json``).
+
+    ``rows``: planner before/after GRPO and the threshold (0.9) / factor (1.0) baselines; ``sweep``: each
+    baseline over its knob on the same held-out problems; ``at_planner_nfe``: each baseline's accuracy
+    interpolated at the GRPO planner's NFE (the accuracy gain at equal forwards); ``reward_weights``: the demo's
+    and the original's.
+    """
     if size not in SIZES:
         raise ValueError(f"unknown demo size {size!r}; choose one of {sorted(SIZES)}")
     s = SIZES[size]
@@ -83,31 +128,47 @@ def run_demo(out: str | Path, *, seed: int = 0, size: str = "full", progress: bo
         f"model.path={out / 'sft' / 'model'}", "train.mode=planner", "train.batch_size=32",
         f"train.max_steps={s.planner_steps}", "optim.learning_rate=1e-3", "optim.weight_decay=0.0",
         "sequence.min_block=8", f"train.save_every={s.planner_steps}"], progress)
-    rows = [_evaluate(planner, "planner", "planner_before_grpo"), _evaluate(planner, "threshold", "threshold"),
-            _evaluate(planner, "factor", "factor")]
+    before = _evaluate(planner, "planner_before_grpo", "planner")
+    sweep = [_evaluate(planner, f"threshold t={t:g}", "threshold", threshold=float(t))
+             for t in sorted(set(s.thresholds) | {DEFAULT_THRESHOLD})]
+    sweep += [_evaluate(planner, f"factor f={f:g}", "factor", factor=float(f))
+              for f in sorted(set(s.factors) | {DEFAULT_FACTOR})]
     grpo = _stage(out, "grpo", base + [
         f"model.path={out / 'planner' / 'model'}", "train.mode=grpo", f"train.max_steps={s.grpo_steps}",
         f"train.batch_size={s.grpo_prompts}", "train.micro_batches=2", f"grpo.num_generations={s.grpo_generations}",
         f"grpo.gen_length={GEN_LENGTH}", f"grpo.block_length={BLOCK_LENGTH}", "grpo.temperature=0.7",
         "grpo.scale_rewards=group", "grpo.advantage_min_clip=null",
         f"grpo.reward_weights={{exact_answer: 1.0, step_penalty: {s.step_penalty_weight}}}",
-        "grpo.step_penalty_scale=8.0", "optim.learning_rate=1e-4", "optim.weight_decay=0.0",
+        f"grpo.step_penalty_scale={STEP_PENALTY_SCALE}", "optim.learning_rate=1e-4", "optim.weight_decay=0.0",
         f"train.save_every={s.grpo_steps}", f"train.eval_every={max(1, s.grpo_steps // 4)}"], progress)
-    rows.insert(1, _evaluate(grpo, "planner", "planner_after_grpo"))
-    for r in rows:
+    after = _evaluate(grpo, "planner_after_grpo", "planner")
+    default = {("threshold", DEFAULT_THRESHOLD), ("factor", DEFAULT_FACTOR)}
+    rows = [before, after] + [dict(r, method=r["strategy"]) for r in sweep
+                              if (r["strategy"], r.get("threshold", r.get("factor"))) in default]
+    at = {}
+    for strategy in ("threshold", "factor"):
+        curve = [r for r in sweep if r["strategy"] == strategy]
+        point = interpolate_accuracy(curve, after["nfe"])
+        gain = None if point["accuracy"] is None else after["accuracy"] - point["accuracy"]
+        at[strategy] = {**point, "planner_accuracy": after["accuracy"], "planner_nfe": after["nfe"],
+                        "planner_accuracy_gain": gain}
+    for r in rows + sweep:
         r.update(gen_length=GEN_LENGTH, block_length=BLOCK_LENGTH, size=size, seed=seed)
-    tmp = out / "summary.json.tmp"
-    tmp.write_text(json.dumps(rows, indent=2))
-    tmp.replace(out / "summary.json")
-    print_table(rows)
-    plot_path = _plot(rows, out)
+    summary = {"rows": rows, "sweep": sweep, "at_planner_nfe": at, "reward_weights": reward_weights(s),
+               "num_eval": s.num_eval, "max_operand": s.max_operand, "size": size, "seed": seed}
+    write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    print_table(rows + sweep)
+    for strategy, a in at.items():
+        acc = "n/a (" + a["note"] + ")" if a["accuracy"] is None else f"{a['accuracy']:.1%}"
+        print(f"{strategy} at the GRPO planner's NFE {after['nfe']:.2f}: accuracy {acc} vs planner "
+              f"{after['accuracy']:.1%}")
+    plot_path = _plot(summary, out)
     if plot_path:
         print(f"wrote {plot_path}")
-    before, after = rows[0], rows[1]
     cut = 1.0 - after["nfe"] / before["nfe"] if before["nfe"] else 0.0
     print(f"GRPO changed planner NFE {before['nfe']:.2f} -> {after['nfe']:.2f} ({cut:+.0%} cut) and accuracy "
           f"{before['accuracy']:.1%} -> {after['accuracy']:.1%}")
-    return rows
+    return summary
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
@@ -116,28 +177,25 @@ def print_table(rows: list[dict[str, Any]]) -> None:
         print(f"{r['method']:>20} {r['accuracy']:9.1%} {r['nfe']:7.2f} {r['tpf']:7.2f}")
 
 
-def _plot(rows: list[dict[str, Any]], out: Path) -> Path | None:
-    try:
-        import matplotlib
+def plot_points(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """The demo as accuracy-vs-NFE points: one curve per baseline sweep, the planner before and after GRPO."""
+    names = {"planner_before_grpo": "planner before GRPO", "planner_after_grpo": "planner after GRPO"}
+    pts = [{"task": "synthetic addition", "series": r["strategy"], "model": "", "label": r["method"].split()[-1],
+            "accuracy": r["accuracy"], "std": 0.0, "nfe": r["nfe"], "gen_length": GEN_LENGTH,
+            "block_length": BLOCK_LENGTH} for r in summary["sweep"]]
+    pts += [{"task": "synthetic addition", "series": names[r["method"]], "model": "", "label": names[r["method"]],
+             "accuracy": r["accuracy"], "std": 0.0, "nfe": r["nfe"], "gen_length": GEN_LENGTH,
+             "block_length": BLOCK_LENGTH} for r in summary["rows"] if r["method"] in names]
+    return pts
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+
+def _plot(summary: dict[str, Any], out: Path) -> Path | None:
+    try:
+        from dultra_jax.eval.plot import plot_accuracy_vs_nfe
     except ImportError:
         print("matplotlib is not installed: no plot")
         return None
-    fig, ax = plt.subplots(figsize=(5, 3.6))
-    for r in rows:
-        ax.scatter(r["nfe"], 100 * r["accuracy"], s=40)
-        ax.annotate(r["method"], (r["nfe"], 100 * r["accuracy"]), textcoords="offset points", xytext=(4, 4),
-                    fontsize=8)
-    ax.set_xlabel("NFE (forwards per sample)")
-    ax.set_ylabel("accuracy (%)")
-    ax.set_title("synthetic addition: accuracy vs NFE")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    for ext in ("png", "svg"):
-        fig.savefig(out / f"accuracy_vs_nfe.{ext}", dpi=120)
-    plt.close(fig)
+    plot_accuracy_vs_nfe(plot_points(summary), out, title="accuracy vs NFE: baseline sweeps and the planner")
     return out / "accuracy_vs_nfe.png"
 
 
@@ -146,4 +204,4 @@ def nfe_cut(rows: list[dict[str, Any]]) -> float:
     return 1.0 - by["planner_after_grpo"]["nfe"] / by["planner_before_grpo"]["nfe"]
 
 
-__all__ = ["SIZES", "nfe_cut", "print_table", "run_demo"]
+__all__ = ["SIZES", "interpolate_accuracy", "nfe_cut", "plot_points", "print_table", "reward_weights", "run_demo"]

@@ -11,12 +11,15 @@ from dultra_jax.eval.harness import (
     DecodeRun,
     EvalError,
     EvalSettings,
+    Scorer,
     decode_prompts,
     encode_prompts,
     evaluate,
     format_table,
     load_examples,
     load_tokenizer,
+    local_plan,
+    read_samples,
     run_eval,
     score,
     sweep_settings,
@@ -24,7 +27,7 @@ from dultra_jax.eval.harness import (
 from dultra_jax.eval.metrics import accuracy_over_seeds, distribution, speed_summary
 
 __all__ = [
-    "EVAL_TASKS", "SWEEP_FACTORS", "DecodeRun", "EvalError", "EvalSettings", "accuracy_over_seeds", "decode_prompts",
-    "distribution", "encode_prompts", "evaluate", "excluded_ids", "format_table", "load_examples", "load_tokenizer",
-    "run_eval", "score", "speed_summary", "sweep_settings", "tpf",
+    "EVAL_TASKS", "SWEEP_FACTORS", "DecodeRun", "EvalError", "EvalSettings", "Scorer", "accuracy_over_seeds",
+    "decode_prompts", "distribution", "encode_prompts", "evaluate", "excluded_ids", "format_table", "load_examples",
+    "load_tokenizer", "local_plan", "read_samples", "run_eval", "score", "speed_summary", "sweep_settings", "tpf",
 ]

@@ -4,7 +4,8 @@ One run = (model, task, decoding settings, seeds). For each seed every problem i
 unless ``temperature`` > 0; the planner's reveals are seeded), scored as the original scores it, and recorded:
 
 - ``samples.jsonl``: one line per (seed, problem): prompt, completion, correct, NFE, effective tokens, the wall
-  time of the decode call that produced it, and the scorer's details.
+  time of the decode call that produced it, and the scorer's details. Appended (flushed, fsynced) as each
+  batch is decoded and scored, so an interrupted run keeps its finished batches and ``resume`` continues it.
 - ``summary.json``: accuracy (mean and sample std over seeds), mean NFE, TPF, positions/s and effective
   tokens/s (generated tokens only, compilation excluded), batch, prompt/gen/block lengths, settings, device,
   commit. Definitions: :mod:`dultra_jax.eval.metrics`.
@@ -12,7 +13,9 @@ unless ``temperature`` > 0; the planner's reveals are seeded), scored as the ori
 Batching is padding-correct: prompts are left-padded and attention ignores the pads, and every row's
 randomness is keyed by its problem's index, so a problem's completion does not depend on the batch it lands
 in (batch 1 reproduces any row). Prompts are sorted by length (less padding) and padded up to a multiple of
-``pad_multiple`` tokens, so a whole evaluation compiles the decoding loop only a few times.
+``pad_multiple`` tokens, so a whole evaluation compiles the decoding loop only a few times. The same keying
+makes data parallelism exact: a mesh splits each batch's rows over devices, and several processes split the
+problems (process 0 merges), with results identical to one device.
 
 Scoring (REFERENCE_TRAINING.md §5): GSM8K by the evaluation's numeric parse (|pred - gt| < 1e-5); MATH500 by
 math-verify on the last ``\\boxed{}`` (string-normaliser fallback); HumanEval/MBPP by running the lm-eval
@@ -22,8 +25,10 @@ programs in the sandbox (pass@1); the synthetic addition task by exact match.
 from __future__ import annotations
 
 import json
+import os
 import time
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -118,14 +123,23 @@ class DecodeRun:
 
 # ------------------------------------------------------------------------------------------- inputs
 def load_examples(task: str, *, data_file: str | Path | None = None, split: str | None = None,
-                  limit: int | None = None, cache_dir: str | Path | None = None) -> list[Example]:
-    """Problems of ``task`` with the evaluation's prompts (``style="eval"``); the first ``limit`` of them."""
+                  limit: int | None = None, cache_dir: str | Path | None = None, max_operand: int | None = None
+                  ) -> list[Example]:
+    """Problems of ``task`` with the evaluation's prompts (``style="eval"``); the first ``limit`` of them.
+
+    The synthetic task's problems are the trainer's held-out ones (seed 1; ``max_operand`` as in
+    ``task.max_operand``, default 20)."""
     if limit is not None and limit < 1:
         raise EvalError(f"--limit must be >= 1, got {limit}")
+    if max_operand is not None and task != synthetic.TASK_NAME:
+        raise EvalError(f"--max-operand is an option of the {synthetic.TASK_NAME} task, not of {task!r}")
     if task == synthetic.TASK_NAME:
         if data_file is not None:
             raise EvalError(f"task {task!r} is generated (no --data-file); use --limit for its size")
-        return synthetic.addition_examples(limit or SYNTHETIC_DEFAULT_N, seed=1)
+        if max_operand is not None and max_operand < 0:
+            raise EvalError(f"--max-operand must be >= 0, got {max_operand}")
+        return synthetic.addition_examples(limit or SYNTHETIC_DEFAULT_N, seed=1,
+                                           **({} if max_operand is None else {"max_operand": max_operand}))
     if task not in EVAL_TASKS:
         raise EvalError(f"unknown task {task!r}; choose one of {list(EVAL_TASKS)}")
     from dultra_jax.data import load_task
@@ -180,12 +194,21 @@ def _round_up(n: int, m: int) -> int:
 def decode_prompts(model, prompts: Sequence[Sequence[int]], settings: EvalSettings, *, seed: int = 0,
                    row_seeds: Sequence[int] | None = None, exclude: Sequence[int] = (), progress: bool = False,
                    desc: str = "decode", max_iterations: int | None = None,
-                   compiled: set[tuple[int, int]] | None = None) -> DecodeRun:
+                   compiled: set[tuple[int, int]] | None = None, plan=None, warmup: bool = True,
+                   on_batch: Callable[[list[int], list[dict[str, Any]], dict[str, Any]], None] | None = None
+                   ) -> DecodeRun:
     """Decode every prompt in batches of ``settings.batch_size`` (left-padded, pad-aware attention).
 
-    Each new (batch, width) shape is compiled and run once untimed first, so ``time_s`` is decoding only.
-    ``row_seeds`` (default: the prompt's position) key each row's randomness. ``compiled`` carries the shapes
-    already warmed up across calls with the same settings (e.g. the seeds of one run).
+    With ``warmup`` each new (batch, width) shape is compiled and run once untimed first, so ``time_s`` is
+    decoding only. ``row_seeds`` (default: the prompt's position) key each row's randomness. ``compiled``
+    carries the shapes already warmed up across calls with the same settings (e.g. the seeds of one run).
+    ``plan`` (a :class:`~dultra_jax.parallel.ShardingPlan`) splits each batch's rows over its mesh; the batch is
+    rounded up to a multiple of its batch shards. ``on_batch(positions, samples, batch)`` is called as each
+    decode call finishes (the harness appends its rows to ``samples.jsonl`` there).
+
+    This is the one function that decodes: swapping the per-batch ``generate`` for continuous batching
+    (``decoding.generate_many(model, prompts, slots=..., ...)``) changes only its body; callers see the same
+    samples and ``on_batch`` calls.
     """
     import jax
     from tqdm.auto import tqdm
@@ -210,6 +233,8 @@ def decode_prompts(model, prompts: Sequence[Sequence[int]], settings: EvalSettin
                             f"max_sequence_length {cfg.max_sequence_length}")
     pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else (cfg.eos_token_id or 0)
     b = min(settings.batch_size, n)
+    if plan is not None:
+        b = _round_up(b, plan.batch_shards)
     order = sorted(range(n), key=lambda i: lengths[i])
     kw = dict(settings.decode_kwargs(), rng=seed, pad_aware=True, max_iterations=max_iterations)
     samples: list[dict[str, Any] | None] = [None] * n
@@ -230,8 +255,10 @@ def decode_prompts(model, prompts: Sequence[Sequence[int]], settings: EvalSettin
             ids[r, width - lengths[i]:] = prompts[i]
             mask[r, width - lengths[i]:] = 1
         call = dict(kw, attention_mask=mask, row_seeds=seeds[rows].astype(np.int32))
+        if plan is not None:
+            call["plan"] = plan
         try:
-            if (b, width) not in compiled:
+            if warmup and (b, width) not in compiled:
                 t0 = time.perf_counter()
                 jax.block_until_ready(generate(model, ids, **call).tokens)
                 compile_s += time.perf_counter() - t0
@@ -249,48 +276,165 @@ def decode_prompts(model, prompts: Sequence[Sequence[int]], settings: EvalSettin
         for r, i in enumerate(idx):
             samples[i] = {"ids": gen[r], "nfe": int(nfe[r]), "equivalent_forwards": float(eq[r]),
                           "effective_tokens": int(eff[r]), "masks_left": int(counted.masks_left[r]),
-                          "time_s": dt, "batch_rows": len(idx)}
-        batches.append({"rows": len(idx), "width": width, "time_s": dt, "iterations": int(result.iterations),
-                        "effective_tokens": int(eff[: len(idx)].sum())})
+                          "time_s": dt, "batch_rows": len(idx), "width": width}
+        batch = {"rows": len(idx), "width": width, "time_s": dt, "iterations": int(result.iterations),
+                 "effective_tokens": int(eff[: len(idx)].sum())}
+        batches.append(batch)
+        if on_batch is not None:
+            on_batch(list(idx), [samples[i] for i in idx], batch)
     return DecodeRun(samples=samples, batches=batches, compile_s=compile_s, widths=sorted(widths))
 
 
 # ------------------------------------------------------------------------------------------- scoring
-def score(task: str, examples: Sequence[Example], completions: Sequence[str], *, workers: int | None = None
-          ) -> list[dict[str, Any]]:
-    """Per completion: ``correct`` (bool), ``status`` and the scorer's details, as the original's evaluation scores."""
-    if len(examples) != len(completions):
-        raise EvalError(f"{len(completions)} completions for {len(examples)} problems")
-    if task == synthetic.TASK_NAME:
-        ok = synthetic.exact_answer(completions, examples)
-        return [{"correct": bool(v), "status": "correct" if v else "wrong", "reference": e.answer}
-                for v, e in zip(ok, examples, strict=True)]
-    if task == "gsm8k":
-        from dultra_jax.rewards.math import gsm8k_eval_correct, gsm8k_prediction
+class Scorer:
+    """Scores completions as the original's evaluation does, keeping its verifier pool open across calls (the
+    harness scores every batch as it finishes). Use as a context manager; ``score`` is the one-shot form.
 
-        out = []
-        for c, e in zip(completions, examples, strict=True):
-            pred = gsm8k_prediction(c)
-            ok = gsm8k_eval_correct(c, e.answer or "")
-            out.append({"correct": ok, "status": "correct" if ok else ("no_answer" if pred is None else "wrong"),
-                        "extracted": pred, "reference": e.answer})
-        return out
-    if task == "math500":
-        from dultra_jax.rewards.procpool import MathVerifier
+    Per completion: ``correct`` (bool), ``status`` and the scorer's details. GSM8K by the evaluation's numeric
+    parse; MATH500 by math-verify; HumanEval/MBPP by running the lm-eval programs in the sandbox; the synthetic
+    task by exact match.
+    """
 
-        with MathVerifier(workers=workers, mode="eval") as verifier:
-            checks = verifier.check(list(completions), [str(e.answer) for e in examples])
-        return [{"correct": c["correct"], "status": "correct" if c["correct"] else ("error" if c["error"] else "wrong"),
-                 "extracted": c["extracted"], "reference": c["reference"], "error": c["error"]} for c in checks]
-    if task in ("humaneval", "mbpp"):
-        from dultra_jax.rewards.code import CodeVerifier
+    def __init__(self, task: str, *, workers: int | None = None):
+        if task not in EVAL_TASKS:
+            raise EvalError(f"unknown task {task!r}; choose one of {list(EVAL_TASKS)}")
+        self.task, self.workers = task, workers
+        self._verifier = None
 
-        verifier = CodeVerifier(workers=workers)
+    def __enter__(self) -> Scorer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._verifier is not None and hasattr(self._verifier, "close"):
+            self._verifier.close()
+        self._verifier = None
+
+    def _get_verifier(self):
+        if self._verifier is None:
+            if self.task == "math500":
+                from dultra_jax.rewards.procpool import MathVerifier
+
+                self._verifier = MathVerifier(workers=self.workers, mode="eval")
+            else:
+                from dultra_jax.rewards.code import CodeVerifier
+
+                self._verifier = CodeVerifier(workers=self.workers)
+        return self._verifier
+
+    def __call__(self, examples: Sequence[Example], completions: Sequence[str]) -> list[dict[str, Any]]:
+        if len(examples) != len(completions):
+            raise EvalError(f"{len(completions)} completions for {len(examples)} problems")
+        task = self.task
+        if task == synthetic.TASK_NAME:
+            ok = synthetic.exact_answer(completions, examples)
+            return [{"correct": bool(v), "status": "correct" if v else "wrong", "reference": e.answer}
+                    for v, e in zip(ok, examples, strict=True)]
+        if task == "gsm8k":
+            from dultra_jax.rewards.math import gsm8k_eval_correct, gsm8k_prediction
+
+            out = []
+            for c, e in zip(completions, examples, strict=True):
+                pred = gsm8k_prediction(c)
+                ok = gsm8k_eval_correct(c, e.answer or "")
+                out.append({"correct": ok, "status": "correct" if ok else ("no_answer" if pred is None else "wrong"),
+                            "extracted": pred, "reference": e.answer})
+            return out
+        if task == "math500":
+            checks = self._get_verifier().check(list(completions), [str(e.answer) for e in examples])
+            return [{"correct": c["correct"],
+                     "status": "correct" if c["correct"] else ("error" if c["error"] else "wrong"),
+                     "extracted": c["extracted"], "reference": c["reference"], "error": c["error"]} for c in checks]
+        verifier = self._get_verifier()
         tests = [dict(e.tests or {}) for e in examples]
         fn = verifier.score_humaneval if task == "humaneval" else verifier.score_mbpp
         return [{"correct": r.passed, "status": r.status, "error": (r.error or "")[:500] or None}
                 for r in fn(tests, list(completions))]
-    raise EvalError(f"unknown task {task!r}; choose one of {list(EVAL_TASKS)}")
+
+
+def score(task: str, examples: Sequence[Example], completions: Sequence[str], *, workers: int | None = None
+          ) -> list[dict[str, Any]]:
+    """Per completion: ``correct`` (bool), ``status`` and the scorer's details, as the original's evaluation scores."""
+    with Scorer(task, workers=workers) as scorer:
+        return scorer(examples, completions)
+
+
+# ------------------------------------------------------------------------------------------- samples file
+SAMPLES_FILE = "samples.jsonl"
+RUN_FILE = "run.json"
+SHARD_GLOB = "samples.p*-of-*.jsonl"  # one per process of a multi-process run
+# Settings that must match for --resume to extend a samples file (the rows would otherwise mix two runs).
+_RUN_KEYS = ("task", "settings", "n_problems", "problem_ids")
+
+
+def read_samples(path: str | Path) -> list[dict[str, Any]]:
+    """The complete rows of a samples file. A malformed last line (a write cut off by an interruption) is
+    reported with a warning naming the file and line and dropped; a malformed line before it is an error."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    lines = path.read_bytes().split(b"\n")
+    ends_clean = lines[-1] == b""
+    if ends_clean:
+        lines.pop()
+    rows = []
+    for k, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict) or not {"seed", "id", "correct"} <= row.keys():
+                raise ValueError("not a sample row (needs seed, id, correct)")
+            if k == len(lines) and not ends_clean:
+                raise ValueError("no final newline (the write was cut off)")
+        except ValueError as e:
+            if k == len(lines):
+                warnings.warn(f"{path}: line {k} is incomplete or malformed ({e}); ignoring it", stacklevel=2)
+                break
+            raise EvalError(f"{path}: line {k} is malformed ({e}); the file is corrupt (not just cut off), "
+                            "remove the line or start the evaluation afresh without --resume") from e
+        rows.append(row)
+    return rows
+
+
+class SampleLog:
+    """``samples.jsonl`` appended as batches finish: each batch's rows are written, flushed and fsynced, so an
+    interruption loses at most the batch being decoded."""
+
+    def __init__(self, path: Path, rows: Sequence[dict[str, Any]] = ()):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # rewrite the kept rows first: a cut-off last line must not be glued to the next append
+        write_atomic(path, "".join(_dumps(r) + "\n" for r in rows))
+        self.path = path
+        self._f = open(path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
+
+    def append(self, rows: Sequence[dict[str, Any]]) -> None:
+        self._f.write("".join(_dumps(r) + "\n" for r in rows))
+        self._f.flush()
+        os.fsync(self._f.fileno())
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def _dumps(row: dict[str, Any]) -> str:
+    return json.dumps(row, default=_json_default)
+
+
+def _gather_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every process's rows on every process (JSON bytes through ``process_allgather``); identity on one."""
+    import jax
+
+    if jax.process_count() == 1:
+        return rows
+    from jax.experimental import multihost_utils
+
+    data = np.frombuffer(json.dumps(rows, default=_json_default).encode(), np.uint8)
+    sizes = np.asarray(multihost_utils.process_allgather(np.asarray([data.size], np.int64))).reshape(-1)
+    buf = np.zeros(int(sizes.max()), np.uint8)
+    buf[: data.size] = data
+    everything = np.asarray(multihost_utils.process_allgather(buf))
+    return [r for k, n in enumerate(sizes) for r in json.loads(everything[k, : int(n)].tobytes().decode())]
 
 
 # ------------------------------------------------------------------------------------------- runs
@@ -303,13 +447,40 @@ def _check_seeds(seeds: Sequence[int]) -> list[int]:
     return seeds
 
 
+def _local_plan_check(plan) -> None:
+    import jax
+
+    if plan is not None and any(d.process_index != jax.process_index() for d in plan.mesh.devices.flat):
+        raise EvalError("evaluation shards each process's own problems over its local devices: build the "
+                        "ShardingPlan over jax.local_devices() (dultra eval --mesh does), not a mesh spanning "
+                        "processes")
+
+
 def evaluate(model, tokenizer, examples: Sequence[Example], settings: EvalSettings, *, task: str,
              seeds: Sequence[int] = (0,), out_dir: str | Path | None = None, workers: int | None = None,
-             progress: bool = True, meta: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Decode and score ``examples`` once per seed; returns the summary (and writes the two files to ``out_dir``)."""
+             progress: bool = True, meta: dict[str, Any] | None = None, resume: bool = False, plan=None,
+             warmup: bool = True, scorer: Callable[[Sequence[Example], Sequence[str]], list[dict]] | None = None
+             ) -> dict[str, Any]:
+    """Decode and score ``examples`` once per seed; returns the summary (and writes the files to ``out_dir``).
+
+    Rows are appended to ``out_dir/samples.jsonl`` (flushed, fsynced) as each batch is decoded and scored;
+    ``resume`` keeps the rows already there (same task, settings and problems, else an error) and decodes only
+    the missing (seed, problem) pairs. The summary is computed from the rows of the file, so a resumed run
+    reports what an uninterrupted one does (timings aside).
+
+    ``plan`` splits each batch over the devices of its mesh (this process's devices). With several JAX
+    processes each decodes and scores every ``process_count``-th problem into its own
+    ``samples.p<i>-of-<n>.jsonl``; process 0 then writes the merged ``samples.jsonl`` and ``summary.json``.
+    Each problem's randomness is keyed by its index, so sharding and batching do not change any result.
+    ``warmup=False`` skips the untimed first call per shape (training-time evaluation, where speed is not
+    reported). ``scorer`` replaces the task's scorer (tasks the harness does not score).
+    """
+    import jax
+
     seeds = _check_seeds(seeds)
     if not examples:
         raise EvalError(f"task {task!r} has no problems to evaluate")
+    _local_plan_check(plan)
     cfg = model.cfg
     texts, prompts = encode_prompts(tokenizer, examples)
     too_long = [(e.id, len(p)) for e, p in zip(examples, prompts, strict=True)
@@ -318,40 +489,156 @@ def evaluate(model, tokenizer, examples: Sequence[Example], settings: EvalSettin
         raise EvalError(f"{len(too_long)} prompt(s) do not fit the model's max_sequence_length "
                         f"{cfg.max_sequence_length} with gen_length {settings.gen_length}, e.g. {too_long[0][0]!r} "
                         f"({too_long[0][1]} tokens)")
+    ids = [str(e.id) for e in examples]
+    if len(set(ids)) != len(ids):
+        raise EvalError(f"task {task!r}: problem ids are not unique")
+    if plan is not None:
+        model = plan.shard_model(model)
     exclude = accounting.model_excluded_ids(cfg, tokenizer)
     known = known_ids(tokenizer)
-    rows: list[dict[str, Any]] = []
-    batches: list[dict[str, Any]] = []
-    compile_s, widths, compiled = 0.0, set(), set()
-    for seed in seeds:
-        run = decode_prompts(model, prompts, settings, seed=seed, row_seeds=[e.index for e in examples],
-                             exclude=exclude, progress=progress, desc=f"{task} {settings.label} seed {seed}",
-                             compiled=compiled)
-        compile_s += run.compile_s
-        widths.update(run.widths)
-        batches += run.batches
-        for e, text, s in zip(examples, texts, run.samples, strict=True):
-            rows.append({"seed": seed, "id": e.id, "index": e.index, "prompt": text,
-                         "completion": completion_text(tokenizer, s["ids"], known), "nfe": s["nfe"],
-                         "effective_tokens": s["effective_tokens"],
-                         "equivalent_forwards": round(s["equivalent_forwards"], 4), "masks_left": s["masks_left"],
-                         "time_s": round(s["time_s"], 6), "batch_rows": s["batch_rows"]})
-    verdicts = score(task, [e for _ in seeds for e in examples], [r["completion"] for r in rows], workers=workers)
-    for r, v in zip(rows, verdicts, strict=True):
-        r.update(correct=bool(v.pop("correct")), **v)
-    lengths = [len(p) for p in prompts]
-    summary = {
+    pid, nproc = jax.process_index(), jax.process_count()
+    mine = list(range(pid, len(examples), nproc))  # this process's share of the problems
+    # batch size does not change any result (rows are keyed by their problem), so a resume may use another
+    run_info = {"task": task, "settings": {k: v for k, v in settings.to_dict().items() if k != "batch_size"},
+                "n_problems": len(examples), "problem_ids": ids,
+                "seeds": seeds, "processes": nproc}
+    out = Path(out_dir) if out_dir is not None else None
+    log = None
+    done: list[dict[str, Any]] = []
+    if out is not None:
+        own = out / (SAMPLES_FILE if nproc == 1 else f"samples.p{pid}-of-{nproc}.jsonl")
+        if resume:
+            _check_resumable(out / RUN_FILE, run_info)
+            wanted = {(s, ids[i]) for s in seeds for i in mine}
+            seen: dict[tuple[int, str], dict] = {}
+            # own file first, then a merged file and other processes' shards of an earlier run (any process count)
+            for f in dict.fromkeys([own, out / SAMPLES_FILE, *sorted(out.glob(SHARD_GLOB))]):
+                for r in read_samples(f):
+                    key = (int(r["seed"]), str(r["id"]))
+                    if key in wanted and key not in seen:
+                        seen[key] = r
+            done = list(seen.values())
+        elif pid == 0:  # a fresh run: rows of an earlier one must not be picked up by a later --resume
+            stale = [out / SAMPLES_FILE] if nproc > 1 else []
+            stale += [f for f in out.glob(SHARD_GLOB) if not f.name.endswith(f"-of-{nproc}.jsonl")]
+            for f in stale:
+                f.unlink(missing_ok=True)
+        if pid == 0:
+            write_atomic(out / RUN_FILE, json.dumps(run_info, indent=2) + "\n")
+        log = SampleLog(own, done)
+    done_keys = {(int(r["seed"]), str(r["id"])) for r in done}
+    rows: list[dict[str, Any]] = list(done)
+    compile_s, compiled = 0.0, set()
+    run_token = f"{os.getpid():x}{time.time_ns() & 0xFFFFFF:06x}"
+    own_scorer = scorer is None
+    scorer = Scorer(task, workers=workers) if own_scorer else scorer
+    try:
+        for seed in seeds:
+            todo = [i for i in mine if (seed, ids[i]) not in done_keys]
+            if not todo:
+                continue
+            counter = iter(range(len(todo)))
+
+            def on_batch(positions, samples, batch, seed=seed, todo=todo, counter=counter):
+                exs = [examples[todo[k]] for k in positions]
+                new = []
+                batch_id = f"{run_token}-p{pid}-s{seed}-{next(counter)}"
+                for k, e, smp in zip(positions, exs, samples, strict=True):
+                    new.append({"seed": seed, "id": str(e.id), "index": e.index, "prompt": texts[todo[k]],
+                                "completion": completion_text(tokenizer, smp["ids"], known), "nfe": smp["nfe"],
+                                "effective_tokens": smp["effective_tokens"],
+                                "equivalent_forwards": round(smp["equivalent_forwards"], 4),
+                                "masks_left": smp["masks_left"], "time_s": round(smp["time_s"], 6),
+                                "batch_rows": smp["batch_rows"], "width": smp["width"], "batch": batch_id,
+                                "process": pid})
+                for r, v in zip(new, scorer(exs, [r["completion"] for r in new]), strict=True):
+                    v = dict(v)
+                    r.update(correct=bool(v.pop("correct")), **v)
+                rows.extend(new)
+                if log is not None:
+                    log.append(new)
+
+            run = decode_prompts(model, [prompts[i] for i in todo], settings, seed=seed,
+                                 row_seeds=[examples[i].index for i in todo], exclude=exclude, progress=progress,
+                                 desc=f"{task} {settings.label} seed {seed}", compiled=compiled, plan=plan,
+                                 warmup=warmup, on_batch=on_batch)
+            compile_s += run.compile_s
+    finally:
+        if own_scorer:
+            scorer.close()
+        if log is not None:
+            log.close()
+    if log is not None:
+        rows = read_samples(log.path)  # the summary is what the file holds
+    rows = _gather_rows(rows)
+    order = {(s, i): k for k, (s, i) in enumerate((s, i) for s in seeds for i in ids)}
+    rows.sort(key=lambda r: order[(int(r["seed"]), str(r["id"]))])
+    if len(rows) != len(order):
+        raise EvalError(f"expected {len(order)} samples ({len(seeds)} seed(s) x {len(ids)} problems), got "
+                        f"{len(rows)}")
+    summary = summarize(rows, settings, task=task, seeds=seeds, n_problems=len(examples), exclude=exclude,
+                        prompt_lengths=[len(p) for p in prompts], batch_size=min(settings.batch_size, len(examples)),
+                        meta=meta)
+    summary["compile_and_warmup_s"] = round(compile_s, 3)
+    summary["resumed_samples"] = len(done)
+    summary["processes"] = nproc
+    if plan is not None:
+        summary["mesh"] = {k: int(v) for k, v in plan.mesh.shape.items()}
+    if out is not None and pid == 0:  # the finished file: every row, in (seed, problem) order
+        write_atomic(out / SAMPLES_FILE, "".join(_dumps(r) + "\n" for r in rows))
+        summary["samples_file"] = SAMPLES_FILE
+        write_atomic(out / "summary.json", json.dumps(summary, indent=2, default=_json_default) + "\n")
+    return summary
+
+
+def _check_resumable(path: Path, info: dict[str, Any]) -> None:
+    if not path.is_file():
+        return
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise EvalError(f"--resume: {path} is unreadable ({e})") from e
+    diff = [k for k in _RUN_KEYS if old.get(k) != info[k]]
+    if diff:
+        raise EvalError(f"--resume: {path.parent} holds a run with different {', '.join(diff)}; use another --out "
+                        "or drop --resume to start afresh")
+
+
+def summarize(rows: Sequence[dict[str, Any]], settings: EvalSettings, *, task: str, seeds: Sequence[int],
+              n_problems: int, exclude: Sequence[int], prompt_lengths: Sequence[int], batch_size: int,
+              meta: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The summary of sample rows (as read back from ``samples.jsonl``): accuracy over seeds, NFE/TPF, and the
+    throughput of the decode calls (rows sharing a ``batch`` id came from one call; processes run at once, so
+    the decode time is the longest process's)."""
+    batches: dict[str, dict[str, Any]] = {}
+    for k, r in enumerate(rows):
+        b = batches.setdefault(str(r.get("batch", k)), {"rows": 0, "time_s": float(r["time_s"]),
+                                                        "effective_tokens": 0, "process": int(r.get("process", 0))})
+        b["rows"] += 1
+        b["effective_tokens"] += int(r["effective_tokens"])
+    speed = metrics.speed_summary(rows, list(batches.values()), settings.gen_length)
+    per_process: dict[int, float] = {}
+    for b in batches.values():
+        per_process[b["process"]] = per_process.get(b["process"], 0.0) + b["time_s"]
+    if len(per_process) > 1:  # concurrent processes: wall time is the slowest one's, not the sum
+        wall = max(per_process.values())
+        speed["decode_time_s"] = wall
+        speed["positions_per_s"] = len(rows) * settings.gen_length / wall if wall > 0 else float("nan")
+        speed["effective_tokens_per_s"] = (sum(int(r["effective_tokens"]) for r in rows) / wall
+                                           if wall > 0 else float("nan"))
+    widths = sorted({int(r["width"]) for r in rows if "width" in r})
+    return {
         "task": task, "label": settings.label, "series": settings.series, "point_label": settings.point_label,
-        "n_problems": len(examples), "seeds": seeds, "n_samples": len(rows),
+        "n_problems": n_problems, "seeds": list(seeds), "n_samples": len(rows),
         **metrics.accuracy_over_seeds(rows),
-        **metrics.speed_summary(rows, batches, settings.gen_length),
-        "compile_and_warmup_s": round(compile_s, 3),
-        "batch_size": min(settings.batch_size, len(examples)),
-        "prompt_length": {"mean": float(np.mean(lengths)), "min": min(lengths), "max": max(lengths)},
-        "padded_prompt_widths": sorted(widths),
+        **speed,
+        "batch_size": batch_size,
+        "prompt_length": {"mean": float(np.mean(prompt_lengths)), "min": min(prompt_lengths),
+                          "max": max(prompt_lengths)},
+        "padded_prompt_widths": widths,
         "gen_length": settings.gen_length, "block_length": settings.block_length,
         "settings": settings.to_dict(),
-        "excluded_ids": exclude,
+        "excluded_ids": list(exclude),
         **(meta or {}),
         "device": device_name(), "jax": _jax_version(), "commit": git_commit(), "dirty": git_dirty(),
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -359,17 +646,12 @@ def evaluate(model, tokenizer, examples: Sequence[Example], settings: EvalSettin
             "accuracy": "mean over seeds of the fraction correct; accuracy_std = sample std over seeds",
             "nfe": "backbone forwards in which the sample's row was still decoding",
             "tpf": "mean effective tokens / mean NFE; effective = generated ids not in excluded_ids",
-            "positions_per_s": "real rows x gen_length / decode wall time (prompts not counted, compile excluded)",
+            "positions_per_s": "real rows x gen_length / decode wall time (prompts not counted, compile excluded; "
+                               "several processes: the slowest process's decode time)",
             "effective_tokens_per_s": "effective tokens / decode wall time",
             "time_s": "per sample: wall time of the batched decode call that produced it",
         },
     }
-    if out_dir is not None:
-        out = Path(out_dir)
-        write_atomic(out / "samples.jsonl", "".join(json.dumps(r, default=_json_default) + "\n" for r in rows))
-        summary["samples_file"] = "samples.jsonl"
-        write_atomic(out / "summary.json", json.dumps(summary, indent=2, default=_json_default) + "\n")
-    return summary
 
 
 def _jax_version() -> str:
@@ -384,6 +666,29 @@ def _json_default(o):
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
+def local_plan(mesh: str):
+    """A :class:`~dultra_jax.parallel.ShardingPlan` over this process's devices from a spec such as ``"data=8"``
+    (the other axes default to 1: evaluation splits rows, it does not shard the weights unless asked; fixed
+    sizes use the first devices, ``-1`` the rest of them)."""
+    from dultra_jax.parallel import MeshConfig, MeshError, ShardingPlan
+
+    try:
+        spec = MeshConfig.parse(mesh)
+        if "fsdp" not in str(mesh) and spec.fsdp == -1:  # "data=8" means data=8 (not data=8 x fsdp=rest)
+            spec = MeshConfig(data=spec.data, fsdp=1, tensor=spec.tensor)
+        import jax
+
+        devices = jax.local_devices()
+        need = int(np.prod(list(spec.sizes.values())))
+        if need > 0:  # fixed sizes: the first `need` local devices (e.g. data=2 on an 8-device host)
+            if need > len(devices):
+                raise MeshError(f"mesh {spec} needs {need} devices but this process has {len(devices)}")
+            devices = devices[:need]
+        return ShardingPlan.create(spec, devices=devices)
+    except MeshError as e:
+        raise EvalError(f"--mesh {mesh}: {e}") from e
+
+
 def sweep_settings(base: EvalSettings, factors: Sequence[float] = SWEEP_FACTORS) -> list[tuple[str, EvalSettings]]:
     """The original's factor sweeps: the Fast-dLLM factor baseline and the planner scaled by the same factors."""
     if not factors:
@@ -395,14 +700,20 @@ def run_eval(model_path: str | Path | None, task: str, settings: EvalSettings, *
              data_file: str | Path | None = None, split: str | None = None, limit: int | None = None,
              out_dir: str | Path = "runs/eval", dtype: str = "bf16", factor_sweep: bool = False,
              factors: Sequence[float] = SWEEP_FACTORS, workers: int | None = None, progress: bool = True,
-             model=None, cache_dir: str | Path | None = None) -> list[dict[str, Any]]:
+             model=None, cache_dir: str | Path | None = None, resume: bool = False, mesh: str | None = None,
+             plan=None, max_operand: int | None = None) -> list[dict[str, Any]]:
     """``dultra eval``: load the model and task, run one evaluation (or the factor sweep), write the files.
 
     One run writes ``out_dir/summary.json`` and ``out_dir/samples.jsonl``; the sweep writes them under
-    ``out_dir/<strategy>-f<factor>/`` and an index ``out_dir/sweep.json``. Returns the summaries.
+    ``out_dir/<strategy>-f<factor>/`` and an index ``out_dir/sweep.json``. Returns the summaries. ``resume``
+    continues the runs found there; ``mesh`` (e.g. ``"data=8"``) or ``plan`` splits the batches over this
+    process's devices (:func:`local_plan`); several JAX processes split the problems (see :func:`evaluate`).
     """
     seeds = _check_seeds(seeds)
-    examples = load_examples(task, data_file=data_file, split=split, limit=limit, cache_dir=cache_dir)
+    if plan is None and mesh is not None:
+        plan = local_plan(mesh)
+    examples = load_examples(task, data_file=data_file, split=split, limit=limit, cache_dir=cache_dir,
+                             max_operand=max_operand)
     tokenizer = load_tokenizer(model_path, task)
     if model is None:
         if model_path is None:
@@ -418,10 +729,12 @@ def run_eval(model_path: str | Path | None, task: str, settings: EvalSettings, *
     for name, s in runs:
         target = out / name if name else out
         summary = evaluate(model, tokenizer, examples, s, task=task, seeds=seeds, out_dir=target, workers=workers,
-                           progress=progress, meta=meta)
+                           progress=progress, meta=meta, resume=resume, plan=plan)
         summary["run_dir"] = str(target)
         summaries.append(summary)
-    if factor_sweep:
+    import jax
+
+    if factor_sweep and jax.process_index() == 0:
         index = [{k: s[k] for k in ("label", "series", "point_label", "accuracy", "accuracy_std", "mean_nfe", "tpf",
                                     "run_dir")} for s in summaries]
         write_atomic(out / "sweep.json", json.dumps(index, indent=2) + "\n")

@@ -2,7 +2,8 @@
 
 Each run of ``dultra eval`` is a point (mean NFE, accuracy, with the std over seeds as an error bar); runs of
 the same method (e.g. the points of a factor sweep) are joined by a line; one panel per task. Also reads the
-demo's ``summary.json`` (a list of rows with ``method``, ``accuracy``, ``nfe``).
+demo's ``summary.json`` (its baseline sweeps as curves, the planner before/after GRPO as points; or an older
+demo's list of rows with ``method``, ``accuracy``, ``nfe``).
 """
 
 from __future__ import annotations
@@ -53,6 +54,10 @@ def _points(data: Any, f: Path) -> list[dict[str, Any]]:
                  "label": str(data.get("point_label") or name), "accuracy": float(data["accuracy"]),
                  "std": float(data.get("accuracy_std") or 0.0), "nfe": float(data["mean_nfe"]),
                  "gen_length": data.get("gen_length"), "block_length": data.get("block_length")}]
+    if isinstance(data, dict) and {"rows", "sweep"} <= data.keys():  # the demo's summary
+        from dultra_jax.demo import plot_points
+
+        return plot_points(data)
     if isinstance(data, list) and data and all(isinstance(r, dict) and {"method", "accuracy", "nfe"} <= r.keys()
                                                for r in data):
         return [{"task": str(r.get("task", "demo")), "series": str(r["method"]), "model": "", "label": str(r["method"]),

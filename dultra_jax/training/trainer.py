@@ -407,29 +407,34 @@ class Trainer:
         return self._eval_examples
 
     def evaluate(self) -> dict[str, float]:
-        """Accuracy and NFE of the current model on the held-out examples (``eval.strategy``, greedy tokens)."""
-        from dultra_jax.data import render_chat
+        """Accuracy, NFE and TPF of the current model on the held-out problems, computed by the evaluation
+        harness: the same prompts, tokenisation, batching (``eval.batch_size``), padding and scoring as
+        ``dultra eval`` on the exported model, so the two report the same numbers (seed 0, greedy tokens)."""
+        from dultra_jax.eval import harness
 
+        if jax.process_count() > 1:
+            raise ConfigError("training-time evaluation runs in one process: set train.eval_every=0 and run "
+                              "`dultra eval` (several processes split the problems) on the exported model")
         e = self.cfg.eval
-        model = self._current_model()
-        prompts = [self.tokenizer(render_chat(self.tokenizer, list(x.messages)), add_special_tokens=False)
-                   ["input_ids"] for x in self.eval_examples[: e.num_examples]]
-        res = generate(model, prompts, gen_length=e.gen_length, block_length=e.block_length, strategy=e.strategy,
-                       rng=0)
-        gen = np.asarray(res.generated)
-        texts = self.tokenizer.batch_decode([row[row < len(self.tokenizer)] for row in gen],
-                                            skip_special_tokens=True)
-        exs = self.eval_examples[: len(prompts)]
-        if self.cfg.task.name == synthetic.TASK_NAME:
-            correct = synthetic.exact_answer(texts, exs)
-        else:
-            from dultra_jax.rewards.registry import RewardInputs
+        settings = harness.EvalSettings(strategy=e.strategy, gen_length=e.gen_length, block_length=e.block_length,
+                                        batch_size=e.batch_size)
+        task = self.cfg.task.name
+        summary = harness.evaluate(
+            self._current_model(), self.tokenizer, self.eval_examples[: e.num_examples], settings, task=task,
+            progress=False, warmup=False, plan=self.plan,
+            scorer=None if task in harness.EVAL_TASKS else self._reward_scorer)
+        return {"eval_accuracy": summary["accuracy"], "eval_nfe": summary["mean_nfe"], "eval_tpf": summary["tpf"]}
 
-            fn = [t for t in self.rewards.terms if t[0] in ("math_correctness", "code_tests", "apps_execution")]
-            correct = [float((v or 0) > 0) for v in fn[0][2](RewardInputs(texts, exs))] if fn else []
-        counted = accounting.account(gen, res.nfe, self.exclude_ids, self.mcfg.mask_token_id)
-        return {"eval_accuracy": float(np.mean(correct)) if correct else float("nan"), "eval_nfe": counted.mean_nfe,
-                "eval_tpf": counted.tpf}
+    def _reward_scorer(self, examples, completions) -> list[dict[str, Any]]:
+        """Tasks without an evaluation scorer (training-only sets): correct = the correctness reward is > 0."""
+        from dultra_jax.rewards.registry import RewardInputs
+
+        terms = self.rewards.terms if hasattr(self, "rewards") else []
+        fn = [t for t in terms if t[0] in ("math_correctness", "code_tests", "apps_execution")]
+        if not fn:
+            raise ConfigError(f"task {self.cfg.task.name!r} has no correctness reward to evaluate with")
+        values = fn[0][2](RewardInputs(list(completions), list(examples)))
+        return [{"correct": bool((v or 0) > 0), "status": "reward"} for v in values]
 
     # --------------------------------------------------------------------------------------- loop
     def run(self) -> dict[str, Any]:
