@@ -177,25 +177,13 @@ def print_table(rows: list[dict[str, Any]]) -> None:
         print(f"{r['method']:>20} {r['accuracy']:9.1%} {r['nfe']:7.2f} {r['tpf']:7.2f}")
 
 
-def plot_points(summary: dict[str, Any]) -> list[dict[str, Any]]:
-    """The demo as accuracy-vs-NFE points: one curve per baseline sweep, the planner before and after GRPO."""
-    names = {"planner_before_grpo": "planner before GRPO", "planner_after_grpo": "planner after GRPO"}
-    pts = [{"task": "synthetic addition", "series": r["strategy"], "model": "", "label": r["method"].split()[-1],
-            "accuracy": r["accuracy"], "std": 0.0, "nfe": r["nfe"], "gen_length": GEN_LENGTH,
-            "block_length": BLOCK_LENGTH} for r in summary["sweep"]]
-    pts += [{"task": "synthetic addition", "series": names[r["method"]], "model": "", "label": names[r["method"]],
-             "accuracy": r["accuracy"], "std": 0.0, "nfe": r["nfe"], "gen_length": GEN_LENGTH,
-             "block_length": BLOCK_LENGTH} for r in summary["rows"] if r["method"] in names]
-    return pts
-
-
 def _plot(summary: dict[str, Any], out: Path) -> Path | None:
     try:
-        from dultra_jax.eval.plot import plot_accuracy_vs_nfe
+        from dultra_jax.eval.plot import demo_points, plot_accuracy_vs_nfe
     except ImportError:
         print("matplotlib is not installed: no plot")
         return None
-    plot_accuracy_vs_nfe(plot_points(summary), out, title="accuracy vs NFE: baseline sweeps and the planner")
+    plot_accuracy_vs_nfe(demo_points(summary), out, title="accuracy vs NFE: baseline sweeps and the planner")
     return out / "accuracy_vs_nfe.png"
 
 
@@ -204,4 +192,4 @@ def nfe_cut(rows: list[dict[str, Any]]) -> float:
     return 1.0 - by["planner_after_grpo"]["nfe"] / by["planner_before_grpo"]["nfe"]
 
 
-__all__ = ["SIZES", "interpolate_accuracy", "nfe_cut", "plot_points", "print_table", "reward_weights", "run_demo"]
+__all__ = ["SIZES", "interpolate_accuracy", "nfe_cut", "print_table", "reward_weights", "run_demo"]

@@ -55,9 +55,7 @@ def _points(data: Any, f: Path) -> list[dict[str, Any]]:
                  "std": float(data.get("accuracy_std") or 0.0), "nfe": float(data["mean_nfe"]),
                  "gen_length": data.get("gen_length"), "block_length": data.get("block_length")}]
     if isinstance(data, dict) and {"rows", "sweep"} <= data.keys():  # the demo's summary
-        from dultra_jax.demo import plot_points
-
-        return plot_points(data)
+        return demo_points(data)
     if isinstance(data, list) and data and all(isinstance(r, dict) and {"method", "accuracy", "nfe"} <= r.keys()
                                                for r in data):
         return [{"task": str(r.get("task", "demo")), "series": str(r["method"]), "model": "", "label": str(r["method"]),
@@ -65,6 +63,21 @@ def _points(data: Any, f: Path) -> list[dict[str, Any]]:
                  "nfe": float(r["nfe"]), "gen_length": None, "block_length": None} for r in data]
     raise EvalError(f"--summaries: {f} is not an evaluation summary (an object with 'accuracy' and 'mean_nfe', or "
                     "a list of rows with 'method', 'accuracy', 'nfe')")
+
+
+def demo_points(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """``dultra demo``'s summary as accuracy-vs-NFE points: one curve per baseline sweep, the planner before and
+    after GRPO (lives here, not in the demo, so that evaluation never imports the training pipeline)."""
+    names = {"planner_before_grpo": "planner before GRPO", "planner_after_grpo": "planner after GRPO"}
+    shape = next((r for r in summary["rows"] if "gen_length" in r), {})
+    gen, block = shape.get("gen_length"), shape.get("block_length")
+    pts = [{"task": "synthetic addition", "series": r["strategy"], "model": "", "label": r["method"].split()[-1],
+            "accuracy": r["accuracy"], "std": 0.0, "nfe": r["nfe"], "gen_length": gen, "block_length": block}
+           for r in summary["sweep"]]
+    pts += [{"task": "synthetic addition", "series": names[r["method"]], "model": "", "label": names[r["method"]],
+             "accuracy": r["accuracy"], "std": 0.0, "nfe": r["nfe"], "gen_length": gen, "block_length": block}
+            for r in summary["rows"] if r["method"] in names]
+    return pts
 
 
 def plot_accuracy_vs_nfe(points: Sequence[dict[str, Any]], out_dir: str | Path, *, title: str | None = None,
