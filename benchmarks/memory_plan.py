@@ -79,8 +79,13 @@ class Setup:
         return self.run.train.batch_size * (self.run.grpo.num_generations if self.grpo else 1)
 
     @property
+    def gen_len(self) -> int:
+        return self.run.grpo.gen_length if self.grpo else self.run.sequence.gen_length
+
+    @property
     def prompt_len(self) -> int:
-        return self.run.task.max_prompt_length
+        """The longest prompt the pipeline passes (``task.max_prompt_length``), within the model's context."""
+        return min(self.run.task.max_prompt_length, self.model_cfg.max_sequence_length - self.gen_len)
 
     @property
     def recorded_steps(self) -> int:
