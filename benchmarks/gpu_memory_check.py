@@ -1,191 +1,163 @@
-"""Planned vs measured memory on one real GPU: runs the memory plan's small case for real.
+"""Planned vs measured memory on one real GPU: the memory plan's programs (the trainer's own train step and
+rollout loop, benchmarks/memory_plan.py) run for real.
 
-    PYTHONPATH=. python3 benchmarks/gpu_memory_check.py --out DIR        # on a machine with one GPU
-    PYTHONPATH=. python3 benchmarks/gpu_memory_check.py --out DIR --model small   # seconds, anywhere (CPU: no peak)
+    python benchmarks/gpu_memory_check.py --out DIR                      # one GPU: 8B widths, 2 layers, S = 256
+    python benchmarks/gpu_memory_check.py --out DIR --config configs/tiny_cpu.yaml --layers 0   # seconds, anywhere
 
-For each case (the GRPO train micro-step and the rollout decode iteration of ``benchmarks/memory_plan.py``,
-default model ``gpu-small``: LLaDA-8B widths and vocabulary with 2 layers, so it fits one H100) a fresh process
-(the peak counter is per process):
+By default it takes ``configs/grpo_gsm8k_b32.yaml`` at 2 of its layers (LLaDA-8B widths and vocabulary) on a
+one-device mesh, with the rows one GPU of the 8-GPU run gets: the train step's micro-batch rows per device
+(recorded steps = the rollout's cap, 256) and the rollout's rows per device. For each program (a fresh
+process each: the peak counter is per process) it
 1. compiles the program for one CPU device exactly as the memory plan does -> the plan's estimate;
 2. compiles it for the GPU -> XLA:GPU's own estimate (same fields);
-3. creates random weights / optimizer state / batch on the GPU, runs the step twice and reads
+3. creates random weights, optimiser state and inputs on the GPU, runs the program twice and reads
    ``device.memory_stats()['peak_bytes_in_use']``.
-Writes ``DIR/gpu_memory_check.json`` and prints a table. Needs only jax, flax, optax and numpy: if the
-``dultra_jax`` package's own ``__init__`` cannot be imported (its checkpoint I/O needs orbax/safetensors/tqdm),
-the model modules are imported without it.
+Writes ``DIR/gpu_memory_check.json`` and prints a table. JAX preallocates 75% of the GPU by default; the
+driver sets ``XLA_PYTHON_CLIENT_MEM_FRACTION=0.95`` for the children (the peak counter is what is measured).
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import subprocess
 import sys
 import time
-import types
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 GIB = 1024**3
-# Per model: (train micro-batch, rollout batch, prompt length, generation length). gpu-small's plan is about
-# 42 GiB (train) and 37 GiB (decode) on one device: measurable, and within an H100 with room for plan error.
-CASES = {
-    "gpu-small": {"train": 16, "decode": 32, "prompt_len": 256, "gen_len": 256},
-    "small": {"train": 4, "decode": 4, "prompt_len": 32, "gen_len": 32},
-}
+DEFAULT_CONFIG = REPO / "configs" / "grpo_gsm8k_b32.yaml"
+FIELDS = ("argument_bytes", "output_bytes", "alias_bytes", "temp_bytes", "per_device_bytes")
 
 
-def import_package() -> str:
-    """Import dultra_jax; without its optional I/O dependencies, register the package bare (no ``__init__``)."""
-    try:
-        importlib.import_module("dultra_jax")
-        return "full"
-    except ImportError as e:
-        for name in [m for m in sys.modules if m == "dultra_jax" or m.startswith("dultra_jax.")]:
-            del sys.modules[name]
-        pkg = types.ModuleType("dultra_jax")
-        pkg.__path__ = [str(REPO / "dultra_jax")]
-        sys.modules["dultra_jax"] = pkg
-        return f"bare (package __init__ skipped: {e})"
-
-
-# ------------------------------------------------------------------------------------------------ one case
-def run_case(step: str, model: str, batch: int, prompt_len: int, gen_len: int, remat: str) -> dict:
-    package = import_package()
-    sys.path.insert(0, str(Path(__file__).parent))
-    import flax
+def _random_tree(tree, vocab: int, seed: int):
+    """Random device arrays for an abstract tree (each leaf created in place with its sharding): floats small
+    normals, ids in the ordinary vocabulary, padding masks all ones, reveal flags 5% True, keys fresh."""
     import jax
     import jax.numpy as jnp
+
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    out = []
+    for i, (path, a) in enumerate(leaves):
+        name = jax.tree_util.keystr(path)
+        key = jax.random.fold_in(jax.random.key(seed), i)
+
+        def make(a=a, key=key, name=name):
+            if jnp.issubdtype(a.dtype, jax.dtypes.prng_key):
+                return jax.random.key(0)
+            if a.dtype == jnp.bool_:
+                return jax.random.bernoulli(key, 0.05, a.shape)
+            if jnp.issubdtype(a.dtype, jnp.integer):
+                if "mask" in name:
+                    return jnp.ones(a.shape, a.dtype)
+                return jax.random.randint(key, a.shape, 0, min(vocab - 3, 100_000), a.dtype)
+            return (0.02 * jax.random.normal(key, a.shape, jnp.float32)).astype(a.dtype)
+
+        out.append(jax.jit(make, out_shardings=a.sharding)())
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def run_case(case: str, config: str, layers: int | None, micro_rows: int | None, rollout_rows: int | None,
+             overrides: list[str]) -> dict:
+    sys.path.insert(0, str(Path(__file__).parent))
+    import jax
     import memory_plan as mp  # beside this file
-    import numpy as np
 
-    from dultra_jax.parallel import ShardingPlan, make_mesh, shardings_of
+    from dultra_jax.training.config import load_run_config
 
+    run = load_run_config(config, overrides)
     device = jax.devices()[0]
-    cfg = mp.MODELS[model]()
-    fields = ("argument_bytes", "output_bytes", "alias_bytes", "temp_bytes", "per_device_bytes")
+    one = "data=1,fsdp=1,tensor=1"
 
-    # XLA's estimate for this device (compiled first: on a CPU it is also the plan)
-    plan = ShardingPlan(make_mesh("data=1,fsdp=1,tensor=1", devices=[device]))
-    if step == "train":
-        prog = mp.train_program(plan, cfg, batch, prompt_len, gen_len, remat=remat)
+    def program(devices):
+        setup = mp.make_setup(run, devices, mesh=one, layers=layers)
+        if case == "train_step":
+            return setup, mp.train_step_program(setup, micro_rows=micro_rows)
+        return setup, mp.rollout_program(setup, rows=rollout_rows, weights=case.split(":", 1)[1])
+
+    cpu_setup, cpu_prog = program(jax.devices("cpu")[:1])
+    planned, compiled = mp.measure(cpu_prog, return_compiled=True)
+    if device.platform == "cpu":  # XLA:CPU's estimate for this device is the plan
+        setup, prog, est = cpu_setup, cpu_prog, dict(planned)
     else:
-        prog = mp.decode_program(plan, cfg, batch, prompt_len, gen_len)
-    t0 = time.perf_counter()
-    compiled = prog.fn.lower(*prog.args).compile()
-    compile_s = time.perf_counter() - t0
-    m = compiled.memory_analysis()
-    est = {"argument_bytes": m.argument_size_in_bytes, "output_bytes": m.output_size_in_bytes,
-           "alias_bytes": m.alias_size_in_bytes, "temp_bytes": m.temp_size_in_bytes}
-    est["per_device_bytes"] = est["argument_bytes"] + est["output_bytes"] - est["alias_bytes"] + est["temp_bytes"]
+        setup, prog = program([device])
+        est, compiled = mp.measure(prog, return_compiled=True)
 
-    # the plan, as memory_plan.py computes it (XLA:CPU, one device); on a CPU that is the program just compiled
-    if device.platform == "cpu":
-        planned = {**est, "param_count": prog.param_count}
-    else:
-        planned = mp.plan_memory(model, "data=1,fsdp=1,tensor=1", step, batch, prompt_len, gen_len,
-                                 devices=jax.devices("cpu")[:1], remat=remat)
-
-    # for real: random weights created on the device, then the step
-    rng = np.random.default_rng(0)
-    length = prompt_len + gen_len
-    canvas = rng.integers(0, cfg.vocab_size - 2, size=(batch, length)).astype(np.int32)
-    canvas[:, prompt_len:] = cfg.mask_token_id
-    block_end = np.full((batch,), prompt_len + 32, np.int32)
-    if step == "train":
-        model_obj = plan.create_model(cfg, dtype=jnp.bfloat16, param_dtype=jnp.float32, remat=remat,
-                                      attention_impl="xla")
-        params = flax.nnx.state(model_obj)
-        tx = mp.make_optimizer()
-        opt_state = jax.jit(tx.init, out_shardings=shardings_of(prog.args[1]))(params)
-        revealed = rng.random((batch, length)) < 0.1
-        data = {"canvas": canvas, "tokens": rng.integers(0, cfg.vocab_size - 2, size=(batch, length)),
-                "reveal": revealed, "block_end": block_end, "old_logp": np.zeros(batch, np.float32),
-                "advantages": rng.normal(size=batch).astype(np.float32)}
-        data = jax.device_put({k: np.asarray(v, prog.args[2][k].dtype) for k, v in data.items()},
-                              shardings_of(prog.args[2]))
-        del model_obj
-
-        def go(args):
-            p, o, loss = compiled(*args, data)
-            return (p, o), float(loss)
-
-        args = (params, opt_state)
-    else:
-        model_obj = plan.create_model(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, attention_impl="xla")
-        params = flax.nnx.state(model_obj)
-        del model_obj
-        steps = gen_len
-        state = {"canvas": canvas, "block_end": block_end, "x0": np.zeros((steps, batch, length), np.int32),
-                 "logp": np.zeros((steps, batch, length), np.float32), "step": np.int32(0),
-                 "key": np.asarray(jax.random.key_data(jax.random.key(0)), np.uint32)}
-        state = jax.device_put(state, shardings_of(prog.args[1]))
-
-        def go(args):
-            p, st = args
-            st = compiled(p, st)
-            return (p, st), int(st["step"])
-
-        args = (params, state)
+    vocab = setup.model_cfg.vocab_size
+    args = list(prog.args)
+    present = [i for i, a in enumerate(args) if a is not None]
+    made = _random_tree([args[i] for i in present], vocab, seed=0)
+    for i, a in zip(present, made, strict=True):
+        args[i] = a
+    if case == "train_step":  # zero optimiser moments (the fresh state the trainer starts from)
+        args[2] = jax.tree.map(lambda a: a * 0, args[2])
     jax.block_until_ready(args)
     stats = device.memory_stats() or {}
     before = stats.get("bytes_in_use")
     times, checks = [], []
-    for _ in range(2):
-        t0 = time.perf_counter()
-        args, check = go(args)
-        jax.block_until_ready(args)
-        times.append(time.perf_counter() - t0)
-        checks.append(check)
+    with setup.plan.context():
+        for _ in range(2):
+            t0 = time.perf_counter()
+            if case == "train_step":
+                trainable, opt_state, metrics = compiled(*args)
+                jax.block_until_ready(trainable)
+                args[0], args[2] = trainable, opt_state
+                checks.append(float(metrics["loss"]))
+            else:
+                res = compiled(*args)
+                jax.block_until_ready(res.tokens)
+                checks.append(int(res.iterations))
+            times.append(time.perf_counter() - t0)
     stats = device.memory_stats() or {}
     peak = stats.get("peak_bytes_in_use")
+    info = {k: v for k, v in planned.items() if k not in FIELDS}
     return {
-        "case": step,
-        "model": model,
-        "batch": batch,
-        "prompt_len": prompt_len,
-        "gen_len": gen_len,
-        "remat": remat if step == "train" else None,
-        "param_count": planned["param_count"],
-        "device": f"{device.platform}:{getattr(device, 'device_kind', '?')}",
-        "jax": jax.__version__,
-        "flax": flax.__version__,
-        "package_import": package,
-        "plan_cpu": {k: planned[k] for k in fields},
-        "xla_estimate_this_device": est,
-        "compile_s": round(compile_s, 2),
-        "measured": {
-            "bytes_in_use_before_step": before,
-            "peak_bytes_in_use": peak,
-            "bytes_limit": stats.get("bytes_limit"),
-            "note": None if peak is not None else f"{device.platform} reports no memory_stats(); run on a GPU",
-        },
+        "case": case, "config": str(config), "model": setup.model_source,
+        "batch": info.get("micro_batch_rows", info.get("rows")), "info": info,
+        "device": f"{device.platform}:{getattr(device, 'device_kind', '?')}", "jax": jax.__version__,
+        "plan_cpu": {k: planned[k] for k in FIELDS}, "xla_estimate_this_device": {k: est[k] for k in FIELDS},
+        "measured": {"bytes_in_use_before_step": before, "peak_bytes_in_use": peak,
+                     "bytes_limit": stats.get("bytes_limit"),
+                     "note": None if peak is not None else f"{device.platform} has no memory_stats(); run on a GPU"},
         "peak_over_plan": None if peak is None else round(peak / planned["per_device_bytes"], 3),
         "peak_over_xla_estimate": None if peak is None else round(peak / est["per_device_bytes"], 3),
         "step_s": [round(t, 4) for t in times],
-        "check": checks,  # train: the loss of each step; decode: the step counter
+        "check": checks,  # train step: the loss of each step; rollout: the loop's iterations
     }
 
 
-# ------------------------------------------------------------------------------------------------ driver
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="directory for gpu_memory_check.json")
-    ap.add_argument("--model", default="gpu-small", choices=sorted(CASES))
-    ap.add_argument("--cases", default="train,decode")
-    ap.add_argument("--train-batch", type=int, default=None)
-    ap.add_argument("--decode-batch", type=int, default=None)
-    ap.add_argument("--remat", default="full")
+    ap.add_argument("--config", default=str(DEFAULT_CONFIG))
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
+    ap.add_argument("--layers", type=int, default=2, help="layers to build (0: the config's own)")
+    ap.add_argument("--micro-rows", type=int, default=None,
+                    help="train micro-batch rows (default: one device's share of the config's)")
+    ap.add_argument("--rollout-rows", type=int, default=None,
+                    help="rollout rows (default: one device's share of the config's)")
+    ap.add_argument("--cases", default="train_step,rollout:sharded,rollout:replicated_bf16")
     ap.add_argument("--case", default=None, help=argparse.SUPPRESS)  # internal: run one case, print JSON
     args = ap.parse_args(argv)
-    sizes = dict(CASES[args.model])
-    sizes["train"] = args.train_batch or sizes["train"]
-    sizes["decode"] = args.decode_batch or sizes["decode"]
+    layers = args.layers or None
+
+    if args.micro_rows is None or args.rollout_rows is None:  # one device's share of the config's mesh
+        from dultra_jax.parallel import MeshConfig
+        from dultra_jax.training.config import load_run_config
+
+        run = load_run_config(args.config, args.set)
+        n_dev = 1
+        if run.train.mesh:
+            sizes = MeshConfig.parse(run.train.mesh).sizes
+            n_dev = max(1, sizes["data"]) * max(1, sizes["fsdp"]) if -1 not in sizes.values() else 8
+        rows = run.train.batch_size * (run.grpo.num_generations if run.train.mode == "grpo" else 1)
+        args.micro_rows = args.micro_rows or max(1, rows // run.train.micro_batches // n_dev)
+        args.rollout_rows = args.rollout_rows or max(1, rows // n_dev)
 
     if args.case:
-        r = run_case(args.case, args.model, sizes[args.case], sizes["prompt_len"], sizes["gen_len"], args.remat)
+        r = run_case(args.case, args.config, layers, args.micro_rows, args.rollout_rows, args.set)
         print("RESULT " + json.dumps(r))
         return 0
 
@@ -195,8 +167,10 @@ def main(argv: list[str] | None = None) -> int:
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH", "")]))
     results, failed = [], False
     for case in args.cases.split(","):
-        cmd = [sys.executable, __file__, "--out", str(out), "--model", args.model, "--case", case,
-               "--train-batch", str(sizes["train"]), "--decode-batch", str(sizes["decode"]), "--remat", args.remat]
+        cmd = [sys.executable, __file__, "--out", str(out), "--config", args.config, "--layers", str(args.layers),
+               "--micro-rows", str(args.micro_rows), "--rollout-rows", str(args.rollout_rows), "--case", case]
+        for item in args.set:
+            cmd += ["--set", item]
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -210,11 +184,13 @@ def main(argv: list[str] | None = None) -> int:
         results.append(r)
         peak = r["measured"]["peak_bytes_in_use"]
         planned, est = r["plan_cpu"]["per_device_bytes"], r["xla_estimate_this_device"]["per_device_bytes"]
-        print(f"{case:6s} {r['model']} B={r['batch']} on {r['device']}: plan {planned / GIB:.2f} GiB, "
-              f"XLA estimate {est / GIB:.2f} GiB, measured peak "
+        print(f"{case:26s} {r['batch']} rows on {r['device']}: plan {planned / GIB:.2f} GiB, XLA estimate "
+              f"{est / GIB:.2f} GiB, measured peak "
               + (f"{peak / GIB:.2f} GiB (x{r['peak_over_plan']} of plan)" if peak is not None else "n/a"))
     doc = {"benchmark": "gpu_memory_check", "results": results}
-    (out / "gpu_memory_check.json").write_text(json.dumps(doc, indent=2) + "\n")
+    tmp = out / ".gpu_memory_check.json.tmp"
+    tmp.write_text(json.dumps(doc, indent=2) + "\n")
+    tmp.replace(out / "gpu_memory_check.json")
     print(f"wrote {out / 'gpu_memory_check.json'}")
     return 1 if failed else 0
 

@@ -70,13 +70,22 @@ class Setup:
     plan: Any  # ShardingPlan
 
     @property
+    def grpo(self) -> bool:
+        return self.run.train.mode == "grpo"
+
+    @property
     def rows(self) -> int:
-        """Rollout rows per step: prompts x generations."""
-        return self.run.train.batch_size * self.run.grpo.num_generations
+        """Rows per step: rollout rows (prompts x generations) for GRPO, sequences otherwise."""
+        return self.run.train.batch_size * (self.run.grpo.num_generations if self.grpo else 1)
+
+    @property
+    def gen_len(self) -> int:
+        return self.run.grpo.gen_length if self.grpo else self.run.sequence.gen_length
 
     @property
     def prompt_len(self) -> int:
-        return self.run.task.max_prompt_length
+        """The longest prompt the pipeline passes (``task.max_prompt_length``), within the model's context."""
+        return min(self.run.task.max_prompt_length, self.model_cfg.max_sequence_length - self.gen_len)
 
     @property
     def recorded_steps(self) -> int:
@@ -212,46 +221,70 @@ def _rows_check(setup: Setup, rows: int, what: str) -> None:
                          f"{dict(setup.plan.mesh.shape)}; use a multiple of {q} rows")
 
 
+def _loss(run):
+    """The loss the trainer's step takes for ``train.mode`` (training.trainer.Trainer._build_step)."""
+    if run.train.mode == "grpo":
+        from dultra_jax.training.grpo import make_loss
+
+        return make_loss(_loss_config(run))
+    if run.train.mode == "planner":
+        from dultra_jax.training.planner_pretrain import planner_loss
+
+        factor = run.sequence.factor
+        return lambda gd, states, batch, rng: planner_loss(gd, states, batch, rng, factor=factor)
+    from dultra_jax.training.sft import sft_loss
+
+    smoothing = run.sequence.label_smoothing
+    return lambda gd, states, batch, rng: sft_loss(gd, states, batch, rng, label_smoothing=smoothing)
+
+
 def train_step_program(setup: Setup, *, micro_rows: int | None = None, recorded_steps: int | None = None,
                        state=None) -> Program:
-    """The trainer's GRPO step over ``train.micro_batches`` micro-batches of ``micro_rows`` rows each."""
+    """The trainer's step over ``train.micro_batches`` micro-batches of ``micro_rows`` rows each, with the
+    batch the trainer builds for ``train.mode`` (GRPO: the recorded rollout; SFT / planner: sequences of
+    ``task.max_prompt_length + sequence.gen_length``)."""
     from dultra_jax.model import axes
-    from dultra_jax.training.grpo import Rollout, make_loss
+    from dultra_jax.training.grpo import Rollout
     from dultra_jax.training.step import make_train_step
 
     jax = _jax()
     run, plan = setup.run, setup.plan
-    if run.train.mode != "grpo":
-        raise ValueError(f"the plan covers GRPO runs; {run.train.mode!r} has no rollout")
     n = run.train.micro_batches
     if micro_rows is None:
         if setup.rows % n:
-            raise ValueError(f"{setup.rows} rollout rows do not split into train.micro_batches={n}")
+            raise ValueError(f"{setup.rows} rows per step do not split into train.micro_batches={n}")
         micro_rows = setup.rows // n
-    _rows_check(setup, micro_rows, f"train.micro_batches={n} of the {setup.rows} rollout rows")
-    s = recorded_steps or setup.recorded_steps
+    _rows_check(setup, micro_rows, f"train.micro_batches={n} of the {setup.rows} rows per step")
     graphdef, trainable, frozen, opt_state, tx = state or training_state(setup)
-    cfg = _loss_config(run)
-    step = make_train_step(graphdef, make_loss(cfg), tx, plan=plan, trainable=trainable, frozen=frozen,
+    step = make_train_step(graphdef, _loss(run), tx, plan=plan, trainable=trainable, frozen=frozen,
                            opt_state=opt_state)
-    p, length = setup.prompt_len, setup.prompt_len + run.grpo.gen_length
     b = axes.ACT_BATCH
     rows3, hist = plan.sharding([None, b, None]), plan.sharding([None, None, b, None])
-    micro = Rollout(
-        prompt_ids=_sds((n, micro_rows, p), np.int32, rows3),
-        reveal=_sds((n, s, micro_rows, length), np.bool_, hist),
-        proposals=_sds((n, s, micro_rows, length), np.int32, hist),
-        old_logps=_sds((n, s, micro_rows, length), np.float32, hist),
-        advantages=_sds((n, micro_rows), np.float32, plan.sharding([None, b])),
-        attention_mask=_sds((n, micro_rows, length), np.int32, rows3),
-        ref_logps=_sds((n, s, micro_rows, length), np.float32, hist) if cfg.beta > 0 else None,
-    )
+    s = None
+    if setup.grpo:
+        s = recorded_steps or setup.recorded_steps
+        p, length = setup.prompt_len, setup.prompt_len + run.grpo.gen_length
+        beta = _loss_config(run).beta
+        batch = Rollout(
+            prompt_ids=_sds((n, micro_rows, p), np.int32, rows3),
+            reveal=_sds((n, s, micro_rows, length), np.bool_, hist),
+            proposals=_sds((n, s, micro_rows, length), np.int32, hist),
+            old_logps=_sds((n, s, micro_rows, length), np.float32, hist),
+            advantages=_sds((n, micro_rows), np.float32, plan.sharding([None, b])),
+            attention_mask=_sds((n, micro_rows, length), np.int32, rows3),
+            ref_logps=_sds((n, s, micro_rows, length), np.float32, hist) if beta > 0 else None,
+        )
+    else:
+        length = setup.prompt_len + run.sequence.gen_length
+        second = ("block_index", np.bool_) if run.train.mode == "planner" else ("answer_mask", np.int32)
+        batch = {"input_ids": _sds((n, micro_rows, length), np.int32, rows3),
+                 second[0]: _sds((n, micro_rows, length), second[1], rows3)}
     key = jax.eval_shape(lambda: jax.random.key(0))
     rng = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=plan.replicated)
     info = {"rows_per_device": micro_rows // plan.batch_shards, "micro_batch_rows": micro_rows,
-            "micro_batches": n, "recorded_steps": s,
+            "micro_batches": n, "recorded_steps": s, "sequence_length": length,
             "training_state_bytes": shard_bytes((trainable, frozen, opt_state))}
-    return Program(step, (trainable, frozen, opt_state, micro, rng), info)
+    return Program(step, (trainable, frozen, opt_state, batch, rng), info)
 
 
 def _fsdp_free_rules(rules):
@@ -306,19 +339,20 @@ def rollout_program(setup: Setup, *, rows: int | None = None, weights: str = "sh
 
 
 # ------------------------------------------------------------------------------------------- analysis
-def measure(prog: Program) -> dict[str, Any]:
-    """Lower + compile; XLA's per-device bytes."""
+def measure(prog: Program, *, return_compiled: bool = False):
+    """Lower + compile; XLA's per-device bytes (and the compiled program)."""
     t0 = time.perf_counter()
     lowered = prog.fn.lower(*prog.args)
     t1 = time.perf_counter()
-    mem = lowered.compile().memory_analysis()
+    compiled = lowered.compile()
+    mem = compiled.memory_analysis()
     t2 = time.perf_counter()
     arg, out, alias = mem.argument_size_in_bytes, mem.output_size_in_bytes, mem.alias_size_in_bytes
     temp = mem.temp_size_in_bytes
-    return {"per_device_bytes": int(arg + out - alias + temp), "argument_bytes": int(arg), "output_bytes": int(out),
+    r = {"per_device_bytes": int(arg + out - alias + temp), "argument_bytes": int(arg), "output_bytes": int(out),
             "alias_bytes": int(alias), "temp_bytes": int(temp),
-            "expected_argument_bytes": shard_bytes([a for a in prog.args if a is not None]),
             **prog.info, "lower_s": round(t1 - t0, 2), "compile_s": round(t2 - t1, 2)}
+    return (r, compiled) if return_compiled else r
 
 
 def _with_training_state(r: dict, state_bytes: int, weights: str) -> dict:
@@ -329,14 +363,18 @@ def _with_training_state(r: dict, state_bytes: int, weights: str) -> dict:
 
 
 def plan_programs(setup: Setup, *, micro_rows: int | None = None, rollout_rows: int | None = None,
-                  weights: tuple[str, ...] = ROLLOUT_WEIGHTS, log=lambda *_: None) -> dict[str, Any]:
+                  weights: tuple[str, ...] = ROLLOUT_WEIGHTS, with_train: bool = True,
+                  log=lambda *_: None) -> dict[str, Any]:
     state = training_state(setup)
-    train = measure(train_step_program(setup, micro_rows=micro_rows, state=state))
-    log(f"  train_step {train['micro_batch_rows']} rows x {train['micro_batches']} micro-batches, "
-        f"S={train['recorded_steps']}: {train['per_device_bytes'] / GIB:.2f} GiB/device "
-        f"(compile {train['compile_s']} s)")
+    if not with_train:  # only the resident training state, for the rollouts beside it
+        train = {"training_state_bytes": shard_bytes(state[1:4])}
+    else:
+        train = measure(train_step_program(setup, micro_rows=micro_rows, state=state))
+        log(f"  train_step {train['micro_batch_rows']} rows x {train['micro_batches']} micro-batches, "
+            f"S={train['recorded_steps']}: {train['per_device_bytes'] / GIB:.2f} GiB/device "
+            f"(compile {train['compile_s']} s)")
     rollouts = {}
-    for w in weights:
+    for w in weights if setup.grpo else ():
         r = _with_training_state(measure(rollout_program(setup, rows=rollout_rows, weights=w)),
                                  train["training_state_bytes"], w)
         rollouts[w] = r
@@ -348,7 +386,7 @@ def plan_programs(setup: Setup, *, micro_rows: int | None = None, rollout_rows: 
 
 
 _BYTE_KEYS = ("per_device_bytes", "argument_bytes", "output_bytes", "alias_bytes", "temp_bytes",
-              "expected_argument_bytes", "training_state_bytes", "weight_bytes", "resident_training_state_bytes",
+              "training_state_bytes", "weight_bytes", "resident_training_state_bytes",
               "per_device_bytes_with_training_state")
 
 
@@ -371,7 +409,8 @@ def extrapolate(at: dict[int, dict], layers: int) -> dict:
         for k in _BYTE_KEYS:
             if k in a[prog]:
                 out[prog][k] = lin(a[prog][k], b[prog][k])
-        out[prog]["compile_s"] = round(a[prog]["compile_s"] + b[prog]["compile_s"], 2)
+        if "compile_s" in a[prog]:
+            out[prog]["compile_s"] = round(a[prog]["compile_s"] + b[prog]["compile_s"], 2)
     for w, r in out.get("rollout_variants", {}).items():
         for k in _BYTE_KEYS:
             if k in r:
@@ -393,14 +432,16 @@ def summarize(doc: dict, margin: float, budget: float) -> dict:
 
 
 def run_plan(run, devices, *, mesh=None, preset_name="llada-8b", layers=None, extrapolate_from=None,
-             micro_rows=None, rollout_rows=None, weights=ROLLOUT_WEIGHTS, log=lambda *_: None) -> dict[str, Any]:
+             micro_rows=None, rollout_rows=None, weights=ROLLOUT_WEIGHTS, with_train=True,
+             log=lambda *_: None) -> dict[str, Any]:
     """The plan's programs for one run config (optionally extrapolated from two layer counts)."""
     if extrapolate_from:
         at = {}
         for n in extrapolate_from:
             log(f"{n} layers:")
             setup = make_setup(run, devices, mesh=mesh, preset_name=preset_name, layers=n)
-            at[n] = plan_programs(setup, micro_rows=micro_rows, rollout_rows=rollout_rows, weights=weights, log=log)
+            at[n] = plan_programs(setup, micro_rows=micro_rows, rollout_rows=rollout_rows, weights=weights,
+                                  with_train=with_train, log=log)
         full = make_setup(run, devices, mesh=mesh, preset_name=preset_name, layers=layers)
         target = full.model_cfg.n_layers
         res = extrapolate(at, target)
@@ -409,7 +450,8 @@ def run_plan(run, devices, *, mesh=None, preset_name="llada-8b", layers=None, ex
                          "at": {str(k): v for k, v in at.items()}}
         return {"setup": full, **res}
     setup = make_setup(run, devices, mesh=mesh, preset_name=preset_name, layers=layers)
-    res = plan_programs(setup, micro_rows=micro_rows, rollout_rows=rollout_rows, weights=weights, log=log)
+    res = plan_programs(setup, micro_rows=micro_rows, rollout_rows=rollout_rows, weights=weights,
+                        with_train=with_train, log=log)
     res["layers"] = {"compiled": [setup.model_cfg.n_layers], "reported": setup.model_cfg.n_layers,
                      "method": "compiled at this layer count"}
     return {"setup": setup, **res}
@@ -428,8 +470,9 @@ def document(run_path: str, res: dict, budget_name: str, margin: float) -> dict[
         "devices": int(setup.plan.mesh.size), "backend": jax.devices()[0].platform,
         "param_count": n_params, "budget": budget_name, "budget_bytes": int(BUDGETS[budget_name]), "margin": margin,
         "usable_bytes": int((1 - margin) * BUDGETS[budget_name]),
-        "rows": setup.rows, "prompt_len": setup.prompt_len, "gen_len": setup.run.grpo.gen_length,
-        "block_length": setup.run.grpo.block_length, "remat": setup.run.model.remat,
+        "mode": setup.run.train.mode, "rows": setup.rows, "prompt_len": setup.prompt_len,
+        "gen_len": setup.run.grpo.gen_length if setup.grpo else setup.run.sequence.gen_length,
+        "block_length": setup.run.grpo.block_length if setup.grpo else None, "remat": setup.run.model.remat,
         "programs": {"train_step": res["train_step"], "rollout": res["rollout"]},
         "rollout_variants": res["rollout_variants"], "layers": res["layers"],
     }
@@ -469,12 +512,12 @@ def search(run, devices, *, mesh=None, preset_name="llada-8b", layers=None, extr
     q = make_setup(run, devices, mesh=mesh, preset_name=preset_name, layers=1).plan.batch_shards
     seen: dict[tuple, dict] = {}
 
-    def plan_at(micro_rows=None, rollout_rows=None, weights=("sharded",)):
-        key = (micro_rows, rollout_rows, weights)
+    def plan_at(micro_rows=None, rollout_rows=None, weights=("sharded",), with_train=True):
+        key = (micro_rows, rollout_rows, weights, with_train)
         if key not in seen:
             seen[key] = run_plan(run, devices, mesh=mesh, preset_name=preset_name, layers=layers,
                                  extrapolate_from=extrapolate_from, micro_rows=micro_rows,
-                                 rollout_rows=rollout_rows, weights=weights)
+                                 rollout_rows=rollout_rows, weights=weights, with_train=with_train)
         return seen[key]
 
     def train_bytes(rows):
@@ -487,9 +530,9 @@ def search(run, devices, *, mesh=None, preset_name="llada-8b", layers=None, extr
     out["train_step"] = {"largest_micro_batch_rows": best, "next_over_budget": over,
                          "per_device_bytes": best and plan_at(micro_rows=best, rollout_rows=q,
                                                               weights=())["train_step"]["per_device_bytes"]}
-    for w in ROLLOUT_WEIGHTS:
+    for w in ROLLOUT_WEIGHTS if run.train.mode == "grpo" else ():
         def roll_bytes(rows, w=w):
-            r = plan_at(micro_rows=q, rollout_rows=rows, weights=(w,))["rollout_variants"][w]
+            r = plan_at(rollout_rows=rows, weights=(w,), with_train=False)["rollout_variants"][w]
             log(f"  rollout[{w}] {rows} rows: {r['per_device_bytes_with_training_state'] / GIB:.2f} GiB/device "
                 f"with the training state")
             return r["per_device_bytes_with_training_state"]

@@ -169,6 +169,61 @@ def eval_throughput_tables() -> list[str]:
     return parts
 
 
+def memory_plan_tables() -> list[str]:
+    """benchmarks/memory_plan.py --config ... --out memory_plan_<config>.json: the trainer's programs per config."""
+    gib = 1024**3
+    rows, search_rows, notes = [], [], set()
+    for name in sorted(RESULTS.glob("memory_plan_*.json")):
+        d = json.loads(name.read_text())
+        p, v = d["programs"], d.get("rollout_variants", {})
+        t = p["train_step"]
+        cfg = Path(d["config"]).name
+        roll = {w: f"{r['per_device_bytes_with_training_state'] / gib:.1f} ({r['rows_per_device']}/dev)"
+                for w, r in v.items()}
+        steps = t.get("recorded_steps") or "-"
+        rows.append([cfg, d["mesh"], f"{t['per_device_bytes'] / gib:.1f}", f"{t['temp_bytes'] / gib:.1f}",
+                     f"{t['micro_batch_rows']} x {t['micro_batches']} ({t['rows_per_device']}/dev)", steps,
+                     roll.get("sharded", "-"), roll.get("replicated_bf16", "-"),
+                     "yes" if all(d["fits"].values()) else "NO"])
+        notes.add(f"{d['layers']['method']}; {d['machine']['cpu']}, jax {d['machine']['jax']}")
+        if "search" in d:
+            sr = d["search"]
+            ts, ro = sr["train_step"], sr["rollout"]
+            best = ts["largest_micro_batch_rows"]
+            search_rows.append([cfg, "-" if best is None else f"{best} ({best // sr['quantum_rows']}/dev)",
+                                ro.get("sharded", {}).get("largest_rows", "-"),
+                                ro.get("replicated_bf16", {}).get("largest_rows", "-")])
+    if not rows:
+        return []
+    header = ["config", "mesh", "train step GiB/dev", "of it temp", "micro-batch rows", "S",
+              "rollout sharded GiB/dev (+ state)", "rollout replicated bf16 GiB/dev (+ state)", "fits H200 -10%"]
+    parts = [f"`memory_plan_*.json` ({'; '.join(sorted(notes))})\n\n" + _table(header, rows)]
+    if search_rows:
+        parts.append("Largest that fit (H200, 10% margin), `--search`:\n\n" + _table(
+            ["config", "train micro-batch rows", "rollout rows (sharded)", "rollout rows (replicated bf16)"],
+            search_rows))
+    return parts
+
+
+def replay_memory_table() -> list[str]:
+    """benchmarks/replay_memory.py: the replayed loss's gradient temporaries vs recorded iterations S."""
+    docs = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("replay_memory_*.json"))]
+    if not docs:
+        return []
+    steps = sorted({r["steps"] for d in docs for r in d["rows"]})
+    rows = []
+    for d in docs:
+        by = {r["steps"]: r["temp_bytes"] for r in d["rows"]}
+        rows.append([d["label"], d["commit"]] + [f"{by[s] / 1e6:,.0f}" if s in by else "-" for s in steps]
+                    + [f"{d['temp_bytes_per_step'] / 1e6:.1f}", f"{d['param_copies_per_step']:.3f}"])
+    d = docs[0]
+    return [f"`replay_memory_*.json`: AOT memory of jit(grad(grpo_loss)), {d['param_count']:,} parameters "
+            f"({d['param_bytes'] / 1e6:.0f} MB fp32), B={d['batch']} P={d['prompt_len']} G={d['gen_len']}, "
+            f"{d['device']}"
+            "\n\n" + _table(["code", "commit"] + [f"temp MB at S={s}" for s in steps]
+                             + ["MB per extra iteration", "parameter copies per iteration"], rows)]
+
+
 def memory_check_table() -> list[str]:
     d = _load("gpu_memory_check.json")
     if d is None:
@@ -235,6 +290,8 @@ SECTIONS = {
                 ("Decode throughput sweep (8B shapes)", throughput_table),
                 ("Toy acceptance (GRPO with a step penalty)", toy_table),
                 ("Approximate caches on a trained model", cache_agreement_table),
+                ("Replay memory vs recorded iterations", replay_memory_table),
+                ("Memory plan of the shipped configs", memory_plan_tables),
                 ("Planned vs measured memory", memory_check_table),
                 ("HumanEval scoring rule", humaneval_sanitizer_table)],
     "demo": [("The demo's trade-off", demo_sweep_tables)],

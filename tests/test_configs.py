@@ -1,0 +1,83 @@
+"""The shipped configs: every YAML is a valid RunConfig, and the 8xH200 ones set their mesh and fit there.
+
+The fit is checked with the memory plan's real programs (benchmarks/memory_plan.py: the trainer's train step
+and the rollout loop, AOT-compiled on 8 fake CPU devices) at the 8B widths with one layer, so it runs in
+seconds; the full-depth numbers are in benchmarks/results/memory_plan_*.json.
+"""
+
+import sys
+from pathlib import Path
+
+import jax
+import pytest
+
+from dultra_jax.config import ConfigError
+from dultra_jax.parallel import MeshConfig
+from dultra_jax.training.config import RunConfig, load_run_config
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs"
+sys.path.insert(0, str(REPO / "benchmarks"))
+import memory_plan as mp  # noqa: E402
+
+NOT_RUN_CONFIGS = {"rewards.yaml"}  # the reward table (dultra_jax.rewards), not a run
+RUN_CONFIGS = sorted(p for p in CONFIGS.glob("*.yaml") if p.name not in NOT_RUN_CONFIGS)
+
+
+def targets_8xh200(path: Path) -> bool:
+    """The configs written for one 8xH200 node say so in their header comment."""
+    header = [ln for ln in path.read_text().splitlines() if ln.startswith("#")]
+    return any("8xH200" in ln for ln in header)
+
+
+H200_CONFIGS = [p for p in RUN_CONFIGS if targets_8xh200(p)]
+
+
+def test_the_config_directory_is_covered():
+    assert {p.name for p in CONFIGS.glob("*.yaml")} == {p.name for p in RUN_CONFIGS} | NOT_RUN_CONFIGS
+    assert len(H200_CONFIGS) >= 4
+
+
+@pytest.mark.parametrize("path", RUN_CONFIGS, ids=lambda p: p.name)
+def test_every_config_loads_and_rejects_unknown_keys(path):
+    assert isinstance(load_run_config(path), RunConfig)
+    with pytest.raises(ConfigError, match="unknown key"):
+        load_run_config(path, ["train.no_such_key=1"])
+
+
+@pytest.mark.parametrize("path", H200_CONFIGS, ids=lambda p: p.name)
+def test_8xh200_configs_set_an_8_device_mesh(path):
+    run = load_run_config(path)
+    assert run.train.mesh, f"{path.name} targets 8xH200 but sets no train.mesh"
+    sizes = MeshConfig.parse(run.train.mesh).resolve(8)
+    assert sizes["data"] * sizes["fsdp"] * sizes["tensor"] == 8
+
+
+def _program_key(run):
+    """Configs whose programs have the same shapes compile once (GSM8K and APPS differ only in data)."""
+    g, t, m = run.grpo, run.train, run.model
+    shape = (g.gen_length, g.block_length, g.num_generations, g.beta > 0) if t.mode == "grpo" else (
+        run.sequence.gen_length,)
+    return (t.mode, t.batch_size, t.micro_batches, t.trainable, t.mesh, run.task.max_prompt_length, m.dtype,
+            m.param_dtype, m.remat, shape)
+
+
+def test_8xh200_configs_fit_with_the_margin():
+    devices = jax.devices("cpu")
+    if len(devices) < 8:
+        pytest.skip("needs 8 CPU devices (tests/conftest.py sets them)")
+    planned: dict = {}
+    for path in H200_CONFIGS:
+        run = load_run_config(path)
+        key = _program_key(run)
+        if key not in planned:
+            res = mp.run_plan(run, devices[:8], layers=1, weights=("sharded",))
+            planned[key] = res
+        res = planned[key]
+        limit = (1 - mp.DEFAULT_MARGIN) * mp.BUDGETS["h200"]
+        train = res["train_step"]
+        assert train["per_device_bytes"] <= limit, (path.name, train)
+        if run.train.mode == "grpo":
+            roll = res["rollout"]
+            assert roll["per_device_bytes_with_training_state"] <= limit, (path.name, roll)
+            assert train["recorded_steps"] == roll["recorded_steps"] == run.grpo.gen_length
