@@ -151,3 +151,36 @@ def grpo_loss(
         "replayed_steps": jnp.sum(stats[:, 2] > 0).astype(jnp.float32),
     }
     return loss, metrics
+
+
+# ------------------------------------------------------------------------------------------- recorded-step buckets
+def recorded_step_buckets(cap: int) -> tuple[int, ...]:
+    """The recorded-step counts the train step is compiled for: powers of two from 8 up to ``cap`` (and ``cap``).
+
+    A rollout records ``cap`` iterations but uses only ``num_steps`` of them; trimming to the next bucket keeps
+    the replay from running (and masking) empty iterations while compiling the step at most once per bucket.
+    """
+    if cap < 1:
+        raise ValueError(f"the recorded-step cap must be >= 1, got {cap}")
+    buckets, b = [], min(8, cap)
+    while b < cap:
+        buckets.append(b)
+        b *= 2
+    return (*buckets, cap)
+
+
+def bucket_for(n: int, cap: int) -> int:
+    """The smallest bucket of :func:`recorded_step_buckets` that holds ``n`` recorded steps."""
+    if not 0 <= n <= cap:
+        raise ValueError(f"{n} recorded steps is outside [0, {cap}]")
+    return next(b for b in recorded_step_buckets(cap) if b >= n)
+
+
+def trim_rollout(rollout: Rollout, s: int) -> Rollout:
+    """The first ``s`` recorded iterations of ``rollout`` (pure slicing of its [S, ...] arrays); the loss is
+    unchanged when the dropped iterations revealed nothing."""
+    return Rollout(
+        prompt_ids=rollout.prompt_ids, reveal=rollout.reveal[:s], proposals=rollout.proposals[:s],
+        old_logps=rollout.old_logps[:s], advantages=rollout.advantages, attention_mask=rollout.attention_mask,
+        ref_logps=None if rollout.ref_logps is None else rollout.ref_logps[:s],
+    )

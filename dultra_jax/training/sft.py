@@ -18,7 +18,8 @@ def sft_loss(
     eps: float = 1e-3, label_smoothing: float = 0.0,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """``batch``: ``input_ids`` [B, L] (prompt + answer + end-of-text padding), ``answer_mask`` [B, L] (1 on
-    the answer part, which includes the trailing end-of-text tokens the model must learn to emit)."""
+    the answer part, which includes the trailing end-of-text tokens the model must learn to emit) and optionally
+    ``attention_mask`` [B, L] (0 on the prompt's left padding, which no position attends to)."""
     model = nnx.merge(graphdef, *states)
     ids = batch["input_ids"].astype(jnp.int32)
     answer = batch["answer_mask"].astype(bool)
@@ -27,7 +28,7 @@ def sft_loss(
     t = jax.random.uniform(k_t, (b, 1), minval=eps, maxval=1.0)
     masked = answer & (jax.random.uniform(k_m, ids.shape) < t)
     noisy = jnp.where(masked, model.cfg.mask_token_id, ids)
-    logits, _ = model(noisy)
+    logits, _ = model(noisy, batch.get("attention_mask"))
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     nll = -jnp.take_along_axis(logp, ids[..., None], axis=-1)[..., 0]
     if label_smoothing:
