@@ -74,8 +74,9 @@ def test_two_processes_train_like_one(tmp_path):
         assert b[step] == pytest.approx(a[step], rel=1e-4, abs=1e-7), (step, a, b)
     assert len({round(v, 6) for v in a.values()}) > 1  # real, changing losses
 
-    import dultra_jax
     from flax import nnx
+
+    import dultra_jax
 
     m1, m2 = dultra_jax.load(one / "model"), dultra_jax.load(two / "model")
     p1 = jax.tree.leaves(nnx.state(m1, nnx.Param))

@@ -443,9 +443,10 @@ class Trainer:
         rows = len(ids) * self.num_processes
         seeds = np.arange(len(ids)) + jax.process_index() * len(ids) + self.step * rows
         t0 = time.perf_counter()
+        # pad_aware always (the mask is an input even when a batch has no padding): one program per shape
         res = generate(self._rollout_model(), ids, attention_mask=mask, gen_length=g.gen_length,
                        block_length=g.block_length, temperature=g.temperature, rng=rng, return_trajectory=True,
-                       row_seeds=seeds, plan=self.rollout_plan, factor=g.factor,
+                       row_seeds=seeds, plan=self.rollout_plan, factor=g.factor, pad_aware=True,
                        planner_temperature=g.planner_temperature)
         jax.block_until_ready(res.tokens)
         return RolloutResult(ids=ids, mask=mask, res=res, seconds=time.perf_counter() - t0)
@@ -513,7 +514,7 @@ class Trainer:
         total = scores.total
         stats = {"reward_mean": float(total.mean()), "reward_std": float(total.std()),
                  "nfe_mean": float(nfe.mean()), "iterations": float(res.iterations),
-                 "recorded_steps": float(recorded),
+                 "recorded_steps": float(recorded), "prompt_length": float(ro.ids.shape[1]),
                  "advantage_mean": float(np.mean(adv)), "advantage_std": float(np.std(adv)),
                  "advantage_positive_fraction": float(np.mean(adv > 0)), "rollout_s": ro.seconds}
         for name, values in scores.per_function.items():
