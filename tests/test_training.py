@@ -419,7 +419,7 @@ def test_rewards_follow_the_run(tmp_path):
 
     def weights(*over):
         t = Trainer.__new__(Trainer)
-        t.cfg, t.plan = load(None, ["task.name=gsm8k", *over]), None
+        t.cfg, t.plan, t.num_processes = load(None, ["task.name=gsm8k", *over]), None, 1
         t._build_rewards()
         return t.rewards.weights
 
@@ -428,7 +428,7 @@ def test_rewards_follow_the_run(tmp_path):
     assert weights("train.trainable=all")["step_penalty"] > 0
     assert weights("train.trainable=backbone")["step_penalty"] == 0.0
     t = Trainer.__new__(Trainer)
-    t.cfg, t.plan = load(None, ["train.trainable=backbone"]), None  # synthetic task too
+    t.cfg, t.plan, t.num_processes = load(None, ["train.trainable=backbone"]), None, 1  # synthetic task too
     t._build_rewards()
     assert t.rewards.weights["step_penalty"] == 0.0
 
@@ -527,3 +527,39 @@ def test_sigterm_checkpoints_and_resume_guards(tmp_path):
 
     with pytest.raises(ValueError, match="line 2"):
         MetricsWriter(tmp_path / "bad").truncate_after(5)
+
+
+def test_rollout_weights_replicated_equal_sharded(tiny_dir):
+    """train.rollout_weights: the same rollout from fsdp-sharded weights and from a copy replicated over fsdp
+    (exactly in fp32; within bf16 rounding for the bf16 copy)."""
+    from dultra_jax.decoding import generate
+    from dultra_jax.parallel import ShardingPlan
+    from dultra_jax.training.trainer import rollout_copy
+
+    if len(jax.devices()) < 8:
+        pytest.skip("needs 8 (fake) devices; tests/conftest.py sets them up")
+    plan = ShardingPlan.create("data=1,fsdp=8,tensor=1")
+    replicated = plan.params_replicated_over("fsdp")
+    model = plan.shard_model(dultra_jax.load(tiny_dir))
+    ids = np.random.default_rng(0).integers(0, 290, size=(8, 12))
+
+    def roll(m, p):
+        r = generate(m, ids, gen_length=16, block_length=8, temperature=0.0, rng=0, return_trajectory=True,
+                     plan=p)
+        return np.asarray(r.tokens), np.asarray(r.trajectory.logps), int(r.trajectory.num_steps)
+
+    base = roll(model, plan)
+    copy32 = rollout_copy(model, replicated, jnp.float32)
+    q = dict(nnx.to_flat_state(nnx.state(copy32)))[("backbone", "blocks", "layers", "q", "kernel")][...]
+    assert "fsdp" not in str(q.sharding.spec) and "fsdp" in str(
+        dict(nnx.to_flat_state(nnx.state(model)))[("backbone", "blocks", "layers", "q", "kernel")][...].sharding.spec)
+    fp32 = roll(copy32, replicated)
+    np.testing.assert_array_equal(base[0], fp32[0])
+    np.testing.assert_allclose(base[1], fp32[1], atol=1e-5)
+    copy16 = rollout_copy(model, replicated, jnp.bfloat16)
+    assert q.dtype == jnp.float32 and jax.tree.leaves(nnx.state(copy16, nnx.Param))[0].dtype == jnp.bfloat16
+    bf16 = roll(copy16, replicated)
+    assert np.mean(base[0] == bf16[0]) >= 0.9
+    same = (base[0] == bf16[0]).all(-1)  # rows with the same completion: their log-probs agree to bf16 rounding
+    diff = np.abs(base[1] - bf16[1])[:, same]
+    assert same.any() and diff.max(initial=0.0) < 0.25 and diff.mean() < 0.01

@@ -370,6 +370,10 @@ class Trainer:
             ctx = rs.context
         if frozen_head and "step_penalty" in weights:
             weights["step_penalty"] = 0.0
+        if weights.get("teacher_logprob") and self.num_processes > 1:
+            raise ConfigError("the teacher_logprob reward scores each process's rows on its own, which a teacher "
+                              "sharded over several processes cannot do yet; set "
+                              "grpo.reward_weights.teacher_logprob=0 for multi-process runs")
         if self.plan is not None:
             ctx.teacher_plan = self.plan  # the distillation teacher is placed with the trainer's plan
         terms = []
@@ -430,11 +434,7 @@ class Trainer:
         model = self._current_model()
         if self.cfg.train.rollout_weights != "replicated_bf16":
             return model
-        graphdef, state = nnx.split(model)
-        state = jax.tree.map(lambda a: a.astype(jnp.bfloat16) if jnp.issubdtype(a.dtype, jnp.floating) else a, state)
-        if self.rollout_plan is not None:
-            state = self.rollout_plan.shard_state(state)
-        return nnx.merge(graphdef, state)
+        return rollout_copy(model, self.rollout_plan, jnp.bfloat16)
 
     def _rollout(self, batch, rng: jax.Array) -> RolloutResult:
         g = self.cfg.grpo
@@ -694,6 +694,16 @@ class Trainer:
         if self.primary:
             self.tokenizer.save_pretrained(str(target))
         return target
+
+
+def rollout_copy(model: DUltra, plan=None, dtype=jnp.bfloat16) -> DUltra:
+    """A copy of ``model`` with floating parameters in ``dtype``, placed by ``plan`` (e.g. the trainer's plan
+    with parameters replicated over fsdp: ``plan.params_replicated_over("fsdp")``), for decoding rollouts."""
+    graphdef, state = nnx.split(model)
+    state = jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, state)
+    if plan is not None:
+        state = plan.shard_state(state)
+    return nnx.merge(graphdef, state)
 
 
 def _agree_width(ids: np.ndarray, mask: np.ndarray, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
