@@ -24,33 +24,39 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _env(devices: int, **extra) -> dict:
+def _env(devices: int, cache: Path, **extra) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_"))}
     env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", PYTHONPATH=str(ROOT),
-               JAX_PLATFORMS="cpu", **extra)
+               JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(cache),  # the resumed run reuses programs
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", **extra)
     return env
 
 
-def _train(out: Path, steps: int, processes: int) -> list[str]:
+def _start(out: Path, steps: int, processes: int, cache: Path) -> list[tuple[subprocess.Popen, Path]]:
     cmd = [sys.executable, "-m", "dultra_jax.cli", "train", "--config", str(CONFIG), "--output-dir", str(out),
            f"train.max_steps={steps}", *OVERRIDES]
-    if processes == 1:
-        procs = [subprocess.Popen(cmd, env=_env(4), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)]
-    else:
-        port = _free_port()
-        procs = [subprocess.Popen(cmd, env=_env(4 // processes, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
-                                                JAX_NUM_PROCESSES=str(processes), JAX_PROCESS_ID=str(i)),
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-                 for i in range(processes)]
-    logs = []
-    for p in procs:
-        try:
-            logs.append(p.communicate(timeout=600)[0])
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            raise
-    for p, text in zip(procs, logs, strict=True):
+    port = _free_port()
+    started = []
+    for i in range(processes):
+        extra = {} if processes == 1 else dict(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+                                               JAX_NUM_PROCESSES=str(processes), JAX_PROCESS_ID=str(i))
+        log = out.parent / f"{out.name}-{steps}-{i}.log"  # files, not pipes: a full pipe would stall a collective
+        with open(log, "w") as f:
+            started.append((subprocess.Popen(cmd, env=_env(4 // processes, cache, **extra), stdout=f,
+                                             stderr=subprocess.STDOUT), log))
+    return started
+
+
+def _wait(started: list[tuple[subprocess.Popen, Path]]) -> list[str]:
+    try:
+        for p, _ in started:
+            p.wait(timeout=600)
+    except subprocess.TimeoutExpired:
+        for p, _ in started:
+            p.kill()
+        raise
+    logs = [log.read_text() for _, log in started]
+    for (p, _), text in zip(started, logs, strict=True):
         assert p.returncode == 0, text[-3000:]
     return logs
 
@@ -60,15 +66,17 @@ def _losses(out: Path) -> dict[int, float]:
 
 
 def test_two_processes_train_like_one(tmp_path):
-    one, two = tmp_path / "one", tmp_path / "two"
-    _train(one, 3, processes=1)
-    _train(two, 2, processes=2)  # checkpoint at step 2 and model/ export, by both processes
+    one, two, cache = tmp_path / "one", tmp_path / "two", tmp_path / "xla-cache"
+    reference = _start(one, 3, 1, cache)  # one process of 4 devices, alongside the first two-process run
+    first = _start(two, 2, 2, cache)  # checkpoint at step 2 and model/ export, by both processes
+    _wait(reference + first)
     assert sorted(int(p.name) for p in (two / "checkpoints").iterdir() if p.name.isdigit()) == [2]
     for name in ("config.json", "dultra_jax.json", "params", "tokenizer.json"):
         assert (two / "model" / name).exists(), name
-    logs = _train(two, 3, processes=2)  # resumed by both processes from step 2
-    assert all("resumed from step 2" in text for text in logs[:1])
+    logs = _wait(_start(two, 3, 2, cache))  # resumed by both processes from step 2
+    assert "resumed from step 2" in logs[0]
     a, b = _losses(one), _losses(two)
+    print("losses, one process x 4 devices:", a, "\ntwo processes x 2 devices (resumed after 2):", b)
     assert sorted(b) == [1, 2, 3] and sorted(a) == [1, 2, 3]
     for step in a:
         assert b[step] == pytest.approx(a[step], rel=1e-4, abs=1e-7), (step, a, b)

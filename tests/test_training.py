@@ -385,6 +385,7 @@ def test_grpo_compiles_once_per_padded_length_and_bucket(tmp_path):
     assert all(p % 2 == 0 for p in lengths)
     assert len(rows) == 6 > len(shapes)  # shapes repeat, so a per-step recompile would show
     assert len(lengths) > 1  # and several padded lengths occur
+    print("compilations", compiles, "shapes (padded length, recorded steps)", sorted(shapes))
     assert 1 <= compiles["train_step"] <= len(shapes), (compiles, shapes)
     assert compiles["_decode"] <= len(lengths), (compiles, lengths)
 
@@ -563,3 +564,21 @@ def test_rollout_weights_replicated_equal_sharded(tiny_dir):
     same = (base[0] == bf16[0]).all(-1)  # rows with the same completion: their log-probs agree to bf16 rounding
     diff = np.abs(base[1] - bf16[1])[:, same]
     assert same.any() and diff.max(initial=0.0) < 0.25 and diff.mean() < 0.01
+
+
+def test_teacher_is_placed_with_the_trainers_plan():
+    """The distillation teacher the rewards load is sharded by the trainer's plan (shard_teacher)."""
+    from pathlib import Path
+
+    from dultra_jax.parallel import ShardingPlan
+    from dultra_jax.rewards.registry import RewardContext
+
+    if len(jax.devices()) < 8:
+        pytest.skip("needs 8 (fake) devices; tests/conftest.py sets them up")
+    ctx = RewardContext({"teacher_logprob": {"dtype": "fp32"}},
+                        {"math": str(Path(__file__).parent / "fixtures" / "qwen2-tiny")})
+    ctx.teacher_plan = ShardingPlan.create("data=1,fsdp=8,tensor=1")
+    scorer = ctx.teacher("math")
+    shardings = [a.sharding for a in jax.tree.leaves(scorer.state)]
+    assert all(len(s.device_set) == 8 for s in shardings)
+    assert any(not s.is_fully_replicated for s in shardings)
