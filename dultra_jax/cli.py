@@ -210,9 +210,10 @@ def _cmd_train(args: argparse.Namespace, mode: str | None = None) -> int:
         print(str(e), file=sys.stderr)
         return 128 + e.signum
     target = trainer.export()
-    shown = {k: round(v, 4) for k, v in last.items() if isinstance(v, float) and not k.startswith("reward/")}
-    print(f"finished {cfg.train.mode} at step {trainer.step}: {shown}")
-    print(f"metrics: {trainer.metrics.path}  model: {target}")
+    if trainer.primary:
+        shown = {k: round(v, 4) for k, v in last.items() if isinstance(v, float) and not k.startswith("reward/")}
+        print(f"finished {cfg.train.mode} at step {trainer.step}: {shown}")
+        print(f"metrics: {trainer.metrics.path}  model: {target}")
     return 0
 
 

@@ -399,23 +399,27 @@ class Trainer:
     def _current_model(self) -> DUltra:
         return nnx.merge(self.graphdef, self.trainable, self.frozen)
 
-    def _sequence_rows(self) -> tuple[np.ndarray, np.ndarray]:
-        idx = np.asarray(self._next_batch())[self._my_rows(self.cfg.train.batch_size)]
-        return self.sequences[idx], self.sequence_mask[idx]
+    def _sequence_rows(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(all rows of the batch, this process's share of them as ids and attention mask)."""
+        idx = np.asarray(self._next_batch())
+        mine = self._my_rows(len(idx))
+        return idx, self.sequences[idx[mine]], self.sequence_mask[idx[mine]]
 
     def _sft_batch(self, rng: jax.Array):
-        ids, mask = self._sequence_rows()
+        _, ids, mask = self._sequence_rows()
         answer = np.zeros_like(ids)
         answer[:, self.prompt_len:] = 1
         batch = {"input_ids": ids, "answer_mask": answer, "attention_mask": mask}
         return _split_micro(batch, self.cfg.train.micro_batches, plan=self.plan), {}
 
     def _planner_batch(self, rng: jax.Array):
-        ids, mask = self._sequence_rows()
-        host_rng = np.random.default_rng([self.cfg.train.seed, self.step, jax.process_index()])
-        noisy, block = noise_batch(ids, np.full(len(ids), self.prompt_len), self.mcfg.mask_token_id, host_rng,
-                                   min_block=self.cfg.sequence.min_block)
-        batch = {"input_ids": noisy, "block_index": block, "attention_mask": mask}
+        idx, _, mask = self._sequence_rows()
+        # the noise of every row of the batch (same on all processes), then this process's rows
+        host_rng = np.random.default_rng([self.cfg.train.seed, self.step])
+        noisy, block = noise_batch(self.sequences[idx], np.full(len(idx), self.prompt_len), self.mcfg.mask_token_id,
+                                   host_rng, min_block=self.cfg.sequence.min_block)
+        mine = self._my_rows(len(idx))
+        batch = {"input_ids": noisy[mine], "block_index": block[mine], "attention_mask": mask}
         return _split_micro(batch, self.cfg.train.micro_batches, plan=self.plan), {}
 
     def _grpo_batch(self, rng: jax.Array):
