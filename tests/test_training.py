@@ -582,3 +582,23 @@ def test_teacher_is_placed_with_the_trainers_plan():
     shardings = [a.sharding for a in jax.tree.leaves(scorer.state)]
     assert all(len(s.device_set) == 8 for s in shardings)
     assert any(not s.is_fully_replicated for s in shardings)
+
+
+def test_sft_noise_follows_the_row_not_the_micro_batch(tiny_model):
+    """With row seeds, one micro-batch of 4 rows and two of 2 give the same SFT loss (so do 1 or 2 processes)."""
+    from dultra_jax.training.trainer import _sft_loss
+
+    gd, tr, fr = split_trainable(tiny_model, "all")
+    loss = _sft_loss(load_run_config(None, []))
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 290, size=(4, 20)).astype(np.int32)
+    answer = np.zeros_like(ids)
+    answer[:, 8:] = 1
+    batch = {"input_ids": ids, "answer_mask": answer, "row_seed": np.arange(4, dtype=np.int32) + 40}
+    step = make_train_step(gd, loss, optax.sgd(0.0))
+    one = step(jax.tree.map(jnp.array, tr), fr, optax.sgd(0.0).init(tr), jax.tree.map(lambda a: a[None], batch),
+               jax.random.key(0))[2]
+    two = step(jax.tree.map(jnp.array, tr), fr, optax.sgd(0.0).init(tr),
+               jax.tree.map(lambda a: a.reshape(2, 2, *a.shape[1:]), batch), jax.random.key(1))[2]
+    assert float(one["loss"]) == pytest.approx(float(two["loss"]), rel=1e-5)
+    assert float(one["masked_tokens"]) == pytest.approx(2 * float(two["masked_tokens"]))

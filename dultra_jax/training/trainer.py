@@ -406,10 +406,12 @@ class Trainer:
         return idx, self.sequences[idx[mine]], self.sequence_mask[idx[mine]]
 
     def _sft_batch(self, rng: jax.Array):
-        _, ids, mask = self._sequence_rows()
+        idx, ids, mask = self._sequence_rows()
         answer = np.zeros_like(ids)
         answer[:, self.prompt_len:] = 1
-        batch = {"input_ids": ids, "answer_mask": answer, "attention_mask": mask}
+        # each row's masking noise follows its global position, whatever micro-batch / process holds it
+        seeds = (self.step * len(idx) + np.arange(len(idx))[self._my_rows(len(idx))]).astype(np.int32)
+        batch = {"input_ids": ids, "answer_mask": answer, "attention_mask": mask, "row_seed": seeds}
         return _split_micro(batch, self.cfg.train.micro_batches, plan=self.plan), {}
 
     def _planner_batch(self, rng: jax.Array):
@@ -720,10 +722,10 @@ def _agree_width(ids: np.ndarray, mask: np.ndarray, pad_id: int) -> tuple[np.nda
 
 
 def _sft_loss(cfg: RunConfig) -> LossFn:
-    smoothing = cfg.sequence.label_smoothing
+    smoothing, seed = cfg.sequence.label_smoothing, cfg.train.seed
 
-    def loss(gd, states, batch, rng):
-        return sft_loss(gd, states, batch, rng, label_smoothing=smoothing)
+    def loss(gd, states, batch, rng):  # per-row noise from (train.seed, row_seed), not the micro-batch key
+        return sft_loss(gd, states, batch, jax.random.key(seed), label_smoothing=smoothing)
     return loss
 
 
