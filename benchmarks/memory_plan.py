@@ -5,7 +5,7 @@
 
 From a run config (``training.config.RunConfig``) this builds, with no weights allocated anywhere:
 - ``train_step``: the trainer's jitted step, :func:`dultra_jax.training.step.make_train_step` over
-  :func:`dultra_jax.training.grpo.make_loss` (the replayed trajectory loss), AdamW as
+  the loss of the trainer's mode table (``training.trainer.MODES``; GRPO: the replayed trajectory loss), AdamW as
   :func:`~dultra_jax.training.step.make_optimizer` builds it from ``optim``, fp32 (``model.param_dtype``)
   master weights split into trainable / frozen as ``train.trainable`` says, parameters and optimiser state
   donated, micro-batches stacked as the trainer stacks them (``train.micro_batches``), and the recorded
@@ -178,19 +178,6 @@ class Program:
     info: dict
 
 
-def _loss_config(run):
-    """GRPOLossConfig from the run config, field by field as the trainer builds it."""
-    from dultra_jax.training.grpo import GRPOLossConfig
-
-    g = run.grpo
-    if isinstance(g, GRPOLossConfig):
-        return g
-    names = {f.name for f in dataclasses.fields(GRPOLossConfig)}
-    kw = {k: getattr(g, k) for k in names if hasattr(g, k)}
-    kw["max_completion_length"] = g.gen_length
-    return GRPOLossConfig(**kw)
-
-
 def training_state(setup: Setup):
     """(graphdef, trainable, frozen, opt_state, tx) abstract and sharded, as the trainer creates them."""
     import optax
@@ -222,20 +209,10 @@ def _rows_check(setup: Setup, rows: int, what: str) -> None:
 
 
 def _loss(run):
-    """The loss the trainer's step takes for ``train.mode`` (training.trainer.Trainer._build_step)."""
-    if run.train.mode == "grpo":
-        from dultra_jax.training.grpo import make_loss
+    """The loss the trainer's step takes for ``train.mode``: the trainer's own mode table."""
+    from dultra_jax.training.trainer import MODES
 
-        return make_loss(_loss_config(run))
-    if run.train.mode == "planner":
-        from dultra_jax.training.planner_pretrain import planner_loss
-
-        factor = run.sequence.factor
-        return lambda gd, states, batch, rng: planner_loss(gd, states, batch, rng, factor=factor)
-    from dultra_jax.training.sft import sft_loss
-
-    smoothing = run.sequence.label_smoothing
-    return lambda gd, states, batch, rng: sft_loss(gd, states, batch, rng, label_smoothing=smoothing)
+    return MODES[run.train.mode].loss(run)
 
 
 def train_step_program(setup: Setup, *, micro_rows: int | None = None, recorded_steps: int | None = None,
@@ -264,7 +241,7 @@ def train_step_program(setup: Setup, *, micro_rows: int | None = None, recorded_
     if setup.grpo:
         s = recorded_steps or setup.recorded_steps
         p, length = setup.prompt_len, setup.prompt_len + run.grpo.gen_length
-        beta = _loss_config(run).beta
+        beta = run.grpo.beta
         batch = Rollout(
             prompt_ids=_sds((n, micro_rows, p), np.int32, rows3),
             reveal=_sds((n, s, micro_rows, length), np.bool_, hist),

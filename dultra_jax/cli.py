@@ -197,7 +197,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
 def _cmd_train(args: argparse.Namespace, mode: str | None = None) -> int:
     """Run (or resume) SFT, planner pre-training or GRPO from a YAML config; export the model at the end."""
     from dultra_jax.training.config import load_run_config
-    from dultra_jax.training.trainer import Trainer, TrainingAborted
+    from dultra_jax.training.trainer import Trainer, TrainingAborted, TrainingInterrupted
 
     overrides = list(args.overrides)
     if mode is not None:
@@ -211,10 +211,14 @@ def _cmd_train(args: argparse.Namespace, mode: str | None = None) -> int:
     except TrainingAborted as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
+    except TrainingInterrupted as e:
+        print(str(e), file=sys.stderr)
+        return 128 + e.signum
     target = trainer.export()
-    shown = {k: round(v, 4) for k, v in last.items() if isinstance(v, float) and not k.startswith("reward/")}
-    print(f"finished {cfg.train.mode} at step {trainer.step}: {shown}")
-    print(f"metrics: {trainer.metrics.path}  model: {target}")
+    if trainer.primary:
+        shown = {k: round(v, 4) for k, v in last.items() if isinstance(v, float) and not k.startswith("reward/")}
+        print(f"finished {cfg.train.mode} at step {trainer.step}: {shown}")
+        print(f"metrics: {trainer.metrics.path}  model: {target}")
     return 0
 
 

@@ -10,8 +10,9 @@
   ``out_shardings``; no host or device ever holds the full model), gives abstract sharded states for AOT
   compiles, places host batches, and jits entry points with explicit in/out shardings under the mesh and rules
   (which also turns on the activation constraints at block boundaries).
-- :func:`initialize_distributed`: ``jax.distributed.initialize()`` from the usual environment on several hosts,
-  a no-op on one.
+- :func:`initialize_distributed`: ``jax.distributed.initialize()`` from the usual environment on several hosts
+  (gloo collectives for CPU devices), a no-op on one. :func:`local_rows` / :func:`gather_rows` are the explicit
+  host-side reads of a global batch: this process's rows of a global array, everybody's rows of a host array.
 """
 
 from __future__ import annotations
@@ -35,8 +36,8 @@ from dultra_jax.model.dultra import DUltra
 
 __all__ = [
     "DEFAULT_RULES", "MESH_AXES", "MeshConfig", "MeshError", "MeshJit", "MissingAxesError", "ShardingPlan",
-    "ShardingRuleError", "distributed_settings", "initialize_distributed", "make_mesh", "param_logical_axes",
-    "shardings_of",
+    "ShardingRuleError", "distributed_settings", "gather_rows", "initialize_distributed", "is_primary",
+    "local_rows", "make_mesh", "param_logical_axes", "shardings_of",
 ]
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -271,6 +272,19 @@ class ShardingPlan:
         """Move an existing state onto the mesh by its logical names."""
         return jax.device_put(state, self.param_shardings(state, on_uneven=on_uneven))
 
+    def params_replicated_over(self, axis: str) -> ShardingPlan:
+        """The same mesh with parameters no longer split over ``axis`` (activations keep their rules): e.g. a
+        rollout copy of the weights replicated over ``fsdp``, so decoding needs no all-gather per iteration."""
+        def drop(target):
+            if target == axis:
+                return None
+            if isinstance(target, tuple):
+                kept = tuple(t for t in target if t != axis)
+                return kept or None
+            return target
+        rules = tuple((name, target if name.startswith("activation_") else drop(target)) for name, target in self.rules)
+        return ShardingPlan(self.mesh, rules)
+
     def shard_model(self, model: DUltra, *, on_uneven: OnUneven = "replicate") -> DUltra:
         graphdef, state = nnx.split(model)
         return nnx.merge(graphdef, self.shard_state(state, on_uneven=on_uneven))
@@ -415,12 +429,50 @@ def distributed_settings(env: Mapping[str, str] | None = None) -> dict[str, Any]
 def initialize_distributed(env: Mapping[str, str] | None = None) -> bool:
     """Join the multi-host job described by the environment (before any other JAX call); no-op on one host.
 
-    Returns whether JAX runs distributed.
+    Returns whether JAX runs distributed. CPU devices of several processes talk through gloo (JAX's CPU
+    backend has no cross-process collectives otherwise); the setting only concerns CPU devices, so it is set
+    whatever the accelerator (unless ``jax_cpu_collectives_implementation`` was chosen already).
     """
     if jax.distributed.is_initialized():
         return True
     settings = distributed_settings(env)
     if settings is None:
         return False
+    if jax.config.jax_cpu_collectives_implementation in (None, "", "none"):
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(**settings)
     return True
+
+
+def is_primary() -> bool:
+    """Process 0: the one that writes metrics, configs and other single-copy files."""
+    return jax.process_index() == 0
+
+
+def local_rows(a: Any, axis: int = 0) -> np.ndarray:
+    """This process's rows of a global array (batch split along ``axis``) as numpy, in global row order.
+
+    On one process, the whole array. Other axes must not be split over processes (only the batch is).
+    """
+    if not isinstance(a, jax.Array) or a.is_fully_addressable:
+        return np.asarray(a)
+    pieces: dict[int, np.ndarray] = {}
+    for shard in a.addressable_shards:
+        idx = shard.index[axis]
+        pieces.setdefault(idx.start or 0, np.asarray(shard.data))
+    out = np.concatenate([pieces[k] for k in sorted(pieces)], axis=axis)
+    other = [d for i, d in enumerate(out.shape) if i != axis]
+    if other != [d for i, d in enumerate(a.shape) if i != axis]:
+        raise ValueError(f"local_rows: array {a.shape} is split over processes along an axis other than {axis}")
+    return out
+
+
+def gather_rows(x: Any) -> np.ndarray:
+    """Every process's rows of a host array (concatenated along axis 0 in process order): what rewards,
+    advantages and logged statistics need from the rows computed elsewhere. On one process, ``x`` itself."""
+    x = np.asarray(x)
+    if jax.process_count() == 1:
+        return x
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))

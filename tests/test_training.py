@@ -335,3 +335,270 @@ def test_sharded_train_step_equals_single_device(tiny_dir, mesh):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
     q = dict(nnx.to_flat_state(sharded))[("backbone", "blocks", "layers", "q", "kernel")][...]
     assert len(q.sharding.device_set) == 8 and not q.sharding.is_fully_replicated
+
+
+# ------------------------------------------------------------------------------------------ what the config says
+_GRPO_SMALL = ["train.mode=grpo", "train.batch_size=2", "grpo.num_generations=2", "grpo.gen_length=8",
+               "grpo.block_length=4", "grpo.temperature=1.0", "grpo.scale_rewards=group",
+               "grpo.advantage_min_clip=null", "optim.learning_rate=1e-3"]
+
+
+def _rows(path):
+    return [json.loads(x) for x in (path / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_recorded_step_buckets_and_trim(golden):
+    from dultra_jax.training.grpo import bucket_for, recorded_step_buckets, trim_rollout
+
+    assert recorded_step_buckets(256) == (8, 16, 32, 64, 128, 256)
+    assert recorded_step_buckets(16) == (8, 16) and recorded_step_buckets(5) == (5,)
+    assert [bucket_for(n, 256) for n in (0, 8, 9, 50, 256)] == [8, 8, 16, 64, 256]
+    with pytest.raises(ValueError):
+        bucket_for(257, 256)
+    ro = _golden_rollout(golden, jnp.array([1.0, -0.5]))
+    t = trim_rollout(ro, 3)
+    assert t.reveal.shape[0] == t.proposals.shape[0] == t.old_logps.shape[0] == 3
+    np.testing.assert_array_equal(t.reveal, ro.reveal[:3])
+
+
+def test_grpo_compiles_once_per_padded_length_and_bucket(tmp_path):
+    """Prompts of different lengths (26-28 tokens, one prompt per step, padded to a multiple of 2): the train
+    step and the rollout loop compile once per (padded length, recorded-step bucket), not once per step."""
+    compiles = {"train_step": 0, "_decode": 0}
+
+    def listen(event, duration, **kw):
+        name = str(kw.get("fun_name", "")).removeprefix("jit(").removesuffix(")")
+        if event == "/jax/core/compile/backend_compile_duration" and name in compiles:
+            compiles[name] += 1
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        cfg = _cfg(tmp_path, *_GRPO_SMALL, "train.batch_size=1", "train.max_steps=6", "train.save_every=100",
+                   "task.pad_to_multiple=2", "task.max_operand=20")
+        trainer = Trainer(cfg, tmp_path / "compiles", progress=False)
+        trainer.run()
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+    rows = _rows(tmp_path / "compiles")
+    shapes = {(r["prompt_length"], r["recorded_steps"]) for r in rows}
+    lengths = {r["prompt_length"] for r in rows}
+    assert all(p % 2 == 0 for p in lengths)
+    assert len(rows) == 6 > len(shapes)  # shapes repeat, so a per-step recompile would show
+    assert len(lengths) > 1  # and several padded lengths occur
+    print("compilations", compiles, "shapes (padded length, recorded steps)", sorted(shapes))
+    assert 1 <= compiles["train_step"] <= len(shapes), (compiles, shapes)
+    assert compiles["_decode"] <= len(lengths), (compiles, lengths)
+
+
+def test_num_iterations_counts_updates_and_reference_stays_at_step_0(tmp_path):
+    """mu = 2: three optimiser updates are three steps (rows, schedule, max_steps), the second update reuses
+    the first's rollout, checkpoints land on rollout boundaries; beta > 0 without a sync interval keeps the
+    step-0 policy as the reference (checkpointed)."""
+    cfg = _cfg(tmp_path, *_GRPO_SMALL, "train.max_steps=3", "train.save_every=2", "grpo.num_iterations=2",
+               "grpo.beta=0.05", "optim.schedule=linear", "optim.total_steps=4", "optim.min_learning_rate=1e-4")
+    trainer = Trainer(cfg, tmp_path / "mu", progress=False)
+    start = [np.asarray(a).copy() for a in jax.tree.leaves(trainer.trainable)]
+    trainer.run()
+    rows = _rows(tmp_path / "mu")
+    assert [r["step"] for r in rows] == [1, 2, 3] and [r["iteration"] for r in rows] == [0, 1, 0]
+    assert rows[0]["reward_mean"] == rows[1]["reward_mean"] and rows[0]["rollout_s"] == rows[1]["rollout_s"]
+    assert rows[1]["loss"] != rows[0]["loss"]  # every iteration's own metrics
+    for r in rows:
+        assert r["lr"] == pytest.approx(float(trainer.schedule(r["step"] - 1)))
+    assert rows[0]["lr"] > rows[1]["lr"] > rows[2]["lr"]
+    count = [a for p, a in jax.tree_util.tree_leaves_with_path(trainer.opt_state) if "count" in str(p)]
+    assert count and all(int(c) == 3 for c in count)
+    assert sorted(trainer.ckpt.all_steps()) == [2, 3]
+    for a, b in zip(start, jax.tree.leaves(trainer.ref_trainable), strict=True):
+        np.testing.assert_array_equal(a, np.asarray(b))
+    assert any(not np.array_equal(a, np.asarray(b)) for a, b in zip(start, jax.tree.leaves(trainer.trainable),
+                                                                    strict=True))
+
+
+def test_rewards_follow_the_run(tmp_path):
+    from dultra_jax.training.config import load_run_config as load
+
+    def weights(*over):
+        t = Trainer.__new__(Trainer)
+        t.cfg, t.plan, t.num_processes = load(None, ["task.name=gsm8k", *over]), None, 1
+        t._build_rewards()
+        return t.rewards.weights
+
+    assert "think_format" in weights("task.prompt_mode=thinking")
+    assert "think_format" not in weights("task.prompt_mode=non-thinking")
+    assert weights("train.trainable=all")["step_penalty"] > 0
+    assert weights("train.trainable=backbone")["step_penalty"] == 0.0
+    t = Trainer.__new__(Trainer)
+    t.cfg, t.plan, t.num_processes = load(None, ["train.trainable=backbone"]), None, 1  # synthetic task too
+    t._build_rewards()
+    assert t.rewards.weights["step_penalty"] == 0.0
+
+
+def test_sft_and_planner_ignore_padding(tiny_model):
+    """Left padding is masked: its token ids do not change the SFT or planner loss (nor the timestep)."""
+    gd, st = nnx.split(tiny_model)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 290, size=(2, 24)).astype(np.int32)
+    mask = np.ones_like(ids)
+    mask[0, :5] = 0
+    other = ids.copy()
+    other[0, :5] = rng.integers(0, 290, size=5)
+    answer = np.zeros_like(ids)
+    answer[:, 12:] = 1
+    key = jax.random.key(0)
+
+    def sft(x, m):
+        return float(sft_loss(gd, (st,), {"input_ids": jnp.asarray(x), "answer_mask": jnp.asarray(answer),
+                                          **({} if m is None else {"attention_mask": jnp.asarray(m)})}, key)[0])
+
+    assert sft(ids, mask) == pytest.approx(sft(other, mask), rel=1e-5)
+    assert sft(ids, None) != pytest.approx(sft(other, None), rel=1e-5)  # without the mask the pads matter
+    noisy, block = noise_batch(ids, np.full(2, 12), 299, np.random.default_rng(1), min_block=4)
+    noisy_other = noisy.copy()
+    noisy_other[0, :5] = other[0, :5]
+
+    def planner(x):
+        return float(planner_loss(gd, (st,), {"input_ids": jnp.asarray(x), "block_index": jnp.asarray(block),
+                                              "attention_mask": jnp.asarray(mask)}, key)[0])
+
+    assert planner(noisy) == pytest.approx(planner(noisy_other), rel=1e-5)
+
+
+def test_encode_sequences_masks_prompt_padding(tmp_path):
+    from dultra_jax.data import synthetic
+    from dultra_jax.training.trainer import encode_sequences
+
+    tok = synthetic.build_tokenizer()
+    exs = synthetic.addition_examples(8, seed=0, max_operand=20)
+    ids, mask, p = encode_sequences(exs, tok, 8, 0)
+    assert mask[:, p:].all() and not mask.all()
+    assert (ids[mask == 0] == 0).all()
+
+
+def test_weight_decay_skips_norms_and_biases(tiny_model):
+    from dultra_jax.training.step import OptimConfig, make_optimizer
+
+    gd, tr, fr = split_trainable(tiny_model, "all")
+    zeros = jax.tree.map(jnp.zeros_like, tr)
+
+    def changed(**kw):
+        tx = make_optimizer(OptimConfig(learning_rate=1.0, weight_decay=0.1, **kw))
+        updates, _ = jax.jit(tx.update)(zeros, tx.init(tr), tr)
+        return {tuple(map(str, p)): bool(np.any(np.asarray(u[...]) != 0)) for p, u in nnx.to_flat_state(updates)}
+
+    default = changed()
+    assert not default[("backbone", "final_norm", "scale")] and not default[("planner", "out", "bias")]
+    assert default[("backbone", "blocks", "layers", "q", "kernel")]
+    assert changed(decay_norms_and_biases=True)[("backbone", "final_norm", "scale")]
+
+
+def test_sigterm_checkpoints_and_resume_guards(tmp_path):
+    """SIGTERM mid-run saves the finished step and stops; a torn last metrics line does not break the resume;
+    a resume whose config changes the data order is refused."""
+    import os
+    import signal
+
+    from dultra_jax.config import ConfigError
+    from dultra_jax.training.trainer import MODES, TrainingInterrupted
+
+    over = ["train.mode=sft", "train.batch_size=8", "train.max_steps=5", "train.save_every=100"]
+    trainer = Trainer(_cfg(tmp_path, *over), tmp_path / "sig", progress=False)
+    make = MODES["sft"].make_batch
+
+    def batch_then_signal(t, rng):
+        if t.step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return make(t, rng)
+
+    trainer.mode = MODES["sft"].__class__(MODES["sft"].build_data, batch_then_signal, MODES["sft"].loss)
+    with pytest.raises(TrainingInterrupted, match="SIGTERM"):
+        trainer.run()
+    assert trainer.step == 3 and trainer.ckpt.latest_step() == 3
+    assert signal.getsignal(signal.SIGTERM) is not trainer._on_signal  # handlers restored
+    with open(tmp_path / "sig" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "loss": 0.')  # killed mid-write
+    with pytest.raises(ConfigError, match="train.seed"):
+        Trainer(_cfg(tmp_path, *over, "train.seed=1"), tmp_path / "sig", progress=False).run()
+    resumed = Trainer(_cfg(tmp_path, *over), tmp_path / "sig", progress=False)
+    resumed.run()
+    assert [r["step"] for r in _rows(tmp_path / "sig")] == [1, 2, 3, 4, 5]
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "metrics.jsonl").write_text('{"step": 1}\n{"st\n{"step": 2}\n')
+    from dultra_jax.training.trainer import MetricsWriter
+
+    with pytest.raises(ValueError, match="line 2"):
+        MetricsWriter(tmp_path / "bad").truncate_after(5)
+
+
+def test_rollout_weights_replicated_equal_sharded(tiny_dir):
+    """train.rollout_weights: the same rollout from fsdp-sharded weights and from a copy replicated over fsdp
+    (exactly in fp32; within bf16 rounding for the bf16 copy)."""
+    from dultra_jax.decoding import generate
+    from dultra_jax.parallel import ShardingPlan
+    from dultra_jax.training.trainer import rollout_copy
+
+    if len(jax.devices()) < 8:
+        pytest.skip("needs 8 (fake) devices; tests/conftest.py sets them up")
+    plan = ShardingPlan.create("data=1,fsdp=8,tensor=1")
+    replicated = plan.params_replicated_over("fsdp")
+    model = plan.shard_model(dultra_jax.load(tiny_dir))
+    ids = np.random.default_rng(0).integers(0, 290, size=(8, 12))
+
+    def roll(m, p):
+        r = generate(m, ids, gen_length=16, block_length=8, temperature=0.0, rng=0, return_trajectory=True,
+                     plan=p)
+        return np.asarray(r.tokens), np.asarray(r.trajectory.logps), int(r.trajectory.num_steps)
+
+    base = roll(model, plan)
+    copy32 = rollout_copy(model, replicated, jnp.float32)
+    q = dict(nnx.to_flat_state(nnx.state(copy32)))[("backbone", "blocks", "layers", "q", "kernel")][...]
+    assert "fsdp" not in str(q.sharding.spec) and "fsdp" in str(
+        dict(nnx.to_flat_state(nnx.state(model)))[("backbone", "blocks", "layers", "q", "kernel")][...].sharding.spec)
+    fp32 = roll(copy32, replicated)
+    np.testing.assert_array_equal(base[0], fp32[0])
+    np.testing.assert_allclose(base[1], fp32[1], atol=1e-5)
+    copy16 = rollout_copy(model, replicated, jnp.bfloat16)
+    assert q.dtype == jnp.float32 and jax.tree.leaves(nnx.state(copy16, nnx.Param))[0].dtype == jnp.bfloat16
+    bf16 = roll(copy16, replicated)
+    assert np.mean(base[0] == bf16[0]) >= 0.9
+    same = (base[0] == bf16[0]).all(-1)  # rows with the same completion: their log-probs agree to bf16 rounding
+    diff = np.abs(base[1] - bf16[1])[:, same]
+    assert same.any() and diff.max(initial=0.0) < 0.25 and diff.mean() < 0.01
+
+
+def test_teacher_is_placed_with_the_trainers_plan():
+    """The distillation teacher the rewards load is sharded by the trainer's plan (shard_teacher)."""
+    from pathlib import Path
+
+    from dultra_jax.parallel import ShardingPlan
+    from dultra_jax.rewards.registry import RewardContext
+
+    if len(jax.devices()) < 8:
+        pytest.skip("needs 8 (fake) devices; tests/conftest.py sets them up")
+    ctx = RewardContext({"teacher_logprob": {"dtype": "fp32"}},
+                        {"math": str(Path(__file__).parent / "fixtures" / "qwen2-tiny")})
+    ctx.teacher_plan = ShardingPlan.create("data=1,fsdp=8,tensor=1")
+    scorer = ctx.teacher("math")
+    shardings = [a.sharding for a in jax.tree.leaves(scorer.state)]
+    assert all(len(s.device_set) == 8 for s in shardings)
+    assert any(not s.is_fully_replicated for s in shardings)
+
+
+def test_sft_noise_follows_the_row_not_the_micro_batch(tiny_model):
+    """With row seeds, one micro-batch of 4 rows and two of 2 give the same SFT loss (so do 1 or 2 processes)."""
+    from dultra_jax.training.trainer import _sft_loss
+
+    gd, tr, fr = split_trainable(tiny_model, "all")
+    loss = _sft_loss(load_run_config(None, []))
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 290, size=(4, 20)).astype(np.int32)
+    answer = np.zeros_like(ids)
+    answer[:, 8:] = 1
+    batch = {"input_ids": ids, "answer_mask": answer, "row_seed": np.arange(4, dtype=np.int32) + 40}
+    step = make_train_step(gd, loss, optax.sgd(0.0))
+    one = step(jax.tree.map(jnp.array, tr), fr, optax.sgd(0.0).init(tr), jax.tree.map(lambda a: a[None], batch),
+               jax.random.key(0))[2]
+    two = step(jax.tree.map(jnp.array, tr), fr, optax.sgd(0.0).init(tr),
+               jax.tree.map(lambda a: a.reshape(2, 2, *a.shape[1:]), batch), jax.random.key(1))[2]
+    assert float(one["loss"]) == pytest.approx(float(two["loss"]), rel=1e-5)
+    assert float(one["masked_tokens"]) == pytest.approx(2 * float(two["masked_tokens"]))

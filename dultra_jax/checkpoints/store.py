@@ -12,6 +12,7 @@ only the shards its devices hold, whatever mesh shape the checkpoint was written
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -60,19 +61,19 @@ def save_converted(
 ) -> Path:
     """Write ``model`` as a converted directory, atomically (nothing is left behind on failure).
 
-    A sharded model is written shard by shard (orbax); the directory can be restored onto any mesh.
+    A sharded model is written shard by shard (orbax); the directory can be restored onto any mesh. On several
+    processes every process must call this (each writes the shards it holds, into a shared file system);
+    process 0 writes the small files and renames the finished directory into place.
     """
-    if jax.process_count() > 1:
-        raise CheckpointError(
-            "save_converted writes from a single process (conversion is a one-host job); on several hosts use "
-            "the trainer's orbax checkpointing"
-        )
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     param_dtype = jnp.dtype(model.backbone.embed.embedding[...].dtype).name
-    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+
+    def write(tmp: Path, primary: bool = True) -> None:
         ckptr = ocp.StandardCheckpointer()
         ckptr.save(tmp / PARAMS_DIR, params)
         ckptr.wait_until_finished()
+        if not primary:
+            return
         hf_cfg = model.cfg.to_hf_dict()
         if source_dtype is not None:
             hf_cfg["torch_dtype"] = source_dtype
@@ -82,7 +83,46 @@ def save_converted(
         (tmp / FORMAT_FILE).write_text(json.dumps(meta, indent=2))
         if copy_from is not None:
             copy_tokenizer_files(copy_from, tmp)
+
+    if jax.process_count() > 1:
+        _save_on_all_processes(Path(out_dir), write, overwrite=overwrite)
+        return Path(out_dir)
+    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+        write(tmp)
     return Path(out_dir)
+
+
+def _save_on_all_processes(target: Path, write, *, overwrite: bool) -> None:
+    """The multi-process form of ``atomic_directory``: one temporary directory named the same on every process
+    (shared file system), written by all, renamed into place by process 0; barriers between the phases."""
+    import shutil
+
+    from jax.experimental import multihost_utils
+
+    target = target.absolute()
+    primary = jax.process_index() == 0
+    if target.exists() and not overwrite:
+        raise CheckpointError(f"output directory {target} already exists; pass --overwrite to replace it")
+    tmp = target.parent / f".{target.name}.tmp-multiprocess"
+    if primary:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    multihost_utils.sync_global_devices(f"save_converted:start:{target}")
+    try:
+        write(tmp, primary)
+        multihost_utils.sync_global_devices(f"save_converted:written:{target}")
+        if primary:
+            old = target.parent / f".{target.name}.old-{os.getpid()}"
+            if target.exists():
+                os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        if primary:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    multihost_utils.sync_global_devices(f"save_converted:done:{target}")
 
 
 def load_converted(

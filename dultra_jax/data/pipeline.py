@@ -4,7 +4,12 @@ Like TRL's ``RepeatSampler`` in the original: a batch holds ``prompts_per_batch`
 repeated ``num_generations`` times consecutively (a group never spans batches); the order is reshuffled every
 epoch (seeded). Prompts are chat-templated, tokenised (without special tokens, as the original's rollouts),
 left-truncated to ``max_prompt_length`` and left-padded with the EOS id (the original's pad token) to the
-longest prompt of the batch (optionally rounded up to ``pad_to_multiple`` for fewer recompilations).
+longest prompt of the batch, rounded up to ``pad_to_multiple`` (capped at ``max_prompt_length``) so that the
+rollout and the train step compile once per padded length, not once per batch.
+
+On several processes each one builds the same pipeline with its ``shard_index`` / ``shard_count``: all walk
+the same shuffled order of prompts (so the iterator state is the same everywhere), and each tokenises and
+yields only its own contiguous share of every batch's prompts (whole groups).
 
 The iterator's position is a small JSON-able dict (``get_state``/``set_state``); :func:`save_iterator_state`
 writes it atomically next to a training checkpoint so a resumed run sees exactly the batches it would have.
@@ -49,7 +54,8 @@ def _pad_id(tokenizer, pad_id: int | None) -> int:
 def _left_pad(rows: Sequence[Sequence[int]], *, pad_id: int, max_len: int | None, multiple: int):
     rows = [list(r)[-max_len:] if max_len else list(r) for r in rows]
     width = max((len(r) for r in rows), default=0)
-    width = max(1, -(-width // max(1, multiple)) * max(1, multiple))
+    rounded = max(1, -(-width // max(1, multiple)) * max(1, multiple))
+    width = max(width, min(rounded, max_len)) if max_len else rounded
     ids = np.full((len(rows), width), pad_id, np.int32)
     mask = np.zeros((len(rows), width), np.int32)
     for i, r in enumerate(rows):
@@ -63,7 +69,8 @@ class PromptPipeline:
     """A grain pipeline over :class:`Example`\\ s yielding prompt batches for rollouts.
 
     Each batch is a dict of numpy arrays: ``input_ids`` / ``attention_mask`` [prompts_per_batch *
-    num_generations, P], ``example_index`` (position in ``examples``) and ``group`` (which prompt of the batch).
+    num_generations / shard_count, P], ``example_index`` (position in ``examples``) and ``group`` (which prompt
+    of the whole batch).
     """
 
     def __init__(
@@ -80,6 +87,8 @@ class PromptPipeline:
         add_special_tokens: bool = False,
         pad_id: int | None = None,
         pad_to_multiple: int = 1,
+        shard_index: int = 0,
+        shard_count: int = 1,
     ):
         if not examples:
             raise DataError("PromptPipeline needs at least one example")
@@ -97,29 +106,35 @@ class PromptPipeline:
         self.add_special_tokens = add_special_tokens
         self.pad_id = _pad_id(tokenizer, pad_id)
         self.pad_to_multiple = int(pad_to_multiple)
+        if not 0 <= shard_index < shard_count or self.prompts_per_batch % shard_count:
+            raise DataError(f"shard {shard_index} of {shard_count}: prompts_per_batch ({prompts_per_batch}) must be a "
+                            "multiple of the number of shards (processes), and the index inside it")
+        self.shard_index, self.shard_count = int(shard_index), int(shard_count)
 
-    def _encode(self, index: int) -> dict[str, Any]:
+    def _encode(self, index: int) -> np.ndarray:
         text = render_chat(self.tokenizer, list(self.examples[index].messages))
-        ids = self.tokenizer(text, add_special_tokens=self.add_special_tokens)["input_ids"]
-        return {"ids": np.asarray(ids, np.int32), "index": np.int64(index)}
+        return np.asarray(self.tokenizer(text, add_special_tokens=self.add_special_tokens)["input_ids"], np.int32)
 
-    def _collate(self, items: Sequence[dict[str, Any]]) -> dict[str, np.ndarray]:
+    def _collate(self, items: Sequence[Any]) -> dict[str, np.ndarray]:
         g = self.num_generations
-        rows = [it["ids"] for it in items for _ in range(g)]
+        k = len(items) // self.shard_count
+        first = self.shard_index * k
+        mine = [int(i) for i in items[first:first + k]]
+        rows = [row for i in mine for row in [self._encode(i)] * g]
         ids, mask = _left_pad(rows, pad_id=self.pad_id, max_len=self.max_prompt_length,
                               multiple=self.pad_to_multiple)
-        index = np.repeat(np.asarray([it["index"] for it in items], np.int64), g)
-        group = np.repeat(np.arange(len(items), dtype=np.int32), g)
+        index = np.repeat(np.asarray(mine, np.int64), g)
+        group = np.repeat(np.arange(first, first + len(mine), dtype=np.int32), g)
         return {"input_ids": ids, "attention_mask": mask, "example_index": index, "group": group}
 
     def dataset(self):
-        """The grain ``IterDataset`` (shuffle -> repeat -> tokenise -> batch)."""
+        """The grain ``IterDataset`` (shuffle -> repeat -> batch -> this shard's prompts, tokenised)."""
         import grain
 
         ds = grain.MapDataset.range(len(self.examples))
         if self.shuffle:
             ds = ds.seed(self.seed).shuffle()
-        ds = ds.repeat(self.num_epochs).map(self._encode)
+        ds = ds.repeat(self.num_epochs)
         # Batch the IterDataset: an infinite MapDataset has length sys.maxsize, which MapDataset.batch(1) overflows.
         return ds.to_iter_dataset().batch(self.prompts_per_batch, drop_remainder=self.num_epochs is not None,
                                           batch_fn=self._collate)

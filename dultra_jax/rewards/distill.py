@@ -49,14 +49,19 @@ class TeacherScorer:
         self.graphdef, self.state = nnx.split(model)
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str | Path, *, dtype: str = "bf16", **kwargs) -> TeacherScorer:
-        """A local checkpoint directory or a hub repo id with ``config.json``, safetensors and a tokenizer."""
+    def from_pretrained(cls, name_or_path: str | Path, *, dtype: str = "bf16", plan=None, **kwargs) -> TeacherScorer:
+        """A local checkpoint directory or a hub repo id with ``config.json``, safetensors and a tokenizer;
+        with ``plan`` (a :class:`dultra_jax.parallel.ShardingPlan`) the teacher is placed on its mesh by the
+        plan's rules (``shard_teacher``), as the trainer's own model is."""
         from transformers import AutoTokenizer
 
-        from dultra_jax.teacher import load_qwen2, resolve_teacher_path
+        from dultra_jax.teacher import load_qwen2, resolve_teacher_path, shard_teacher
 
         path = resolve_teacher_path(name_or_path)
-        return cls(load_qwen2(path, dtype=dtype), AutoTokenizer.from_pretrained(str(path)), **kwargs)
+        model = load_qwen2(path, dtype=dtype)
+        if plan is not None:
+            model = shard_teacher(model, plan)
+        return cls(model, AutoTokenizer.from_pretrained(str(path)), **kwargs)
 
     def encode(self, prompt: Messages, completion: str) -> tuple[list[int], int]:
         """(token ids of prompt + completion, n = number of completion tokens scored)."""

@@ -56,6 +56,7 @@ class RewardContext:
         self._math = None
         self._code = None
         self._teachers: dict[str, Any] = {}
+        self.teacher_plan = None  # a ShardingPlan (set by the trainer): teachers are placed on its mesh
 
     def opt(self, name: str) -> dict[str, Any]:
         return dict(self.options.get(name) or {})
@@ -94,7 +95,8 @@ class RewardContext:
                 raise RewardConfigError(f"no teacher configured for {kind!r} problems (config key teachers.{kind})")
             o = self.opt("teacher_logprob")
             self._teachers[kind] = TeacherScorer.from_pretrained(
-                name, dtype=o.get("dtype", "bf16"), bucket=int(o.get("bucket", 64)), chunk=int(o.get("chunk", 128)))
+                name, dtype=o.get("dtype", "bf16"), bucket=int(o.get("bucket", 64)), chunk=int(o.get("chunk", 128)),
+                plan=self.teacher_plan)
         return self._teachers[kind]
 
     def close(self) -> None:

@@ -12,6 +12,7 @@ from typing import Any
 import yaml
 
 from dultra_jax.config import ConfigError
+from dultra_jax.training.grpo import GRPOLossConfig
 from dultra_jax.training.step import OptimConfig
 
 
@@ -38,6 +39,7 @@ class TaskSection:
     num_eval: int = 64
     max_operand: int = 20
     max_prompt_length: int = 512
+    pad_to_multiple: int = 64  # GRPO prompts are left-padded to a multiple of this: one compile per padded length
 
 
 @dataclass
@@ -55,6 +57,9 @@ class TrainSection:
     eval_every: int = 0
     max_bad_steps: int = 5  # abort after this many non-finite steps in a row
     mesh: str | None = None  # e.g. "data=1,fsdp=8,tensor=1" (-1 = the rest); None = one device
+    # GRPO rollouts: decode with the training weights as sharded (sharded), or with a bf16 copy replicated over
+    # fsdp (replicated_bf16: no all-gather per decoding iteration; refreshed after every update)
+    rollout_weights: str = "sharded"
 
 
 @dataclass
@@ -67,23 +72,29 @@ class SequenceSection:
     label_smoothing: float = 0.0  # SFT
 
 
-@dataclass
-class GRPOSection:
+@dataclass(frozen=True)
+class GRPOSection(GRPOLossConfig):
+    """The loss options are :class:`GRPOLossConfig`'s own fields (one definition; ``cfg.grpo`` is the loss
+    config); the rest configure rollouts, rewards and the reference model."""
+
+    max_completion_length: int | None = None  # the loss's length normaliser; default: gen_length
     num_generations: int = 12
     gen_length: int = 256
-    block_length: int = 32
     temperature: float = 0.1
     scale_rewards: str = "none"
-    epsilon_low: float = 0.2
-    epsilon_high: float = 1.0
-    delta: float | None = None
-    advantage_min_clip: float | None = 0.1
-    beta: float = 0.0
+    # beta > 0: the reference is re-synced every ref_sync_every optimiser updates; 0 = the policy at step 0
+    # (TRL's default), kept for the whole run and checkpointed with it
     ref_sync_every: int = 0
-    num_iterations: int = 1
+    num_iterations: int = 1  # optimiser updates per rollout (TRL's mu); steps count updates
     reward_config: str | None = None  # rewards YAML (default configs/rewards.yaml)
     reward_weights: dict[str, float] = field(default_factory=dict)  # override / add weights by reward name
     step_penalty_scale: float = 50.0  # the original's -(steps)/50
+
+    def __post_init__(self) -> None:
+        if self.max_completion_length is None:
+            object.__setattr__(self, "max_completion_length", self.gen_length)
+        if self.num_iterations < 1:
+            raise ValueError(f"num_iterations must be >= 1, got {self.num_iterations}")
 
 
 @dataclass
@@ -201,4 +212,9 @@ def load_run_config(path: str | Path | None, overrides: list[str] | None = None)
     if cfg.train.batch_size % cfg.train.micro_batches:
         raise ConfigError(f"train.batch_size ({cfg.train.batch_size}) must be a multiple of train.micro_batches "
                           f"({cfg.train.micro_batches})")
+    if cfg.train.rollout_weights not in ("sharded", "replicated_bf16"):
+        raise ConfigError(f"train.rollout_weights must be sharded or replicated_bf16, got "
+                          f"{cfg.train.rollout_weights!r}")
+    if cfg.task.pad_to_multiple < 1:
+        raise ConfigError(f"task.pad_to_multiple must be >= 1, got {cfg.task.pad_to_multiple}")
     return cfg

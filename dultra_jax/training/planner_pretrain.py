@@ -67,16 +67,19 @@ def planner_loss(
     graphdef: nnx.GraphDef, states: tuple[nnx.State, ...], batch: dict[str, jax.Array], rng: jax.Array,
     factor: float = 1.0,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """``batch``: ``input_ids`` [B, N] (already noised) and ``block_index`` [B, N]."""
+    """``batch``: ``input_ids`` [B, N] (already noised), ``block_index`` [B, N] and optionally
+    ``attention_mask`` [B, N] (0 on left padding: not attended to, and not counted in the timestep)."""
     del rng
     model = nnx.merge(graphdef, *states)
     ids = batch["input_ids"].astype(jnp.int32)
     block_index = batch["block_index"].astype(bool)
-    logits, hidden = model(ids)
+    mask = batch.get("attention_mask")
+    logits, hidden = model(ids, mask)
     logits, hidden = jax.lax.stop_gradient(logits), jax.lax.stop_gradient(hidden)
     targets = factor_targets(logits, block_index, factor)
-    timestep = 1.0 - (ids == model.cfg.mask_token_id).sum(-1) / ids.shape[1]
-    z = model.planner_logits(hidden, timestep, block_index)
+    tokens = ids.shape[1] if mask is None else jnp.maximum(mask.sum(-1), 1)
+    timestep = 1.0 - (ids == model.cfg.mask_token_id).sum(-1) / tokens
+    z = model.planner_logits(hidden, timestep, block_index, mask)
     loss = weighted_bce(z, targets, block_index)
     pred = (z > 0).astype(jnp.float32)
     n = jnp.maximum(block_index.sum(), 1)

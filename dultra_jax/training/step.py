@@ -33,6 +33,7 @@ class OptimConfig:
     b2: float = 0.99
     eps: float = 1e-8
     weight_decay: float = 0.1
+    decay_norms_and_biases: bool = False  # HF Trainer's convention: no decay on norm scales and biases
     clip_norm: float = 1.0
 
     def __post_init__(self) -> None:
@@ -57,10 +58,26 @@ def learning_rate_schedule(cfg: OptimConfig) -> optax.Schedule:
     return optax.join_schedules([warm, main], [cfg.warmup_steps])
 
 
+NO_DECAY_NAMES = ("scale", "bias")  # norm scales and biases (the last path entry of the parameter)
+
+
+def _last_name(path) -> str:
+    names = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
+    names = [n for n in names if n != "value"]  # an nnx.Variable leaf's own attribute
+    return names[-1] if names else ""
+
+
+def weight_decay_mask(params):
+    """True for the parameters weight decay applies to: all but norm scales and biases."""
+    return jax.tree_util.tree_map_with_path(lambda path, _: _last_name(path) not in NO_DECAY_NAMES, params)
+
+
 def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
+    mask = None if cfg.decay_norms_and_biases else weight_decay_mask
     return optax.chain(
         optax.clip_by_global_norm(cfg.clip_norm),
-        optax.adamw(learning_rate_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay),
+        optax.adamw(learning_rate_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
+                    mask=mask),
     )
 
 
@@ -103,7 +120,7 @@ def make_train_step(graphdef: nnx.GraphDef, loss_fn: LossFn, tx: optax.GradientT
     constraints apply; parameters and optimiser state keep their shardings across steps.
     """
 
-    def step(trainable, frozen, opt_state, microbatches, rng):
+    def train_step(trainable, frozen, opt_state, microbatches, rng):
         frozen = jax.lax.stop_gradient(frozen)
         n_micro = jax.tree.leaves(microbatches)[0].shape[0]
 
@@ -136,9 +153,9 @@ def make_train_step(graphdef: nnx.GraphDef, loss_fn: LossFn, tx: optax.GradientT
         return new_trainable, new_opt, metrics
 
     if plan is None:
-        return jax.jit(step, donate_argnums=(0, 2))
+        return jax.jit(train_step, donate_argnums=(0, 2))
     from dultra_jax.parallel import shardings_of
 
     tr_s, fr_s, opt_s = shardings_of(trainable), shardings_of(frozen), shardings_of(opt_state)
-    return plan.jit(step, in_shardings=(tr_s, fr_s, opt_s, None, plan.replicated),
+    return plan.jit(train_step, in_shardings=(tr_s, fr_s, opt_s, None, plan.replicated),
                     out_shardings=(tr_s, opt_s, plan.replicated), donate_argnums=(0, 2))
