@@ -59,6 +59,25 @@ def _random_tree(tree, vocab: int, seed: int):
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
+def _left_to_right(rollout, prompt_len: int):
+    """A valid recorded trajectory for the replay: iteration s reveals generation position s (every iteration
+    active: the replay's worst case), with the old log-probabilities at 0."""
+    import dataclasses
+
+    import jax
+    import jax.numpy as jnp
+
+    shape, sharding = rollout.reveal.shape, rollout.reveal.sharding  # [n, S, rows, L]
+
+    def make():
+        s = jnp.arange(shape[1])[:, None, None]
+        pos = jnp.arange(shape[3])[None, None, :]
+        return jnp.broadcast_to((pos == prompt_len + s)[None], shape)
+
+    reveal = jax.jit(make, out_shardings=sharding)()
+    return dataclasses.replace(rollout, reveal=reveal, old_logps=rollout.old_logps * 0)
+
+
 def run_case(case: str, config: str, layers: int | None, micro_rows: int | None, rollout_rows: int | None,
              overrides: list[str]) -> dict:
     sys.path.insert(0, str(Path(__file__).parent))
@@ -91,8 +110,9 @@ def run_case(case: str, config: str, layers: int | None, micro_rows: int | None,
     made = _random_tree([args[i] for i in present], vocab, seed=0)
     for i, a in zip(present, made, strict=True):
         args[i] = a
-    if case == "train_step":  # zero optimiser moments (the fresh state the trainer starts from)
-        args[2] = jax.tree.map(lambda a: a * 0, args[2])
+    if case == "train_step" and setup.grpo:
+        args[2] = jax.tree.map(lambda a: a * 0, args[2])  # fresh optimiser moments, as the trainer starts
+        args[3] = _left_to_right(args[3], setup.prompt_len)
     jax.block_until_ready(args)
     stats = device.memory_stats() or {}
     before = stats.get("bytes_in_use")

@@ -207,6 +207,7 @@ def trim_rollout(rollout: Rollout, s: int, *, axis: int = 0, check: bool = True)
         raise ValueError(f"cannot trim a rollout of {steps} recorded iterations to {s}")
     if s == steps:
         return rollout
+
     def part(a, start, stop):
         return a[(slice(None),) * axis + (slice(start, stop),)]  # numpy stays numpy (host-side trimming)
 
