@@ -296,6 +296,15 @@ def test_bad_config_values(tmp_path):
         load_run_config(None, ["optim.learning_rate=fast"])
     with pytest.raises(ConfigError, match="not found"):
         load_run_config(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="rollout_weights"):
+        load_run_config(None, ["train.rollout_weights=fp8"])
+    with pytest.raises(ConfigError, match="num_iterations"):
+        load_run_config(None, ["grpo.num_iterations=0"])
+    with pytest.raises(ConfigError, match="unknown key"):
+        load_run_config(None, ["grpo.max_completion_lenght=3"])
+    cfg = load_run_config(None, ["grpo.gen_length=64", "grpo.epsilon_high=0.5"])
+    assert isinstance(cfg.grpo, GRPOLossConfig) and cfg.grpo.max_completion_length == 64  # the loss config itself
+    assert cfg.grpo.epsilon_high == 0.5 and cfg.task.pad_to_multiple == 64
 
 
 @pytest.mark.parametrize("mesh", ["data=2,fsdp=2,tensor=2"])
