@@ -99,7 +99,7 @@ def _tiny_checkpoint(tmp: Path) -> str:
 
 
 def _cpu(args: argparse.Namespace) -> None:
-    from dultra_jax.eval.env import git_commit
+    from dultra_jax.eval.env import cpu_model, git_commit
 
     what = _describe(args.model)
     with tempfile.TemporaryDirectory() as tmp:
@@ -115,7 +115,7 @@ def _cpu(args: argparse.Namespace) -> None:
               "task": "synthetic-addition", "problems": args.problems, "max_operand": args.max_operand,
               "seeds": args.seeds, "strategy": "planner", "gen_length": args.gen_length,
               "block_length": args.block_length, "batch_size": args.batch_size,
-              "machine": f"{platform.machine()} {_cpu_model()}, {os.cpu_count()} cores",
+              "machine": f"{platform.machine()} {cpu_model()}, {os.cpu_count()} cores",
               "commit": git_commit(), "rows": rows,
               "note": "fake CPU devices share the same cores: the mesh splits rows, it adds no compute"}
     kind = "demo" if what.startswith("demo") else "tiny" if what.startswith("tiny") else Path(args.model).name
@@ -166,14 +166,6 @@ def _gpu(args: argparse.Namespace) -> None:
     _write(RESULTS / "eval_throughput_gpu_llada-8b.json", result)
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def _write(path: Path, obj: dict) -> None:

@@ -34,14 +34,6 @@ def commit() -> str:
         return "unknown"
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def bench_sandbox(problems, workers: int, repeats: int, **isolation) -> dict:
@@ -130,6 +122,8 @@ def main() -> None:
     print(f"{'math-verify: GSM8K pairs':<34} {'workers':>8} {'correct':>8} {'checks/s':>11}")
     for r in math_rows:
         print(f"{r['mode']:<34} {r['workers']!s:>8} {r['correct']:>4}/{r['checks']:<3} {r['checks_per_s']:>10}")
+
+    from dultra_jax.eval.env import cpu_model
 
     out = Path(args.out) if args.out else RESULTS / f"reward_throughput_{os.cpu_count()}cpu.json"
     result = {

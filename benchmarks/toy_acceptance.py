@@ -23,20 +23,11 @@ from pathlib import Path
 import jax
 
 from dultra_jax.demo import nfe_cut, run_demo
-from dultra_jax.eval.env import git_commit, git_dirty
+from dultra_jax.eval.env import cpu_model, git_commit, git_dirty
 
 RESULTS = Path(__file__).parent / "results"
 
 
-def cpu_model() -> str:
-    """The CPU's model name (results of the tiny model's training differ across CPUs; see the README)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
 
 
 def plot_curve(metrics: list[dict], path: Path) -> None:

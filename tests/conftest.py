@@ -33,6 +33,28 @@ def tiny_model():
 
 
 @pytest.fixture(scope="session")
+def char_model_dir(tmp_path_factory):
+    """``char_model_dir(max_sequence_length)``: a copy of the lladou-tiny fixture (ids < 300, the char
+    tokenizer's layout) with the built-in char tokenizer and room for ``max_sequence_length`` positions."""
+    import json
+    import shutil
+
+    from dultra_jax.data import synthetic
+
+    def make(max_sequence_length: int) -> Path:
+        d = tmp_path_factory.mktemp("char-model") / "tiny-char"
+        d.mkdir()
+        cfg = json.loads((TINY / "config.json").read_text())
+        cfg["max_sequence_length"] = max_sequence_length
+        (d / "config.json").write_text(json.dumps(cfg))
+        shutil.copy(TINY / "model.safetensors", d / "model.safetensors")
+        synthetic.save_tokenizer(d)
+        return d
+
+    return make
+
+
+@pytest.fixture(scope="session")
 def converted_dir(tmp_path_factory) -> Path:
     from dultra_jax.checkpoints import convert
 

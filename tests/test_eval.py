@@ -56,17 +56,8 @@ def _private_datasets_cache(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    """The lladou-tiny fixture (ids < 300, the char tokenizer's layout) with the built-in char tokenizer and room
-    for the real tasks' character-level prompts."""
-    d = tmp_path_factory.mktemp("eval-model") / "tiny-char"
-    d.mkdir()
-    cfg = json.loads((FIX / "lladou-tiny" / "config.json").read_text())
-    cfg["max_sequence_length"] = 1024
-    (d / "config.json").write_text(json.dumps(cfg))
-    shutil.copy(FIX / "lladou-tiny" / "model.safetensors", d / "model.safetensors")
-    synthetic.save_tokenizer(d)
-    return d
+def model_dir(char_model_dir) -> Path:
+    return char_model_dir(1024)
 
 
 @pytest.fixture(scope="module")

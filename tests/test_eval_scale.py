@@ -31,15 +31,8 @@ SUMMARY_KEYS = ("n_problems", "n_samples", "seeds", "accuracy", "accuracy_std", 
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("scale-model") / "tiny-char"
-    d.mkdir()
-    cfg = json.loads((FIX / "lladou-tiny" / "config.json").read_text())
-    cfg["max_sequence_length"] = 128
-    (d / "config.json").write_text(json.dumps(cfg))
-    shutil.copy(FIX / "lladou-tiny" / "model.safetensors", d / "model.safetensors")
-    synthetic.save_tokenizer(d)
-    return d
+def model_dir(char_model_dir) -> Path:
+    return char_model_dir(128)
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,17 @@ def device_name() -> str:
     return f"{d.platform}:{getattr(d, 'device_kind', 'unknown')}"
 
 
+def cpu_model() -> str:
+    """The CPU's model name (results of CPU runs differ across CPU models; recorded beside them)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def _git(*args: str) -> subprocess.CompletedProcess | None:
     try:
         return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True, timeout=10)
