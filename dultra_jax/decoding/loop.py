@@ -177,6 +177,18 @@ def pad_prompts(prompts, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 # ------------------------------------------------------------------------------------------ the loop
+def decode_config(*, gen_length: int, block_length: int, strategy: Strategy = "planner",
+                  reveal: Literal["bernoulli", "topk"] = "bernoulli", temperature: float = 0.0,
+                  threshold: float = 0.9, factor: float = 1.0, steps: int | None = None,
+                  return_trajectory: bool = False, **options) -> DecodeConfig:
+    """The :class:`DecodeConfig` of :func:`generate`'s keyword arguments (with its defaults)."""
+    return DecodeConfig(
+        gen_length=gen_length, block_length=block_length, strategy=strategy, reveal=reveal,
+        temperature=float(temperature), threshold=float(threshold), factor=float(factor), steps=steps,
+        return_trajectory=return_trajectory, **options,
+    )
+
+
 def generate(
     model: DUltra,
     prompt_ids,
@@ -210,11 +222,9 @@ def generate(
     ``planner_temperature``, ``exclude_mask``, ``early_stop``, ``stop_id``, ``max_iterations``, ``schedule`` =
     sync | per_row, ``on_block``).
     """
-    cfg = DecodeConfig(
-        gen_length=gen_length, block_length=block_length, strategy=strategy, reveal=reveal,
-        temperature=float(temperature), threshold=float(threshold), factor=float(factor), steps=steps,
-        return_trajectory=return_trajectory, **options,
-    )
+    cfg = decode_config(gen_length=gen_length, block_length=block_length, strategy=strategy, reveal=reveal,
+                        temperature=temperature, threshold=threshold, factor=factor, steps=steps,
+                        return_trajectory=return_trajectory, **options)
     mcfg = model.cfg
     pad_id = mcfg.pad_token_id if mcfg.pad_token_id is not None else (mcfg.eos_token_id or 0)
     ids, mask = pad_prompts(prompt_ids, pad_id)
@@ -222,16 +232,8 @@ def generate(
         mask = np.asarray(attention_mask, np.int32)
         if mask.shape != ids.shape:
             raise ValueError(f"attention_mask shape {mask.shape} != prompt_ids shape {ids.shape}")
-    if np.any(ids == mcfg.mask_token_id):
-        raise ValueError(f"prompt_ids contain the MASK id {mcfg.mask_token_id}; prompts must be fully known")
-    if np.any((ids < 0) | (ids >= mcfg.embedding_size)):
-        raise ValueError(f"prompt_ids contain ids outside the vocabulary [0, {mcfg.embedding_size})")
+    check_prompts(ids, mcfg, gen_length)
     b, p = ids.shape
-    if p + gen_length > mcfg.max_sequence_length:
-        raise ValueError(
-            f"prompt length {p} + gen_length {gen_length} exceeds the model's max_sequence_length "
-            f"{mcfg.max_sequence_length}"
-        )
     if pad_aware is None:
         pad_aware = bool(np.any(mask == 0))
     canvas_mask = np.concatenate([mask, np.ones((b, gen_length), np.int32)], axis=1) if pad_aware else None
@@ -252,6 +254,19 @@ def generate(
         return _decode_on_mesh(plan, graphdef, state, ids, canvas_mask, key, seeds, uniforms, cfg)
     return _decode(graphdef, state, jnp.asarray(ids), None if canvas_mask is None else jnp.asarray(canvas_mask),
                    key, jnp.asarray(seeds), uniforms, cfg)
+
+
+def check_prompts(ids: np.ndarray, mcfg, gen_length: int) -> None:
+    """Prompts [B, P] must be known tokens of the vocabulary and fit the model with the generation."""
+    if np.any(ids == mcfg.mask_token_id):
+        raise ValueError(f"prompt_ids contain the MASK id {mcfg.mask_token_id}; prompts must be fully known")
+    if np.any((ids < 0) | (ids >= mcfg.embedding_size)):
+        raise ValueError(f"prompt_ids contain ids outside the vocabulary [0, {mcfg.embedding_size})")
+    if ids.shape[1] + gen_length > mcfg.max_sequence_length:
+        raise ValueError(
+            f"prompt length {ids.shape[1]} + gen_length {gen_length} exceeds the model's max_sequence_length "
+            f"{mcfg.max_sequence_length}"
+        )
 
 
 _MESH_DECODERS: dict = {}
