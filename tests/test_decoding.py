@@ -258,3 +258,17 @@ def test_continuous_batching_with_early_stop_and_a_cache(tiny_model, dec):
             assert int(many.nfe[i]) == int(one.nfe[0])
     with pytest.raises(ValueError, match="row_seeds"):
         generate_many(tiny_model, prompts, slots=2, gen_length=16, block_length=8, row_seeds=[0, 1, 2])
+
+
+def test_cli_generate_streams_blocks_and_reports_json(tiny_dir, capsys):
+    import json
+
+    from dultra_jax.cli import main
+
+    assert main(["generate", "--model", str(tiny_dir), "--prompt-ids", "1,2,3,4", "--gen-length", "16",
+                 "--block-length", "8", "--dtype", "fp32", "--strategy", "threshold", "--stream", "--json"]) == 0
+    cap = capsys.readouterr()
+    out = json.loads(cap.out.strip().splitlines()[-1])
+    assert [int(t) for t in cap.err.split()] == out["generated_ids"]  # both blocks, in order, once
+    assert out["iterations"] == out["nfe"] and out["equivalent_forwards"] >= out["nfe"]
+    assert out["tpf"] == pytest.approx(out["effective_tokens"] / out["nfe"]) and out["wall_s"] > 0

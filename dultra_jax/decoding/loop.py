@@ -62,8 +62,9 @@ class DecodeConfig:
     max_iterations: int | None = None
     cache: Literal["none", "prefix", "dual"] = "none"
     schedule: Schedule = "sync"
-    # host callback(finished [B] bool, block [B] int, tokens [B, block_length]) called from the compiled loop
-    # whenever some row finalises a block (``dultra generate --stream``); compiled per callback object
+    # host callback(finished [B] bool, first [B] int, end [B] int, generated [B, G] int) called from the compiled
+    # loop whenever some row finalises blocks [first, end) (``dultra generate --stream``); compiled per callback
+    # object (the loop stays one compiled while_loop: the call is a jax.debug.callback)
     on_block: Callable | None = None
 
     def __post_init__(self) -> None:
@@ -530,8 +531,8 @@ def _run(graphdef, params, st: LoopState, rows: Rows, uniforms, p: int, cfg: Dec
         nxt_n = (ps.take_block(x_new, nxt_cols) == mask_id).sum(-1).astype(jnp.int32)
         if cfg.on_block is not None:
             finished = moved & (st.block < nb)
-            jax.lax.cond(finished.any(), lambda: jax.debug.callback(cfg.on_block, finished, st.block,
-                                                                     ps.take_block(x_new, cols)), lambda: None)
+            jax.lax.cond(finished.any(), lambda: jax.debug.callback(cfg.on_block, finished, st.block, nxt,
+                                                                     x_new[:, p:]), lambda: None)
         new = LoopState(x=x_new, block=nxt, step_in_block=jnp.where(moved, 0, st.step_in_block + 1),
                         block_n=jnp.where(moved, nxt_n, st.block_n), nfe=nfe, eq=eq, it=st.it + 1, traj=traj,
                         cache=cache)
