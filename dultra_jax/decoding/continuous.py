@@ -7,7 +7,8 @@ slots and the same compiled loop continues. Rows advance through their blocks in
 (``schedule="per_row"``) and draw their randomness from their own seed (the prompt's index) and iteration
 count, so each prompt's result equals ``generate(model, [prompt], row_seeds=[index], ...)`` of it alone.
 
-Prompts are grouped by padded length (buckets of geometric widths) so the loop compiles once per bucket.
+Prompts are grouped by padded length (geometric widths, small groups merged upwards: :func:`length_buckets`)
+so the loop compiles once per bucket.
 With a KV cache (``cache="prefix" | "dual"``) refilling mid-block is not possible (the cache is refreshed
 for the whole batch at a block's first iteration): prompts then run as sync batches of ``slots`` rows per
 bucket, still in input order of results and with the same per-prompt equality.
@@ -53,6 +54,24 @@ def bucket_width(n: int) -> int:
     return w
 
 
+def length_buckets(lengths, slots: int, limit: int) -> dict[int, list[int]]:
+    """{padded width: prompt indices}: geometric widths (:func:`bucket_width`, at most ``limit``), with
+    neighbouring widths merged upwards until a bucket holds >= 4 * slots prompts (the last may hold fewer),
+    because each bucket ends with a tail of part-empty slots: few large buckets waste less than many small
+    ones, padding included."""
+    by_width: dict[int, list[int]] = {}
+    for i, n in enumerate(lengths):
+        by_width.setdefault(min(bucket_width(n), max(limit, n)), []).append(i)
+    out: dict[int, list[int]] = {}
+    pending: list[int] = []
+    widths = sorted(by_width)
+    for k, w in enumerate(widths):
+        pending += by_width[w]
+        if len(pending) >= 4 * slots or k == len(widths) - 1:
+            out[w], pending = pending, []
+    return out
+
+
 def generate_many(model: DUltra, prompts, *, slots: int, rng: jax.Array | int | None = None,
                   **generate_kwargs) -> ManyResult:
     """Decode every prompt of ``prompts`` (a list of 1-D id sequences) through ``slots`` rows.
@@ -78,10 +97,7 @@ def generate_many(model: DUltra, prompts, *, slots: int, rng: jax.Array | int | 
     g = int(generate_kwargs["gen_length"])
     key = jax.random.key(0 if rng is None else rng) if rng is None or isinstance(rng, int) else rng
     sync = generate_kwargs.get("cache", "none") != "none"
-    limit = mcfg.max_sequence_length - g
-    buckets: dict[int, list[int]] = {}
-    for i, r in enumerate(rows):
-        buckets.setdefault(min(bucket_width(len(r)), max(limit, len(r))), []).append(i)
+    buckets = length_buckets([len(r) for r in rows], slots, mcfg.max_sequence_length - g)
     tokens: list[np.ndarray | None] = [None] * len(rows)
     nfe = np.zeros(len(rows), np.int32)
     eq = np.zeros(len(rows), np.float32)
