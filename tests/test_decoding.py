@@ -272,3 +272,16 @@ def test_cli_generate_streams_blocks_and_reports_json(tiny_dir, capsys):
     assert [int(t) for t in cap.err.split()] == out["generated_ids"]  # both blocks, in order, once
     assert out["iterations"] == out["nfe"] and out["equivalent_forwards"] >= out["nfe"]
     assert out["tpf"] == pytest.approx(out["effective_tokens"] / out["nfe"]) and out["wall_s"] > 0
+
+
+def test_length_buckets_are_few_and_cover_every_prompt():
+    from dultra_jax.decoding.continuous import bucket_width, length_buckets
+
+    assert [bucket_width(n) for n in (1, 16, 17, 25, 33, 49, 65, 97)] == [16, 16, 24, 32, 48, 64, 96, 128]
+    lengths = np.random.default_rng(0).integers(8, 97, 256)
+    for slots in (8, 32):
+        buckets = length_buckets(lengths, slots, limit=1000)
+        assert sorted(i for idx in buckets.values() for i in idx) == list(range(256))
+        assert all(lengths[i] <= w for w, idx in buckets.items() for i in idx)
+        assert all(len(idx) >= 8 * slots for idx in buckets.values()) or len(buckets) == 1
+    assert list(length_buckets([300], 4, limit=200)) == [300]  # too long: generate's own check then names it

@@ -56,9 +56,9 @@ def bucket_width(n: int) -> int:
 
 def length_buckets(lengths, slots: int, limit: int) -> dict[int, list[int]]:
     """{padded width: prompt indices}: geometric widths (:func:`bucket_width`, at most ``limit``), with
-    neighbouring widths merged upwards until a bucket holds >= 4 * slots prompts (the last may hold fewer),
-    because each bucket ends with a tail of part-empty slots: few large buckets waste less than many small
-    ones, padding included."""
+    neighbouring widths merged upwards until a bucket holds >= 8 * slots prompts (a smaller last group joins
+    the one before), because each bucket ends with a tail of part-empty slots: few large buckets waste less
+    than many small ones, padding included."""
     by_width: dict[int, list[int]] = {}
     for i, n in enumerate(lengths):
         by_width.setdefault(min(bucket_width(n), max(limit, n)), []).append(i)
@@ -67,7 +67,9 @@ def length_buckets(lengths, slots: int, limit: int) -> dict[int, list[int]]:
     widths = sorted(by_width)
     for k, w in enumerate(widths):
         pending += by_width[w]
-        if len(pending) >= 4 * slots or k == len(widths) - 1:
+        if len(pending) >= 8 * slots or k == len(widths) - 1:
+            if len(pending) < 8 * slots and out:  # a small last group joins the previous one, widened
+                pending = out.pop(max(out)) + pending
             out[w], pending = pending, []
     return out
 
