@@ -13,8 +13,9 @@ of the same strategy: the positions/s ratio, the measured ms/iteration ratio and
 iteration. With random weights the reveal decisions (hence iteration counts and positions/s ratios) are
 those of a random planner/LM, not of real decoding; per-iteration ratios are the comparable cost. For the
 exact mode also the loop overhead against a bare forward doing the same model work and the fraction of the
-FLOP roofline (measured dense-matmul rate); also the full-logits + full-canvas-head forward the original
-runs every iteration. Table + JSON in benchmarks/results/.
+FLOP roofline (measured dense-matmul rate); for every variant ms/iteration against the weight-bandwidth floor
+(parameter bytes / measured memory bandwidth: the batch-1 bound on GPU); also the full-logits +
+full-canvas-head forward the original runs every iteration. Table + JSON in benchmarks/results/.
 """
 
 from __future__ import annotations
@@ -45,6 +46,19 @@ from flax import nnx
 from dultra_jax.checkpoints.hf import parse_dtype
 from dultra_jax.decoding import generate
 from dultra_jax.decoding.cost import head_flops
+
+
+def memory_bandwidth(n: int, iters: int = 10) -> float:
+    """Measured bytes/s of a jitted elementwise pass over n float32s (one read + one write each)."""
+    a = jnp.ones((n,), jnp.float32)
+    f = jax.jit(lambda x: x * 1.0001)
+    jax.block_until_ready(f(a))
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        jax.block_until_ready(f(a))
+        times.append(time.perf_counter() - t0)
+    return 2 * 4 * n / float(np.median(times))
 
 
 def main() -> None:
@@ -96,6 +110,9 @@ def main() -> None:
         return m.lm_logits(h[:, p:p + bl]), m.planner_logits(h, t, mask_index, query_cols=cols)
 
     rate = matmul_rate(dtype, 8192 if on_gpu else 1024, iters=10)
+    bandwidth = memory_bandwidth(2**28 if on_gpu else 2**24)
+    weight_bytes = sum(int(a.size) * a.dtype.itemsize for a in jax.tree.leaves(state))
+    floor_ms = 1e3 * weight_bytes / bandwidth  # every weight read once per iteration: the batch-1 floor
     params = matmul_params(model)
     combos = [(c.strip(), s.strip()) for c in args.cache.split(",") if c.strip()
               for s in args.strategies.split(",") if s.strip()]
@@ -147,6 +164,7 @@ def main() -> None:
             "loop_overhead": round(ms_iter / ref_ms - 1, 4) if exact else None,
             "roofline_ms_per_iteration": round(flops / rate * 1e3, 3) if exact else None,
             "fraction_of_roofline": round(flops / rate * 1e3 / ms_iter, 3) if exact else None,
+            "vs_weight_bandwidth_floor": round(ms_iter / floor_ms, 3),
         })
     exact_rows = {r["strategy"]: r for r in rows if r["cache"] == "none"}
     for r in rows:
@@ -170,6 +188,8 @@ def main() -> None:
         "full_logits_forward_ms": round(fwd_ms["full_logits_forward"], 3),
         "block_forward_ms": round(fwd_ms["block_forward"], 3),
         "planner_forward_ms": round(fwd_ms["planner_forward"], 3), "matmul_tflops": round(rate / 1e12, 3),
+        "memory_gb_per_s": round(bandwidth / 1e9, 1), "weight_bytes": weight_bytes,
+        "weight_bandwidth_floor_ms": round(floor_ms, 3),
         "targets": targets, "rows": rows,
         "note": ("random weights: iteration counts and positions/s ratios follow a random model's reveal "
                  "decisions, not real decoding; per-iteration ratios (ms and FLOPs) are the comparable cost. "
