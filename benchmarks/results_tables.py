@@ -43,8 +43,8 @@ def decode_tables() -> list[str]:
                          fmt_x(r.get("flop_cost_per_iteration_vs_exact")), over, roof])
         timing = (f"{d['rounds']} alternating rounds, medians" if "rounds" in d else "consecutive repeats, medians")
         note = f"\n\n{d['note']}." if d.get("note") else (
-            "\n\nMeasured before the planner head's restriction and cache (commit above): its equivalent forwards "
-            "leave the heads out.")
+            f"\n\nMeasured at commit {d['commit']}, before the planner head's restriction and cache: its "
+            "equivalent forwards leave the heads out.")
         parts.append(f"`{name.name}`: {d['device']}, {d['model']} {d['dtype']}, B={d['batch']} P={d['prompt_len']} "
                      f"G={d['gen_len']} block={d['block']} ({timing}); original-work forward "
                      f"{d['full_logits_forward_ms']:.2f} ms, same-work forward {d['block_forward_ms']:.2f} ms "
