@@ -42,23 +42,32 @@ def _canvas(model, pad_aware):
     return jnp.asarray(canvas), attn
 
 
+@nnx.jit(static_argnames=("start", "width"))
+def _cached_vs_full(model, canvas, attn, start, width):
+    """(full hidden, full planner logits, window hidden, cached-head block logits), jitted (eager op-by-op
+    dispatch of a whole model is slow)."""
+    b = canvas.shape[0]
+    positions, kmask = positions_and_mask(*canvas.shape, attn)
+    hidden, kv = model.backbone.hidden_states(canvas, positions, kmask, return_kv=True)
+    t = jnp.asarray([0.3, 0.6])
+    mask_index = canvas == model.cfg.mask_token_id
+    full_plan, head_kv = model.planner(hidden, t, mask_index, positions, kmask, return_kv=True)
+    win = slice(start, start + width)
+    fresh = model.backbone.hidden_states(canvas[:, win], positions[:, win], kmask, kv, start)
+    query = jnp.broadcast_to(jnp.arange(8), (b, 8))
+    plan = model.planner(fresh, t, mask_index[:, win], positions[:, win], kmask, query=query, cache=head_kv,
+                         start=start)
+    return hidden, full_plan, fresh, plan
+
+
 @pytest.mark.parametrize("pad_aware", [False, True])
 def test_window_over_a_fresh_cache_is_exact(tiny_model, pad_aware):
     """Nothing changed since the cache was filled -> the window's states and the cached head's block logits
     equal the full forward's."""
     canvas, attn = _canvas(tiny_model, pad_aware)
-    positions, kmask = positions_and_mask(*canvas.shape, attn)
-    hidden, kv = tiny_model.backbone.hidden_states(canvas, positions, kmask, return_kv=True)
-    t = jnp.asarray([0.3, 0.6])
-    mask_index = canvas == tiny_model.cfg.mask_token_id
-    full_plan, head_kv = tiny_model.planner(hidden, t, mask_index, positions, kmask, return_kv=True)
     for start, width in ((9, 16), (9, 8), (17, 8)):
-        win = slice(start, start + width)
-        fresh = tiny_model.backbone.hidden_states(canvas[:, win], positions[:, win], kmask, kv, start)
-        np.testing.assert_allclose(np.asarray(fresh), np.asarray(hidden[:, win]), atol=1e-5)
-        query = jnp.broadcast_to(jnp.arange(8), (2, 8))
-        plan = tiny_model.planner(fresh, t, mask_index[:, win], positions[:, win], kmask, query=query,
-                                  cache=head_kv, start=start)
+        hidden, full_plan, fresh, plan = _cached_vs_full(tiny_model, canvas, attn, start, width)
+        np.testing.assert_allclose(np.asarray(fresh), np.asarray(hidden[:, start:start + width]), atol=1e-5)
         np.testing.assert_allclose(np.asarray(plan), np.asarray(full_plan[:, start:start + 8]), atol=1e-5)
 
 
@@ -67,12 +76,17 @@ def test_restricted_head_equals_the_full_canvas_head():
     two head layers and per-row blocks."""
     m = dultra_jax.DUltra(dultra_jax.preset("tiny", num_head_layers=2), rngs=nnx.Rngs(3))
     canvas, attn = _canvas(m, True)
-    hidden = m.hidden_states(canvas, attn)
-    t = jnp.asarray([0.3, 0.6])
-    mask_index = canvas == m.cfg.mask_token_id
-    full = m.planner_logits(hidden, t, mask_index, attn)
     cols = jnp.asarray([[9 + i for i in range(8)], [17 + i for i in range(8)]])
-    part = m.planner_logits(hidden, t, mask_index, attn, query_cols=cols)
+
+    @nnx.jit
+    def both(m, canvas, attn, cols):
+        hidden = m.hidden_states(canvas, attn)
+        t = jnp.asarray([0.3, 0.6])
+        mask_index = canvas == m.cfg.mask_token_id
+        return (m.planner_logits(hidden, t, mask_index, attn),
+                m.planner_logits(hidden, t, mask_index, attn, query_cols=cols))
+
+    full, part = both(m, canvas, attn, cols)
     np.testing.assert_allclose(np.asarray(part), np.take_along_axis(np.asarray(full), np.asarray(cols), 1),
                                atol=1e-5)
 
