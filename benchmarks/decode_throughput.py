@@ -7,7 +7,7 @@
 Random weights (no download). Every variant (cache mode x strategy) is compiled first, then timed in
 ``--rounds`` alternating rounds (one run of each variant per round) and the median is reported, because a
 shared machine's speed drifts within minutes. Per variant: iterations, ms per iteration, positions/s
-(generated canvas positions decoded per second, B * G / wall), NFE, FLOP-equivalent full backbone forwards
+(generated canvas positions decoded per second, B * G / wall), NFE, FLOP-equivalent exact iterations
 per row (LM and planner heads included) and their per-iteration cost, and against the exact (no-cache) run
 of the same strategy: the positions/s ratio, the measured ms/iteration ratio and the FLOP cost ratio per
 iteration. With random weights the reveal decisions (hence iteration counts and positions/s ratios) are

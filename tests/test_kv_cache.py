@@ -124,24 +124,23 @@ def test_equivalent_forwards_accounting(tiny_model):
     prompts = _prompts(3, (12, 12))
     res = {mode: generate(tiny_model, prompts, gen_length=32, block_length=8, strategy="fixed", steps=32,
                           cache=mode) for mode in ("none", "prefix", "dual")}
-    cfg = tiny_model.cfg
-    exact = iteration_cost(cfg, 44, 44, 8, planner=False)  # backbone + LM head on the block
-    assert 1 < exact < 1.2
-    np.testing.assert_allclose(np.asarray(res["none"].equivalent_forwards), exact * np.asarray(res["none"].nfe),
-                               rtol=1e-5)
+    np.testing.assert_array_equal(np.asarray(res["none"].equivalent_forwards), np.asarray(res["none"].nfe))
     for mode in MODES:
         np.testing.assert_array_equal(np.asarray(res[mode].nfe), [32, 32])  # every forward counts 1 NFE
     assert np.all(np.asarray(res["dual"].equivalent_forwards) < np.asarray(res["prefix"].equivalent_forwards))
     assert np.all(np.asarray(res["prefix"].equivalent_forwards) < 32)
     # dual: 4 blocks x (1 full + 7 block-only forwards); a block-only forward costs ~8/44 of a full one
-    assert 4 < float(res["dual"].equivalent_forwards[0]) < 4 * exact + 28 * 0.3
-    # the planner's head is counted: more than the backbone alone, less with the cached head
-    plan = {mode: generate(tiny_model, prompts, gen_length=32, block_length=8, cache=mode) for mode in ("none", "dual")}
-    assert iteration_cost(cfg, 44, 44, 8, planner=True) > exact
-    np.testing.assert_allclose(np.asarray(plan["none"].equivalent_forwards),
-                               iteration_cost(cfg, 44, 44, 8, planner=True) * np.asarray(plan["none"].nfe), rtol=1e-5)
-    per_iter = np.asarray(plan["dual"].equivalent_forwards) / np.asarray(plan["dual"].nfe)
-    assert np.all(per_iter < iteration_cost(cfg, 44, 44, 8, planner=True))
+    assert 4 < float(res["dual"].equivalent_forwards[0]) < 4 + 28 * 0.3
+    # the planner's head is counted: a cached planner iteration saves less than the backbone alone would
+    cfg = tiny_model.cfg
+    head_too = iteration_cost(cfg, 44, 8, 8, planner=True) / iteration_cost(cfg, 44, 44, 8, planner=True)
+    backbone_only = iteration_cost(cfg, 44, 8, 8, planner=False) / iteration_cost(cfg, 44, 44, 8, planner=False)
+    assert backbone_only < head_too < 1
+    plan = generate(tiny_model, prompts, gen_length=32, block_length=8, cache="dual", strategy="planner",
+                    reveal="topk", max_iterations=32)
+    nfe, eq = np.asarray(plan.nfe), np.asarray(plan.equivalent_forwards)
+    cached = nfe - 4  # each block's first iteration is exact
+    np.testing.assert_allclose(eq, 4 + cached * head_too, rtol=1e-5)
 
 
 def test_unknown_cache_mode(tiny_model):

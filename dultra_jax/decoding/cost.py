@@ -1,9 +1,10 @@
 """FLOP cost of one decoding iteration, for ``DecodeResult.equivalent_forwards`` and the benchmarks.
 
-The unit is one full backbone forward over the canvas. An iteration's cost counts everything it computes:
-the backbone over its window (all positions when uncached), the LM head on the block and, for the planner,
-its head (restricted to the block's queries; keys/values over the head's window). So an exact planner
-iteration costs more than 1 and a cached one costs what its windows cost.
+An iteration's cost counts everything it computes: the backbone over its window (all positions when
+uncached), the LM head on the block and, for the planner, its head (queries restricted to the block,
+keys/values over the head's window). :func:`iteration_cost` expresses it in full backbone forwards over the
+canvas; ``equivalent_forwards`` divides a cached iteration's cost by the exact iteration's of the same
+strategy, so an exact iteration counts 1 and a cached planner iteration counts its backbone and head windows.
 """
 
 from __future__ import annotations

@@ -146,7 +146,7 @@ class DecodeResult:
     tokens: jax.Array  # [B, P+G]
     nfe: jax.Array  # [B] forwards in which the row was still decoding
     iterations: jax.Array  # [] forwards for the batch
-    equivalent_forwards: jax.Array  # [B] the row's forwards weighted by FLOPs relative to a full forward
+    equivalent_forwards: jax.Array  # [B] the row's forwards weighted by FLOPs relative to an exact iteration
     prompt_length: int = dataclasses.field(metadata=dict(static=True))
     trajectory: Trajectory | None = None
 
@@ -309,7 +309,7 @@ class LoopState:
     step_in_block: jax.Array  # [B] int32 iterations since the row's block began
     block_n: jax.Array  # [B] int32 MASKs in the row's block when it began (the fixed schedule's n)
     nfe: jax.Array  # [B] int32 forwards in which the row was decoding
-    eq: jax.Array  # [B] float32 the row's forwards weighted by FLOPs (full backbone forwards)
+    eq: jax.Array  # [B] float32 the row's forwards weighted by FLOPs (in exact iterations)
     it: jax.Array  # [] int32 batch iterations
     traj: Trajectory | None  # [cap, B, P+G] records (return_trajectory only)
     cache: kv_cache.DecodeCache | None  # cache="prefix" | "dual" only
@@ -415,15 +415,17 @@ def _window_forward(model: DUltra, x, rows: Rows, start: jax.Array | int, width:
 
 
 def _cost_table(mcfg, p: int, cfg: DecodeConfig) -> tuple[float, jax.Array]:
-    """(cost of an exact iteration, [nb] cost of a cached iteration of each block), in full backbone forwards."""
+    """(cost of an exact iteration, [nb] cost of a cached iteration of each block), in exact iterations of the
+    same strategy: 1 and the FLOP fraction of what a window iteration computes (backbone, LM head and, for the
+    planner, its head)."""
     g, bl = cfg.gen_length, cfg.block_length
     length = p + g
     planner = cfg.strategy == "planner"
-    full = iteration_cost(mcfg, length, length, bl, planner)
     if cfg.cache == "none":
-        return full, jnp.full((cfg.num_blocks,), full, jnp.float32)
+        return 1.0, jnp.ones((cfg.num_blocks,), jnp.float32)
+    full = iteration_cost(mcfg, length, length, bl, planner)
     widths = [kv_cache.window_start_width(cfg.cache, p, g, bl, i)[1] for i in range(cfg.num_blocks)]
-    return full, jnp.asarray([iteration_cost(mcfg, length, w, bl, planner) for w in widths], jnp.float32)
+    return 1.0, jnp.asarray([iteration_cost(mcfg, length, w, bl, planner) / full for w in widths], jnp.float32)
 
 
 def _run(graphdef, params, st: LoopState, rows: Rows, uniforms, p: int, cfg: DecodeConfig, *,
