@@ -1,20 +1,28 @@
-"""Decoding speed per strategy next to a bare jitted forward of the same shapes.
+"""Decoding speed per cache mode and strategy, timed in alternating rounds, next to bare jitted forwards.
 
     python benchmarks/decode_throughput.py                           # the CPU config of the decoding issue
     python benchmarks/decode_throughput.py --model llada-8b --batch 1 --prompt-len 256 --gen-len 256 --block 32
-    python benchmarks/decode_throughput.py --cache none,prefix,dual
+    python benchmarks/decode_throughput.py --cache none,prefix,dual --strategies planner,threshold
 
-Random weights (no download). For each cache mode and strategy: iterations, ms per iteration, positions/s
-(generated canvas positions decoded per second, B * G / wall), NFE and FLOP-equivalent full forwards per row,
-and, for the exact mode, the loop overhead per iteration against a bare forward doing the same model work
-(backbone over the canvas + LM head on the block, + the planner head for the planner strategy) and the
-fraction of the FLOP roofline (measured dense-matmul rate). Also the full-logits forward the original runs
-every iteration. Table + JSON in benchmarks/results/.
+Random weights (no download). Every variant (cache mode x strategy) is compiled first, then timed in
+``--rounds`` alternating rounds (one run of each variant per round) and the median is reported, because a
+shared machine's speed drifts within minutes. Per variant: iterations, ms per iteration, positions/s
+(generated canvas positions decoded per second, B * G / wall), NFE, FLOP-equivalent exact iterations
+per row (LM and planner heads included) and their per-iteration cost, and against the exact (no-cache) run
+of the same strategy: the positions/s ratio, the measured ms/iteration ratio and the FLOP cost ratio per
+iteration. With random weights the reveal decisions (hence iteration counts and positions/s ratios) are
+those of a random planner/LM, not of real decoding; per-iteration ratios are the comparable cost. For the
+exact mode also the loop overhead against a bare forward doing the same model work and the fraction of the
+FLOP roofline (measured dense-matmul rate); for every variant ms/iteration against the weight-bandwidth floor
+(parameter bytes / measured memory bandwidth: the batch-1 bound on GPU); also the full-logits +
+full-canvas-head forward the original runs every iteration. Table + JSON in benchmarks/results/.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import time
 from pathlib import Path
 
 import jax
@@ -25,17 +33,32 @@ from _common import (
     STRATEGY_ARGS,
     commit,
     device_name,
+    flops_per_iteration,
+    matmul_params,
     matmul_rate,
-    median_ms,
     model_config,
     random_model,
     random_prompts,
-    time_decode,
     write_json,
 )
 from flax import nnx
 
 from dultra_jax.checkpoints.hf import parse_dtype
+from dultra_jax.decoding import generate
+from dultra_jax.decoding.cost import head_flops
+
+
+def memory_bandwidth(n: int, iters: int = 10) -> float:
+    """Measured bytes/s of a jitted elementwise pass over n float32s (one read + one write each)."""
+    a = jnp.ones((n,), jnp.float32)
+    f = jax.jit(lambda x: x * 1.0001)
+    jax.block_until_ready(f(a))
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        jax.block_until_ready(f(a))
+        times.append(time.perf_counter() - t0)
+    return 2 * 4 * n / float(np.median(times))
 
 
 def main() -> None:
@@ -48,7 +71,7 @@ def main() -> None:
     ap.add_argument("--dtype", default=None, help="default fp32 on CPU, bf16 on GPU")
     ap.add_argument("--strategies", default="planner,planner-topk,threshold,factor,fixed")
     ap.add_argument("--cache", default="none", help="comma-separated cache modes: none, prefix, dual")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5, help="alternating timing rounds (median reported)")
     ap.add_argument("--max-iterations", type=int, default=None,
                     help="cap the loop (ms/iteration stays exact; positions/s then counts the positions decoded)")
     ap.add_argument("--out", default=None)
@@ -64,9 +87,15 @@ def main() -> None:
     prompts = random_prompts(cfg, b, p)  # never MASK / end-of-text / pad
     canvas = jnp.asarray(np.concatenate([prompts, np.full((b, g), cfg.mask_token_id, np.int32)], axis=1))
 
+    mask_index = canvas == cfg.mask_token_id
+    t = 1.0 - mask_index.mean(-1)
+    cols = jnp.broadcast_to(jnp.arange(p, p + bl), (b, bl))
+
     @jax.jit
-    def full_forward(state, ids):  # what the original runs every iteration: logits for every position
-        return nnx.merge(graphdef, state)(ids)[0]
+    def full_forward(state, ids):  # what the original runs every iteration: logits and planner everywhere
+        m = nnx.merge(graphdef, state)
+        logits, h = m(ids)
+        return logits, m.planner_logits(h, t, mask_index)
 
     @jax.jit
     def block_forward(state, ids):  # the same model work as one of our baseline iterations
@@ -75,64 +104,115 @@ def main() -> None:
         return m.lm_logits(h[:, p:p + bl])
 
     @jax.jit
-    def planner_forward(state, ids):  # ... and of a planner iteration
+    def planner_forward(state, ids):  # ... and of a planner iteration (the head's queries on the block)
         m = nnx.merge(graphdef, state)
         h = m.hidden_states(ids)
-        mask_index = ids == cfg.mask_token_id
-        t = 1.0 - mask_index.mean(-1)
-        return m.lm_logits(h[:, p:p + bl]), m.planner_logits(h, t, mask_index)
+        return m.lm_logits(h[:, p:p + bl]), m.planner_logits(h, t, mask_index, query_cols=cols)
 
-    full_ms = median_ms(full_forward, state, canvas, iters=5)
-    block_ms = median_ms(block_forward, state, canvas, iters=5)
-    plan_ms = median_ms(planner_forward, state, canvas, iters=5)
     rate = matmul_rate(dtype, 8192 if on_gpu else 1024, iters=10)
-    n_block = 4 * cfg.d_model * cfg.d_model + 3 * cfg.d_model * cfg.mlp_hidden_size
-    flops_iter = 2 * b * length * n_block * cfg.n_layers + 2 * b * bl * cfg.d_model * cfg.embedding_size
-    flops_iter += 4 * b * length * length * cfg.d_model * cfg.n_layers
-    flops_plan = 2 * b * length * (n_block + 4 * cfg.d_model * cfg.d_model) + 4 * b * length**2 * cfg.d_model
-    rows = []
+    bandwidth = memory_bandwidth(2**28 if on_gpu else 2**24)
+    weight_bytes = sum(int(a.size) * a.dtype.itemsize for a in jax.tree.leaves(state))
+    floor_ms = 1e3 * weight_bytes / bandwidth  # every weight read once per iteration: the batch-1 floor
+    params = matmul_params(model)
     combos = [(c.strip(), s.strip()) for c in args.cache.split(",") if c.strip()
               for s in args.strategies.split(",") if s.strip()]
+    kws = {combo: dict(STRATEGY_ARGS[combo[1]], gen_length=g, block_length=bl, rng=0, cache=combo[0],
+                       max_iterations=args.max_iterations) for combo in combos}
+    results = {}
+    for combo, kw in kws.items():  # compile (and one run) of every variant first
+        results[combo] = generate(model, prompts, **kw)
+        jax.block_until_ready(results[combo].tokens)
+    forwards = {"full_logits_forward": (full_forward, []), "block_forward": (block_forward, []),
+                "planner_forward": (planner_forward, [])}
+    for fn, _ in forwards.values():
+        jax.block_until_ready(fn(state, canvas))
+    walls = {combo: [] for combo in combos}
+    for _ in range(args.rounds):  # alternate: every variant once per round, so drift hits them alike
+        for combo, kw in kws.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(generate(model, prompts, **kw).tokens)
+            walls[combo].append(time.perf_counter() - t0)
+        for fn, times in forwards.values():
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn(state, canvas))
+            times.append(time.perf_counter() - t0)
+    fwd_ms = {k: 1e3 * float(np.median(v[1])) for k, v in forwards.items()}
+    capped = args.max_iterations is not None
+    rows = []
     for cache, name in combos:
-        kw = dict(STRATEGY_ARGS[name], gen_length=g, block_length=bl, rng=0, cache=cache,
-                  max_iterations=args.max_iterations)
-        _, wall, result = time_decode(model, prompts, kw, args.repeats)
+        result = results[(cache, name)]
+        wall = float(np.median(walls[(cache, name)]))
         iters = int(result.iterations)
         ms_iter = 1e3 * wall / iters
-        ref_ms = plan_ms if name.startswith("planner") else block_ms
-        flops = flops_iter + (flops_plan if name.startswith("planner") else 0)
+        planner = name.startswith("planner")
+        ref_ms = fwd_ms["planner_forward"] if planner else fwd_ms["block_forward"]
+        flops = flops_per_iteration(params, cfg, b, length, bl, planner=False)
+        if planner:  # the restricted head: queries/MLP on the block, keys/values everywhere
+            flops += b * head_flops(cfg, length, length, bl)
         exact = cache == "none"
+        nfe = np.asarray(result.nfe)
+        decoded = float((np.asarray(result.generated) != cfg.mask_token_id).sum())
         rows.append({
-            "cache": cache, "strategy": name, "iterations": iters,
-            "mean_nfe": float(np.mean(np.asarray(result.nfe))),
+            "cache": cache, "strategy": name, "iterations": iters, "mean_nfe": float(np.mean(nfe)),
             "mean_equivalent_forwards": round(float(np.mean(np.asarray(result.equivalent_forwards))), 3),
-            "tpf": float((np.asarray(result.generated) != cfg.mask_token_id).sum()) / b
-            / float(np.mean(np.asarray(result.nfe))), "wall_s": round(wall, 4),
-            "ms_per_iteration": round(ms_iter, 3),
-            "positions_per_s": round(float((np.asarray(result.generated) != cfg.mask_token_id).sum()) / wall, 1),
-            "vs_full_logits_forward": round(ms_iter / full_ms, 4),
+            "cost_per_iteration": round(float(np.sum(np.asarray(result.equivalent_forwards)) / max(nfe.sum(), 1)), 4),
+            "tpf": decoded / b / float(np.mean(nfe)), "wall_s": round(wall, 4),
+            "wall_s_rounds": [round(w, 4) for w in walls[(cache, name)]],
+            "ms_per_iteration": round(ms_iter, 3), "positions_per_s": round(decoded / wall, 1),
+            "vs_full_logits_forward": round(ms_iter / fwd_ms["full_logits_forward"], 4),
             "same_work_forward_ms": round(ref_ms, 3) if exact else None,
             "loop_overhead": round(ms_iter / ref_ms - 1, 4) if exact else None,
             "roofline_ms_per_iteration": round(flops / rate * 1e3, 3) if exact else None,
             "fraction_of_roofline": round(flops / rate * 1e3 / ms_iter, 3) if exact else None,
+            "vs_weight_bandwidth_floor": round(ms_iter / floor_ms, 3),
         })
+    exact_rows = {r["strategy"]: r for r in rows if r["cache"] == "none"}
+    for r in rows:
+        e = exact_rows.get(r["strategy"])
+        r["positions_per_s_vs_exact"] = round(r["positions_per_s"] / e["positions_per_s"], 3) if e else None
+        r["ms_per_iteration_vs_exact"] = round(e["ms_per_iteration"] / r["ms_per_iteration"], 3) if e else None
+        r["flop_cost_per_iteration_vs_exact"] = (round(e["cost_per_iteration"] / r["cost_per_iteration"], 3)
+                                                 if e else None)
+    targets = {}
+    if "planner" in exact_rows and "threshold" in exact_rows:
+        targets["exact_planner_over_threshold_ms_per_iteration"] = round(
+            exact_rows["planner"]["ms_per_iteration"] / exact_rows["threshold"]["ms_per_iteration"], 3)
+    for r in rows:
+        if r["strategy"] == "planner" and r["cache"] != "none" and "planner" in exact_rows:
+            targets[f"{r['cache']}_planner_positions_per_s_vs_exact"] = r["positions_per_s_vs_exact"]
+            targets[f"{r['cache']}_planner_ms_per_iteration_vs_exact"] = r["ms_per_iteration_vs_exact"]
     result = {
         "benchmark": "decode_throughput", "device": device_name(), "jax": jax.__version__, "commit": commit(),
         "model": args.model, "dtype": jnp.dtype(dtype).name, "batch": b, "prompt_len": p, "gen_len": g,
-        "block": bl, "full_logits_forward_ms": round(full_ms, 3), "block_forward_ms": round(block_ms, 3),
-        "planner_forward_ms": round(plan_ms, 3), "matmul_tflops": round(rate / 1e12, 3), "rows": rows,
+        "block": bl, "rounds": args.rounds, "max_iterations": args.max_iterations,
+        "full_logits_forward_ms": round(fwd_ms["full_logits_forward"], 3),
+        "block_forward_ms": round(fwd_ms["block_forward"], 3),
+        "planner_forward_ms": round(fwd_ms["planner_forward"], 3), "matmul_tflops": round(rate / 1e12, 3),
+        "memory_gb_per_s": round(bandwidth / 1e9, 1), "weight_bytes": weight_bytes,
+        "weight_bandwidth_floor_ms": round(floor_ms, 3),
+        "targets": targets, "rows": rows,
+        "note": ("random weights: iteration counts and positions/s ratios follow a random model's reveal "
+                 "decisions, not real decoding; per-iteration ratios (ms and FLOPs) are the comparable cost. "
+                 + ("The loop was capped (--max-iterations): positions/s counts the positions decoded by the cap. "
+                    if capped else "")
+                 + f"Variants timed in {args.rounds} alternating rounds, medians reported; "
+                 + ("on a CPU machine shared with other jobs whose speed drifts" if not on_gpu else "on a GPU")),
     }
     print(f"{result['device']}  {args.model} {result['dtype']}  B={b} P={p} G={g} block={bl}  "
-          f"full-logits forward {full_ms:.2f} ms  block forward {block_ms:.2f} ms  +planner {plan_ms:.2f} ms  "
-          f"matmul {rate / 1e9:.0f} GFLOP/s")
-    print(f"{'cache':>6} {'strategy':>13} {'iters':>6} {'NFE':>6} {'eq.fwd':>7} {'ms/iter':>8} {'pos/s':>9} "
-          f"{'overhead':>9} {'roofline':>9}")
-    base_pos = {r["strategy"]: r["positions_per_s"] for r in rows if r["cache"] == "none"}
+          f"original-work forward {fwd_ms['full_logits_forward']:.2f} ms  block forward "
+          f"{fwd_ms['block_forward']:.2f} ms  +planner {fwd_ms['planner_forward']:.2f} ms  matmul {rate / 1e9:.0f} "
+          f"GFLOP/s  ({args.rounds} alternating rounds, medians)")
+    print(f"{'cache':>6} {'strategy':>13} {'iters':>6} {'NFE':>6} {'eq.fwd':>7} {'cost/it':>8} {'ms/iter':>8} "
+          f"{'pos/s':>9} {'pos/s x':>8} {'ms/it x':>8} {'FLOP x':>7} {'overhead':>9}")
     for r in rows:
-        extra = (f"{r['loop_overhead']:9.1%} {r['fraction_of_roofline']:9.1%}" if r["cache"] == "none" else
-                 f"{r['positions_per_s'] / base_pos[r['strategy']]:8.2f}x" if r["strategy"] in base_pos else "")
+        fmt = lambda v: f"{v:7.2f}x" if v is not None else f"{'-':>8}"  # noqa: E731
+        over = f"{r['loop_overhead']:9.1%}" if r["loop_overhead"] is not None else ""
         print(f"{r['cache']:>6} {r['strategy']:>13} {r['iterations']:6d} {r['mean_nfe']:6.1f} "
-              f"{r['mean_equivalent_forwards']:7.2f} {r['ms_per_iteration']:8.2f} {r['positions_per_s']:9.1f} {extra}")
+              f"{r['mean_equivalent_forwards']:7.2f} {r['cost_per_iteration']:8.3f} {r['ms_per_iteration']:8.2f} "
+              f"{r['positions_per_s']:9.1f} {fmt(r['positions_per_s_vs_exact'])} {fmt(r['ms_per_iteration_vs_exact'])}"
+              f"{fmt(r['flop_cost_per_iteration_vs_exact'])} {over}")
+    print("targets:", json.dumps(targets))
+    print("note:", result["note"])
     tag = args.cache.replace(",", "-")
     out = Path(args.out) if args.out else RESULTS / f"decode_{args.model}_b{b}_{tag}_{jax.default_backend()}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -12,8 +12,8 @@ From a run config (``training.config.RunConfig``) this builds, with no weights a
   iterations S = the rollout's iteration cap (G for the planner: the worst case; the trainer trims S to
   buckets on the host, :func:`~dultra_jax.training.grpo.bucket_for`).
 - ``rollout``: the decoding loop :func:`dultra_jax.decoding.generate` runs on the plan with
-  ``return_trajectory=True`` (the same ``_decode_impl`` jitted with the same shardings), over the rows the
-  trainer feeds it (``train.batch_size`` prompts x ``grpo.num_generations``, left-padded to
+  ``return_trajectory=True`` (``decoding.loop.mesh_decoder``, the program ``generate(plan=...)`` runs), over
+  the rows the trainer feeds it (``train.batch_size`` prompts x ``grpo.num_generations``, left-padded to
   ``task.max_prompt_length``, with the padding mask). Two weight placements: ``sharded`` (the training
   weights as they are) and ``replicated_bf16`` (a bf16 copy replicated over ``fsdp``: no all-gather per
   iteration), each also counted beside the training state that stays resident while the rollout runs.
@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import json
 import os
 import platform
@@ -284,7 +283,7 @@ def rollout_program(setup: Setup, *, rows: int | None = None, weights: str = "sh
     from flax import nnx
 
     from dultra_jax.decoding import loop
-    from dultra_jax.parallel import ShardingPlan, shardings_of
+    from dultra_jax.parallel import ShardingPlan
 
     jax = _jax()
     plan = setup.plan
@@ -303,9 +302,7 @@ def rollout_program(setup: Setup, *, rows: int | None = None, weights: str = "sh
     cfg = setup.decode_config()
     p, length = setup.prompt_len, setup.prompt_len + setup.run.grpo.gen_length
     rows2, rows1 = plan.batch_sharding(2), plan.batch_sharding(1)
-    # the in_shardings of decoding.loop._decode_on_mesh (padding mask present, no uniforms)
-    in_shardings = (shardings_of(state), rows2, rows2, plan.replicated, rows1, None)
-    fn = plan.jit(functools.partial(loop._decode_impl, graphdef, cfg=cfg), in_shardings=in_shardings)
+    fn = loop.mesh_decoder(plan, graphdef, state, cfg, with_mask=True)  # what generate(plan=...) runs
     key = jax.eval_shape(lambda: jax.random.key(0))
     args = (state, _sds((rows, p), np.int32, rows2), _sds((rows, length), np.int32, rows2),
             jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=plan.replicated), _sds((rows,), np.int32, rows1),

@@ -26,22 +26,49 @@ def _table(header: list[str], rows: list[list]) -> str:
 
 def decode_tables() -> list[str]:
     parts = []
+    fmt_x = lambda v: f"{v:.2f}x" if v is not None else "-"  # noqa: E731
     for name in sorted(RESULTS.glob("decode_*.json")):
         d = json.loads(name.read_text())
-        base = {r["strategy"]: r["positions_per_s"] for r in d["rows"] if r["cache"] == "none"}
+        base = {r["strategy"]: r for r in d["rows"] if r["cache"] == "none"}
         rows = []
         for r in d["rows"]:
-            speedup = r["positions_per_s"] / base[r["strategy"]] if r["strategy"] in base else float("nan")
+            e = base.get(r["strategy"])
+            # older files lack the ratio fields: derive positions/s and ms/iteration ratios from the rows
+            pos_x = r.get("positions_per_s_vs_exact", r["positions_per_s"] / e["positions_per_s"] if e else None)
+            ms_x = r.get("ms_per_iteration_vs_exact", e["ms_per_iteration"] / r["ms_per_iteration"] if e else None)
+            cost = r.get("cost_per_iteration")
             roof = f"{r['fraction_of_roofline']:.0%}" if r.get("fraction_of_roofline") is not None else "-"
             over = f"{r['loop_overhead']:+.1%}" if r.get("loop_overhead") is not None else "-"
             rows.append([r["cache"], r["strategy"], r["iterations"], f"{r['ms_per_iteration']:.2f}",
-                         f"{r['mean_equivalent_forwards']:.2f}", f"{r['positions_per_s']:.0f}", f"{speedup:.2f}x",
-                         over, roof])
+                         f"{r['mean_equivalent_forwards']:.2f}", f"{cost:.3f}" if cost is not None else "-",
+                         f"{r['positions_per_s']:.0f}", fmt_x(pos_x), fmt_x(ms_x),
+                         fmt_x(r.get("flop_cost_per_iteration_vs_exact")), over, roof])
+        timing = (f"{d['rounds']} alternating rounds, medians" if "rounds" in d else "consecutive repeats, medians")
+        note = f"\n\n{d['note']}." if d.get("note") else (
+            f"\n\nMeasured at commit {d['commit']}, before the planner head's restriction and cache: its "
+            "equivalent forwards leave the heads out.")
         parts.append(f"`{name.name}`: {d['device']}, {d['model']} {d['dtype']}, B={d['batch']} P={d['prompt_len']} "
-                     f"G={d['gen_len']} block={d['block']}; full-logits forward {d['full_logits_forward_ms']:.2f} ms, "
-                     f"same-work forward {d['block_forward_ms']:.2f} ms (+planner {d['planner_forward_ms']:.2f} ms)\n\n"
-                     + _table(["cache", "strategy", "iters", "ms/iter", "eq. full fwd", "positions/s", "vs exact",
-                               "loop overhead", "of roofline"], rows))
+                     f"G={d['gen_len']} block={d['block']} ({timing}); original-work forward "
+                     f"{d['full_logits_forward_ms']:.2f} ms, same-work forward {d['block_forward_ms']:.2f} ms "
+                     f"(+planner {d['planner_forward_ms']:.2f} ms){note}\n\n"
+                     + _table(["cache", "strategy", "iters", "ms/iter", "eq. full fwd", "cost/iter", "positions/s",
+                               "positions/s vs exact", "ms/iter vs exact", "FLOP/iter vs exact", "loop overhead",
+                               "of roofline"], rows))
+    return parts
+
+
+def continuous_tables() -> list[str]:
+    parts = []
+    for name in sorted(RESULTS.glob("continuous_batching_*.json")):
+        d = json.loads(name.read_text())
+        rows = [[r["slots"], r["generate_many_iterations"], r["batched_iterations"], f"{r['iterations_ratio']:.2f}x",
+                 f"{r['generate_many_wall_s']:.2f}", f"{r['batched_wall_s']:.2f}", f"{r['wall_ratio']:.2f}x",
+                 "yes" if r["same_tokens_and_nfe"] else "NO"] for r in d["rows"]]
+        parts.append(f"`{name.name}`: {d['device']}, {d['model']} {d['dtype']}, {d['prompts']} prompts of "
+                     f"{d['prompt_lengths'][0]}-{d['prompt_lengths'][1]} tokens, G={d['gen_len']} block={d['block']}, "
+                     f"{d['strategy']}. {d['note']}.\n\n"
+                     + _table(["slots", "generate_many iterations", "sync batches iterations", "fewer iterations",
+                               "generate_many s", "sync batches s", "wall ratio", "same tokens and NFE"], rows))
     return parts
 
 
@@ -287,6 +314,7 @@ def cpu_throughput_table() -> list[str]:
 
 SECTIONS = {
     "results": [("Forward vs roofline", forward_tables), ("Decoding per cache mode", decode_tables),
+                ("Continuous batching", continuous_tables),
                 ("Decode throughput sweep (8B shapes)", throughput_table),
                 ("Toy acceptance (GRPO with a step penalty)", toy_table),
                 ("Approximate caches on a trained model", cache_agreement_table),

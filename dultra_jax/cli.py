@@ -143,12 +143,16 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         ids = tok(text)["input_ids"]
     else:
         raise ConfigError("give --prompt TEXT or --prompt-ids IDS")
+    printer = _BlockPrinter(tok, args.block_length, sys.stderr if args.json else sys.stdout) if args.stream else None
     kw = dict(gen_length=args.gen_length, block_length=args.block_length, strategy=args.strategy,
               reveal=args.reveal, temperature=args.temperature, threshold=args.threshold, factor=args.factor,
-              steps=args.steps, rng=args.seed, early_stop=args.early_stop, cache=args.cache, plan=plan)
+              steps=args.steps, rng=args.seed, early_stop=args.early_stop, cache=args.cache, plan=plan,
+              on_block=printer)
     try:
-        result = generate(model, [ids], **kw)  # compile + run
+        result = generate(model, [ids], **kw)  # compile + run (the printer stays quiet)
         jax.block_until_ready(result.tokens)
+        if printer is not None:
+            printer.active = True
         t0 = time.perf_counter()
         result = generate(model, [ids], **kw)
         jax.block_until_ready(result.tokens)
@@ -164,15 +168,41 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         "answer": tok.decode(gen[gen < len(tok)], skip_special_tokens=True) if tok is not None else None,
         "generated_ids": gen.tolist(), "nfe": nfe, "effective_tokens": eff,
         "tpf": counted.tpf, "wall_s": wall, "strategy": args.strategy, "cache": args.cache,
-        "equivalent_forwards": float(result.equivalent_forwards[0]),
+        "equivalent_forwards": float(result.equivalent_forwards[0]), "iterations": int(result.iterations),
         "gen_length": args.gen_length, "block_length": args.block_length,
     }
     if args.json:
         print(json.dumps(out))
     else:
-        print(out["answer"] if out["answer"] is not None else " ".join(map(str, out["generated_ids"])))
-        print(f"NFE {nfe}  effective tokens {eff}  TPF {out['tpf']:.2f}  wall {wall:.3f}s ({args.strategy})")
+        if printer is None:
+            print(out["answer"] if out["answer"] is not None else " ".join(map(str, out["generated_ids"])))
+        else:
+            print()
+        print(f"NFE {nfe}  effective tokens {eff}  TPF {out['tpf']:.2f}  iterations {out['iterations']}  "
+              f"equivalent forwards {out['equivalent_forwards']:.2f}  wall {wall:.3f}s ({args.strategy})")
     return 0
+
+
+class _BlockPrinter:
+    """``--stream``: prints row 0's blocks as the compiled loop finalises them (a ``jax.debug.callback``).
+
+    One object per command, so the warm-up run compiles the loop with it and stays quiet (``active``)."""
+
+    def __init__(self, tok, block_length: int, stream):
+        self.tok, self.bl, self.stream, self.active = tok, block_length, stream, False
+        self.blocks: list[list[int]] = []
+
+    def __call__(self, finished, first, end, generated) -> None:
+        if not (self.active and bool(finished[0])):
+            return
+        for b in range(int(first[0]), int(end[0])):
+            ids = [int(t) for t in generated[0, b * self.bl:(b + 1) * self.bl]]
+            self.blocks.append(ids)
+            if self.tok is not None:
+                text = self.tok.decode([t for t in ids if t < len(self.tok)], skip_special_tokens=True)
+            else:
+                text = " ".join(map(str, ids)) + " "
+            print(text, end="", file=self.stream, flush=True)
 
 
 def _cmd_score(args: argparse.Namespace) -> int:
@@ -306,6 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="block KV cache: none (exact), prefix, dual (approximate, faster)")
     g.add_argument("--json", action="store_true", help="print one JSON object")
     g.add_argument("--mesh", default=None, help='device mesh, e.g. "data=1,fsdp=8,tensor=1" (default: one device)')
+    g.add_argument("--stream", action="store_true",
+                   help="print each block as it is finalised (to stderr with --json)")
     g.set_defaults(func=_cmd_generate)
 
     s = sub.add_parser("score", help="score completions (JSONL: id or index + completion) against a task")

@@ -128,15 +128,27 @@ def test_planner_extremes(tiny_dir, dec, bias, per_block):
     dict(strategy="fixed", steps=16),
 ])
 def test_batched_rows_equal_batch1(tiny_model, kw):
+    """Rows of a sync batch, of a per_row batch and of generate_many (2 slots, 3 prompts: a refill) equal each
+    prompt decoded alone with its index as row seed."""
+    from dultra_jax.decoding import generate_many
+
     rng = np.random.default_rng(1)
     prompts = [rng.integers(0, 290, size=n) for n in (9, 14, 5)]
-    batch = generate(tiny_model, prompts, gen_length=16, block_length=8, rng=3, **kw)
+    common = dict(gen_length=16, block_length=8, rng=3, **kw)
+    batch = generate(tiny_model, prompts, **common)
+    per_row = generate(tiny_model, prompts, schedule="per_row", **common)
+    many = generate_many(tiny_model, prompts, slots=2, **common)
     assert batch.tokens.shape == (3, 14 + 16)
     for i, pr in enumerate(prompts):
-        one = generate(tiny_model, [pr], gen_length=16, block_length=8, rng=3, row_seeds=[i], pad_aware=True, **kw)
-        np.testing.assert_array_equal(np.asarray(batch.generated[i]), np.asarray(one.generated[0]))
-        assert int(batch.nfe[i]) == int(one.nfe[0])
+        one = generate(tiny_model, [pr], row_seeds=[i], pad_aware=True, **common)
+        for res in (batch, per_row):
+            np.testing.assert_array_equal(np.asarray(res.generated[i]), np.asarray(one.generated[0]))
+            assert int(res.nfe[i]) == int(one.nfe[0])
         assert np.all(np.asarray(batch.tokens[i, 14 - len(pr):14]) == pr)
+        np.testing.assert_array_equal(many.tokens[i], np.asarray(one.tokens[0]))
+        assert int(many.nfe[i]) == int(one.nfe[0])
+    # no row waits: a per_row batch runs as long as its slowest row
+    assert int(per_row.iterations) == int(np.max(np.asarray(per_row.nfe))) <= int(batch.iterations)
 
 
 def test_finished_rows_stop_changing_and_nfe_counts_only_decoding(tiny_dir, dec):
@@ -227,3 +239,49 @@ def test_decoding_on_a_mesh_equals_one_device(tiny_model):
     np.testing.assert_array_equal(np.asarray(sharded.nfe), np.asarray(one.nfe))
     np.testing.assert_allclose(np.asarray(sharded.trajectory.logps), np.asarray(one.trajectory.logps), atol=1e-5)
     assert len(sharded.tokens.sharding.device_set) == 8
+
+
+
+def test_continuous_batching_with_early_stop_and_a_cache(tiny_model, dec):
+    from dultra_jax.decoding import generate_many
+
+    base = _gen(tiny_model, dec, strategy="fixed", steps=32)
+    stop = int(np.asarray(base.generated)[0, 3])  # a token the model emits early: treat it as end-of-text
+    prompts = [dec["prompt"][0], dec["prompt"][1][:5], dec["prompt"][0][2:]]
+    for extra in (dict(early_stop=True, stop_id=stop), dict(cache="dual")):
+        common = dict(gen_length=dec["gen_length"], block_length=dec["block_length"], strategy="fixed", steps=32,
+                      **extra)
+        many = generate_many(tiny_model, prompts, slots=2, **common)
+        for i, pr in enumerate(prompts):
+            one = generate(tiny_model, [pr], row_seeds=[i], **common)
+            np.testing.assert_array_equal(many.tokens[i], np.asarray(one.tokens[0]))
+            assert int(many.nfe[i]) == int(one.nfe[0])
+    with pytest.raises(ValueError, match="row_seeds"):
+        generate_many(tiny_model, prompts, slots=2, gen_length=16, block_length=8, row_seeds=[0, 1, 2])
+
+
+def test_cli_generate_streams_blocks_and_reports_json(tiny_dir, capsys):
+    import json
+
+    from dultra_jax.cli import main
+
+    assert main(["generate", "--model", str(tiny_dir), "--prompt-ids", "1,2,3,4", "--gen-length", "16",
+                 "--block-length", "8", "--dtype", "fp32", "--strategy", "threshold", "--stream", "--json"]) == 0
+    cap = capsys.readouterr()
+    out = json.loads(cap.out.strip().splitlines()[-1])
+    assert [int(t) for t in cap.err.split()] == out["generated_ids"]  # both blocks, in order, once
+    assert out["iterations"] == out["nfe"] and out["equivalent_forwards"] >= out["nfe"]
+    assert out["tpf"] == pytest.approx(out["effective_tokens"] / out["nfe"]) and out["wall_s"] > 0
+
+
+def test_length_buckets_are_few_and_cover_every_prompt():
+    from dultra_jax.decoding.continuous import bucket_width, length_buckets
+
+    assert [bucket_width(n) for n in (1, 16, 17, 25, 33, 49, 65, 97)] == [16, 16, 24, 32, 48, 64, 96, 128]
+    lengths = np.random.default_rng(0).integers(8, 97, 256)
+    for slots in (8, 32):
+        buckets = length_buckets(lengths, slots, limit=1000)
+        assert sorted(i for idx in buckets.values() for i in idx) == list(range(256))
+        assert all(lengths[i] <= w for w, idx in buckets.items() for i in idx)
+        assert all(len(idx) >= 8 * slots for idx in buckets.values()) or len(buckets) == 1
+    assert list(length_buckets([300], 4, limit=200)) == [300]  # too long: generate's own check then names it

@@ -8,7 +8,6 @@ from flax import nnx
 
 import dultra_jax
 from dultra_jax.decoding import generate
-from dultra_jax.decoding.kv_cache import forward_with_kv, window_forward
 from dultra_jax.model.layers import positions_and_mask, rope_tables
 
 MODES = ("prefix", "dual")
@@ -21,33 +20,75 @@ def _prompts(seed=0, lengths=(9, 5)):
 
 def test_cache_holds_the_layers_keys_and_values(tiny_model, golden):
     ids = jnp.asarray(golden["fwd_input_ids"])
-    hidden, keys, values = forward_with_kv(tiny_model, ids, None)
+    positions, _ = positions_and_mask(*ids.shape, None)
+    hidden, kv = tiny_model.backbone.hidden_states(ids, positions, None, return_kv=True)
     np.testing.assert_allclose(np.asarray(hidden), golden["fwd_last_hidden"], atol=1e-4)
     # recompute every layer's K/V independently with an unrolled pass
-    positions, _ = positions_and_mask(*ids.shape, None)
     cos, sin = rope_tables(positions, tiny_model.cfg.head_dim, tiny_model.cfg.rope_theta)
     graphdef, stacked = nnx.split(tiny_model.backbone.blocks.layers)
     x = tiny_model.backbone.embed(ids)
     for i in range(tiny_model.cfg.n_layers):
         blk = nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], stacked))
-        _, k, v = blk.qkv(x, cos, sin)
-        np.testing.assert_allclose(np.asarray(keys[i]), np.asarray(k), atol=1e-5)
-        np.testing.assert_allclose(np.asarray(values[i]), np.asarray(v), atol=1e-5)
-        x = blk(x, cos, sin, None)
+        x, layer_kv = blk(x, cos, sin, None)
+        np.testing.assert_allclose(np.asarray(kv.keys[i]), np.asarray(layer_kv.keys), atol=1e-5)
+        np.testing.assert_allclose(np.asarray(kv.values[i]), np.asarray(layer_kv.values), atol=1e-5)
+
+
+def _canvas(model, pad_aware):
+    ids, mask = dultra_jax.decoding.pad_prompts(_prompts(), model.cfg.pad_token_id)
+    canvas = np.concatenate([ids, np.full((2, 16), model.cfg.mask_token_id)], axis=1)
+    canvas[:, 9:13] = 7
+    attn = jnp.asarray(np.concatenate([mask, np.ones((2, 16), np.int32)], axis=1)) if pad_aware else None
+    return jnp.asarray(canvas), attn
+
+
+@nnx.jit(static_argnames=("start", "width"))
+def _cached_vs_full(model, canvas, attn, start, width):
+    """(full hidden, full planner logits, window hidden, cached-head block logits), jitted (eager op-by-op
+    dispatch of a whole model is slow)."""
+    b = canvas.shape[0]
+    positions, kmask = positions_and_mask(*canvas.shape, attn)
+    hidden, kv = model.backbone.hidden_states(canvas, positions, kmask, return_kv=True)
+    t = jnp.asarray([0.3, 0.6])
+    mask_index = canvas == model.cfg.mask_token_id
+    full_plan, head_kv = model.planner(hidden, t, mask_index, positions, kmask, return_kv=True)
+    win = slice(start, start + width)
+    fresh = model.backbone.hidden_states(canvas[:, win], positions[:, win], kmask, kv, start)
+    query = jnp.broadcast_to(jnp.arange(8), (b, 8))
+    plan = model.planner(fresh, t, mask_index[:, win], positions[:, win], kmask, query=query, cache=head_kv,
+                         start=start)
+    return hidden, full_plan, fresh, plan
 
 
 @pytest.mark.parametrize("pad_aware", [False, True])
 def test_window_over_a_fresh_cache_is_exact(tiny_model, pad_aware):
-    """Nothing changed since the cache was filled -> the window's states equal the full forward's."""
-    ids, mask = dultra_jax.decoding.pad_prompts(_prompts(), tiny_model.cfg.pad_token_id)
-    canvas = np.concatenate([ids, np.full((2, 16), tiny_model.cfg.mask_token_id)], axis=1)
-    canvas[:, 9:13] = 7
-    attn = jnp.asarray(np.concatenate([mask, np.ones((2, 16), np.int32)], axis=1)) if pad_aware else None
-    canvas = jnp.asarray(canvas)
-    hidden, keys, values = forward_with_kv(tiny_model, canvas, attn)
+    """Nothing changed since the cache was filled -> the window's states and the cached head's block logits
+    equal the full forward's."""
+    canvas, attn = _canvas(tiny_model, pad_aware)
     for start, width in ((9, 16), (9, 8), (17, 8)):
-        fresh = window_forward(tiny_model, canvas, jnp.int32(start), width, keys, values, attn)
+        hidden, full_plan, fresh, plan = _cached_vs_full(tiny_model, canvas, attn, start, width)
         np.testing.assert_allclose(np.asarray(fresh), np.asarray(hidden[:, start:start + width]), atol=1e-5)
+        np.testing.assert_allclose(np.asarray(plan), np.asarray(full_plan[:, start:start + 8]), atol=1e-5)
+
+
+def test_restricted_head_equals_the_full_canvas_head():
+    """Queries/MLP at the block only (keys/values everywhere) give the full head's block logits, also with
+    two head layers and per-row blocks."""
+    m = dultra_jax.DUltra(dultra_jax.preset("tiny", num_head_layers=2), rngs=nnx.Rngs(3))
+    canvas, attn = _canvas(m, True)
+    cols = jnp.asarray([[9 + i for i in range(8)], [17 + i for i in range(8)]])
+
+    @nnx.jit
+    def both(m, canvas, attn, cols):
+        hidden = m.hidden_states(canvas, attn)
+        t = jnp.asarray([0.3, 0.6])
+        mask_index = canvas == m.cfg.mask_token_id
+        return (m.planner_logits(hidden, t, mask_index, attn),
+                m.planner_logits(hidden, t, mask_index, attn, query_cols=cols))
+
+    full, part = both(m, canvas, attn, cols)
+    np.testing.assert_allclose(np.asarray(part), np.take_along_axis(np.asarray(full), np.asarray(cols), 1),
+                               atol=1e-5)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -78,6 +119,8 @@ def test_batched_rows_equal_batch1_with_cache(tiny_model, mode, kw):
 
 
 def test_equivalent_forwards_accounting(tiny_model):
+    from dultra_jax.decoding.cost import iteration_cost
+
     prompts = _prompts(3, (12, 12))
     res = {mode: generate(tiny_model, prompts, gen_length=32, block_length=8, strategy="fixed", steps=32,
                           cache=mode) for mode in ("none", "prefix", "dual")}
@@ -88,8 +131,20 @@ def test_equivalent_forwards_accounting(tiny_model):
     assert np.all(np.asarray(res["prefix"].equivalent_forwards) < 32)
     # dual: 4 blocks x (1 full + 7 block-only forwards); a block-only forward costs ~8/44 of a full one
     assert 4 < float(res["dual"].equivalent_forwards[0]) < 4 + 28 * 0.3
+    # the planner's head is counted: a cached planner iteration saves less than the backbone alone would
+    cfg = tiny_model.cfg
+    head_too = iteration_cost(cfg, 44, 8, 8, planner=True) / iteration_cost(cfg, 44, 44, 8, planner=True)
+    backbone_only = iteration_cost(cfg, 44, 8, 8, planner=False) / iteration_cost(cfg, 44, 44, 8, planner=False)
+    assert backbone_only < head_too < 1
+    plan = generate(tiny_model, prompts, gen_length=32, block_length=8, cache="dual", strategy="planner",
+                    reveal="topk", max_iterations=32)
+    nfe, eq = np.asarray(plan.nfe), np.asarray(plan.equivalent_forwards)
+    cached = nfe - 4  # each block's first iteration is exact
+    np.testing.assert_allclose(eq, 4 + cached * head_too, rtol=1e-5)
 
 
 def test_unknown_cache_mode(tiny_model):
     with pytest.raises(ValueError, match="unknown cache"):
         generate(tiny_model, _prompts(), gen_length=16, block_length=8, cache="paged")
+    with pytest.raises(ValueError, match="per_row"):
+        generate(tiny_model, _prompts(), gen_length=16, block_length=8, cache="dual", schedule="per_row")

@@ -1,11 +1,16 @@
 """One compiled decoding loop for every reveal rule: ``lax.while_loop`` over iterations on a fixed canvas.
 
 Canvas [B, P+G] = [left-padded prompt | MASK x G], decoded block by block (semi-autoregressively). Each
-iteration: one backbone forward over the whole canvas, LM-head logits and token proposals for the current
-block only (the original computes them everywhere and uses only the block: restricting is exact), a reveal
-rule, and the update. Blocks are batch-synchronous, as in the original: a row that has finished the block
-waits (unchanged, not counted in its NFE) until all rows have; blocks with no MASK left are skipped without a
-forward.
+iteration: one backbone forward (over the canvas, or a window of it with a cache), LM-head logits and token
+proposals for each row's current block only, for the planner its head with queries restricted to the block
+(the original computes both everywhere and uses only the block: restricting is exact), a reveal rule, and the
+update. The iteration state is a named pytree (:class:`LoopState`).
+
+Schedules: ``sync`` (the default, the original's) keeps one block index for the batch: a row that has
+finished the block waits (unchanged, not counted in its NFE) until all rows have; blocks with no MASK left in
+any row are skipped without a forward. ``per_row`` gives each row its own block index, so a row starts its
+next block as soon as its own is done (no idle rows); each row's result is the same as under ``sync``. A KV
+cache is refreshed for the whole batch at a block's first iteration, so cached decoding stays ``sync``.
 
 Randomness is per row and per the row's own iteration count (its NFE so far), so a row's result does not
 depend on what else is in the batch: with ``row_seeds`` a batch-1 run reproduces any row of a batch.
@@ -14,6 +19,7 @@ depend on what else is in the batch: with ``row_seeds`` a batch-1 run reproduces
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import Literal
@@ -24,10 +30,15 @@ import numpy as np
 from flax import nnx
 
 from dultra_jax.decoding import kv_cache, rules
+from dultra_jax.decoding import planner_step as ps
+from dultra_jax.decoding.cost import iteration_cost
 from dultra_jax.model.dultra import DUltra
+from dultra_jax.model.layers import positions_and_mask
 
 Strategy = Literal["planner", "threshold", "factor", "fixed"]
 STRATEGIES = ("planner", "threshold", "factor", "fixed")
+Schedule = Literal["sync", "per_row"]
+SCHEDULES = ("sync", "per_row")
 
 
 @dataclass(frozen=True)
@@ -50,6 +61,11 @@ class DecodeConfig:
     return_trajectory: bool = False
     max_iterations: int | None = None
     cache: Literal["none", "prefix", "dual"] = "none"
+    schedule: Schedule = "sync"
+    # host callback(finished [B] bool, first [B] int, end [B] int, generated [B, G] int) called from the compiled
+    # loop whenever some row finalises blocks [first, end) (``dultra generate --stream``); compiled per callback
+    # object (the loop stays one compiled while_loop: the call is a jax.debug.callback)
+    on_block: Callable | None = None
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -80,6 +96,13 @@ class DecodeConfig:
                 )
         if self.cache not in kv_cache.CACHE_MODES:
             raise ValueError(f"unknown cache {self.cache!r}; choose one of {list(kv_cache.CACHE_MODES)}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"unknown schedule {self.schedule!r}; choose one of {list(SCHEDULES)}")
+        if self.schedule == "per_row" and self.cache != "none":
+            raise ValueError(
+                f"schedule='per_row' needs cache='none': the {self.cache} cache is refreshed for the whole batch "
+                "at a block's first iteration, so cached decoding keeps schedule='sync'"
+            )
         if self.return_trajectory and self.strategy != "planner":
             raise ValueError("return_trajectory is only defined for the planner strategy (GRPO rollouts)")
 
@@ -123,7 +146,7 @@ class DecodeResult:
     tokens: jax.Array  # [B, P+G]
     nfe: jax.Array  # [B] forwards in which the row was still decoding
     iterations: jax.Array  # [] forwards for the batch
-    equivalent_forwards: jax.Array  # [B] the row's forwards weighted by FLOPs relative to a full forward
+    equivalent_forwards: jax.Array  # [B] the row's forwards weighted by FLOPs relative to an exact iteration
     prompt_length: int = dataclasses.field(metadata=dict(static=True))
     trajectory: Trajectory | None = None
 
@@ -155,6 +178,18 @@ def pad_prompts(prompts, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 # ------------------------------------------------------------------------------------------ the loop
+def decode_config(*, gen_length: int, block_length: int, strategy: Strategy = "planner",
+                  reveal: Literal["bernoulli", "topk"] = "bernoulli", temperature: float = 0.0,
+                  threshold: float = 0.9, factor: float = 1.0, steps: int | None = None,
+                  return_trajectory: bool = False, **options) -> DecodeConfig:
+    """The :class:`DecodeConfig` of :func:`generate`'s keyword arguments (with its defaults)."""
+    return DecodeConfig(
+        gen_length=gen_length, block_length=block_length, strategy=strategy, reveal=reveal,
+        temperature=float(temperature), threshold=float(threshold), factor=float(factor), steps=steps,
+        return_trajectory=return_trajectory, **options,
+    )
+
+
 def generate(
     model: DUltra,
     prompt_ids,
@@ -185,13 +220,12 @@ def generate(
     ``plan`` (a :class:`dultra_jax.parallel.ShardingPlan`) runs the loop on its mesh: rows split over
     data x fsdp, parameters by the rules, jitted with explicit input shardings under the plan's rules.
     Other ``options`` are :class:`DecodeConfig` fields (``cache`` = none | prefix | dual, ``factor_rule``,
-    ``planner_temperature``, ``exclude_mask``, ``early_stop``, ``stop_id``, ``max_iterations``).
+    ``planner_temperature``, ``exclude_mask``, ``early_stop``, ``stop_id``, ``max_iterations``, ``schedule`` =
+    sync | per_row, ``on_block``).
     """
-    cfg = DecodeConfig(
-        gen_length=gen_length, block_length=block_length, strategy=strategy, reveal=reveal,
-        temperature=float(temperature), threshold=float(threshold), factor=float(factor), steps=steps,
-        return_trajectory=return_trajectory, **options,
-    )
+    cfg = decode_config(gen_length=gen_length, block_length=block_length, strategy=strategy, reveal=reveal,
+                        temperature=temperature, threshold=threshold, factor=factor, steps=steps,
+                        return_trajectory=return_trajectory, **options)
     mcfg = model.cfg
     pad_id = mcfg.pad_token_id if mcfg.pad_token_id is not None else (mcfg.eos_token_id or 0)
     ids, mask = pad_prompts(prompt_ids, pad_id)
@@ -199,16 +233,8 @@ def generate(
         mask = np.asarray(attention_mask, np.int32)
         if mask.shape != ids.shape:
             raise ValueError(f"attention_mask shape {mask.shape} != prompt_ids shape {ids.shape}")
-    if np.any(ids == mcfg.mask_token_id):
-        raise ValueError(f"prompt_ids contain the MASK id {mcfg.mask_token_id}; prompts must be fully known")
-    if np.any((ids < 0) | (ids >= mcfg.embedding_size)):
-        raise ValueError(f"prompt_ids contain ids outside the vocabulary [0, {mcfg.embedding_size})")
+    check_prompts(ids, mcfg, gen_length)
     b, p = ids.shape
-    if p + gen_length > mcfg.max_sequence_length:
-        raise ValueError(
-            f"prompt length {p} + gen_length {gen_length} exceeds the model's max_sequence_length "
-            f"{mcfg.max_sequence_length}"
-        )
     if pad_aware is None:
         pad_aware = bool(np.any(mask == 0))
     canvas_mask = np.concatenate([mask, np.ones((b, gen_length), np.int32)], axis=1) if pad_aware else None
@@ -219,6 +245,8 @@ def generate(
     if seeds.shape != (b,):
         raise ValueError(f"row_seeds must have one seed per row ({b}), got shape {seeds.shape}")
     if uniforms is not None:
+        if cfg.schedule != "sync":
+            raise ValueError("uniforms are indexed by the batch iteration of the sync schedule: use schedule='sync'")
         uniforms = jnp.asarray(uniforms, jnp.float32)
         if uniforms.ndim != 3 or uniforms.shape[1:] != (b, p + gen_length):
             raise ValueError(f"uniforms must be [S, {b}, {p + gen_length}], got {uniforms.shape}")
@@ -229,23 +257,70 @@ def generate(
                    key, jnp.asarray(seeds), uniforms, cfg)
 
 
+def check_prompts(ids: np.ndarray, mcfg, gen_length: int) -> None:
+    """Prompts [B, P] must be known tokens of the vocabulary and fit the model with the generation."""
+    if np.any(ids == mcfg.mask_token_id):
+        raise ValueError(f"prompt_ids contain the MASK id {mcfg.mask_token_id}; prompts must be fully known")
+    if np.any((ids < 0) | (ids >= mcfg.embedding_size)):
+        raise ValueError(f"prompt_ids contain ids outside the vocabulary [0, {mcfg.embedding_size})")
+    if ids.shape[1] + gen_length > mcfg.max_sequence_length:
+        raise ValueError(
+            f"prompt length {ids.shape[1]} + gen_length {gen_length} exceeds the model's max_sequence_length "
+            f"{mcfg.max_sequence_length}"
+        )
+
+
 _MESH_DECODERS: dict = {}
 
 
-def _decode_on_mesh(plan, graphdef, state, ids, canvas_mask, key, seeds, uniforms, cfg) -> DecodeResult:
-    """The same loop jitted by the sharding plan: explicit shardings for parameters, rows and per-row inputs."""
-    state = plan.shard_state(state)
+def mesh_decoder(plan, graphdef, state_shardings, cfg: DecodeConfig, *, with_mask: bool = True,
+                 with_uniforms: bool = False):
+    """The loop jitted by the sharding plan, explicit shardings for parameters (``state_shardings``), rows and
+    per-row inputs: ``fn(state, prompt_ids, canvas_mask, key, row_seeds, uniforms) -> DecodeResult``. One
+    compiled loop per plan, model structure and settings; the memory plan lowers this same function."""
     from dultra_jax.parallel import shardings_of
 
     rows2, rows1 = plan.batch_sharding(2), plan.batch_sharding(1)
-    in_shardings = (shardings_of(state), rows2, None if canvas_mask is None else rows2, plan.replicated, rows1,
-                    None if uniforms is None else plan.sharding([None, "activation_batch", None]))
-    key_ = (id(plan), graphdef, cfg, canvas_mask is None, uniforms is None)
-    if key_ not in _MESH_DECODERS:  # one compiled loop per plan, model structure and settings
+    in_shardings = (shardings_of(state_shardings), rows2, rows2 if with_mask else None, plan.replicated, rows1,
+                    plan.sharding([None, "activation_batch", None]) if with_uniforms else None)
+    key_ = (id(plan), graphdef, cfg, with_mask, with_uniforms)
+    if key_ not in _MESH_DECODERS:
         _MESH_DECODERS[key_] = (plan, plan.jit(partial(_decode_impl, graphdef, cfg=cfg), in_shardings=in_shardings))
-    fn = _MESH_DECODERS[key_][1]
+    return _MESH_DECODERS[key_][1]
+
+
+def _decode_on_mesh(plan, graphdef, state, ids, canvas_mask, key, seeds, uniforms, cfg) -> DecodeResult:
+    state = plan.shard_state(state)
+    fn = mesh_decoder(plan, graphdef, state, cfg, with_mask=canvas_mask is not None,
+                      with_uniforms=uniforms is not None)
     return fn(state, plan.shard_batch(ids), None if canvas_mask is None else plan.shard_batch(canvas_mask), key,
               plan.shard_batch(seeds), uniforms)
+
+
+@jax.tree_util.register_dataclass
+@dataclass
+class Rows:
+    """What the loop knows about each row besides its canvas (constant while the row decodes its prompt)."""
+
+    keys: jax.Array  # [B] PRNG keys: the run's key folded with the row's seed
+    length: jax.Array  # [B] float32 real (non-pad) tokens on the row's canvas: the timestep's denominator
+    mask: jax.Array | None  # [B, P+G] int32 key-padding mask (None: attend everywhere, the original)
+
+
+@jax.tree_util.register_dataclass
+@dataclass
+class LoopState:
+    """The decoding loop's carry."""
+
+    x: jax.Array  # [B, P+G] int32 canvas
+    block: jax.Array  # [B] int32 each row's current block (num_blocks once done; all equal under sync)
+    step_in_block: jax.Array  # [B] int32 iterations since the row's block began
+    block_n: jax.Array  # [B] int32 MASKs in the row's block when it began (the fixed schedule's n)
+    nfe: jax.Array  # [B] int32 forwards in which the row was decoding
+    eq: jax.Array  # [B] float32 the row's forwards weighted by FLOPs (in exact iterations)
+    it: jax.Array  # [] int32 batch iterations
+    traj: Trajectory | None  # [cap, B, P+G] records (return_trajectory only)
+    cache: kv_cache.DecodeCache | None  # cache="prefix" | "dual" only
 
 
 @partial(jax.jit, static_argnums=(0, 7))
@@ -255,55 +330,170 @@ def _decode(graphdef, state, prompt_ids, canvas_mask, key, row_seeds, uniforms, 
 
 def _decode_impl(graphdef, state, prompt_ids, canvas_mask, key, row_seeds, uniforms, *, cfg: DecodeConfig):
     mcfg = graphdef_config(graphdef, state)
-    mask_id = mcfg.mask_token_id
     b, p = prompt_ids.shape
-    g, bl, nb = cfg.gen_length, cfg.block_length, cfg.num_blocks
-    length = p + g
+    x = jnp.concatenate([prompt_ids.astype(jnp.int32), jnp.full((b, cfg.gen_length), mcfg.mask_token_id, jnp.int32)],
+                        axis=1)
+    rows = _rows(key, row_seeds, canvas_mask, x.shape[1])
+    st = _initial_state(graphdef, state, x, rows, p, cfg)
+    st = _run(graphdef, state, st, rows, uniforms, p, cfg, until_a_row_is_done=False)
+    return DecodeResult(tokens=st.x, nfe=st.nfe, iterations=st.it, equivalent_forwards=st.eq, prompt_length=p,
+                        trajectory=st.traj)
+
+
+def _rows(key, row_seeds, canvas_mask, length: int) -> Rows:
+    b = row_seeds.shape[0]
+    row_len = canvas_mask.sum(-1) if canvas_mask is not None else jnp.full((b,), length)
+    return Rows(keys=jax.vmap(lambda s: jax.random.fold_in(key, s))(row_seeds), length=row_len.astype(jnp.float32),
+                mask=canvas_mask)
+
+
+def _initial_state(graphdef, state, x, rows: Rows, p: int, cfg: DecodeConfig) -> LoopState:
+    mcfg = graphdef_config(graphdef, state)
+    b, length = x.shape
     cap = cfg.iteration_cap
-    x = jnp.concatenate([prompt_ids.astype(jnp.int32), jnp.full((b, g), mask_id, jnp.int32)], axis=1)
-    row_len = (canvas_mask.sum(-1) if canvas_mask is not None else jnp.full((b,), length)).astype(jnp.float32)
-    row_keys = jax.vmap(lambda s: jax.random.fold_in(key, s))(row_seeds)
+    traj = None
+    if cfg.return_trajectory:
+        traj = Trajectory(reveal=jnp.zeros((cap, b, length), bool), proposals=jnp.zeros((cap, b, length), jnp.int32),
+                          logps=jnp.zeros((cap, b, length), jnp.float32), num_steps=jnp.int32(0))
+    cache = None
+    if cfg.cache != "none":
+        def fill():
+            model = nnx.merge(graphdef, state)
+            return _full_forward(model, x, rows, jnp.full((b,), p, jnp.int32), cfg, x == mcfg.mask_token_id,
+                                 jnp.zeros((b,), jnp.float32))[2]
+
+        cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(fill))
+    zeros = jnp.zeros((b,), jnp.int32)
+    block = _next_block(x, zeros, p, mcfg.mask_token_id, cfg)
+    return LoopState(x=x, block=block, step_in_block=zeros, block_n=jnp.full((b,), cfg.block_length, jnp.int32),
+                     nfe=zeros, eq=jnp.zeros((b,), jnp.float32), it=jnp.int32(0), traj=traj, cache=cache)
+
+
+def _next_block(x, block, p: int, mask_id: int, cfg: DecodeConfig) -> jax.Array:
+    """Each row's first block >= its ``block`` that still has a MASK (num_blocks if none): in the row itself
+    (``per_row``) or in any row of the batch (``sync``, the same index for every row)."""
+    b = x.shape[0]
+    nb, bl = cfg.num_blocks, cfg.block_length
+    has = jnp.any((x[:, p:] == mask_id).reshape(b, nb, bl), axis=2)  # [B, nb]
+    if cfg.schedule == "sync":
+        has = jnp.broadcast_to(has.any(0, keepdims=True), has.shape)
+    ok = has & (jnp.arange(nb) >= block[:, None])
+    return jnp.where(ok.any(-1), jnp.argmax(ok, axis=-1), nb).astype(jnp.int32)
+
+
+def _row_done(st: LoopState, cfg: DecodeConfig) -> jax.Array:
+    """[B] rows with nothing left to decode (under per_row the iteration cap applies per row)."""
+    done = st.block >= cfg.num_blocks
+    return done | (st.nfe >= cfg.iteration_cap) if cfg.schedule == "per_row" else done
+
+
+def _full_forward(model: DUltra, x, rows: Rows, start, cfg: DecodeConfig, mask_index, timestep):
+    """Exact iteration over the whole canvas: (block states [B, bl, D], planner block logits or None, the
+    K/V of every backbone and head layer when caching, else None)."""
+    b, length = x.shape
+    positions, kmask = positions_and_mask(b, length, rows.mask)
+    cols = ps.block_columns(start, cfg.block_length)
+    want_kv = cfg.cache != "none"
+    out = model.backbone.hidden_states(x, positions, kmask, return_kv=want_kv)
+    hidden, bkv = out if want_kv else (out, None)
+    plan, hkv = None, None
+    if cfg.strategy == "planner":
+        out = model.planner(hidden, timestep, mask_index, positions, kmask, query=cols, return_kv=want_kv)
+        plan, hkv = out if want_kv else (out, None)
+    cache = kv_cache.DecodeCache(backbone=bkv, head=hkv) if want_kv else None
+    return ps.take_block(hidden, cols), plan, cache
+
+
+def _window_forward(model: DUltra, x, rows: Rows, start: jax.Array | int, width: int, cfg: DecodeConfig,
+                    mask_index, timestep, cache: kv_cache.DecodeCache):
+    """Cached iteration: backbone and head on canvas columns [start, start + width) over the cached K/V; the
+    block is the window's first block_length positions."""
+    b, length = x.shape
+    bl = cfg.block_length
+    positions, kmask = positions_and_mask(b, length, rows.mask)
+    win = lambda a: jax.lax.dynamic_slice_in_dim(a, start, width, axis=1)  # noqa: E731
+    pos_w = win(positions)
+    hidden = model.backbone.hidden_states(win(x), pos_w, kmask, cache.backbone, start)
+    plan = None
+    if cfg.strategy == "planner":
+        query = jnp.broadcast_to(jnp.arange(bl, dtype=jnp.int32), (b, bl))
+        plan = model.planner(hidden, timestep, win(mask_index), pos_w, kmask, query=query, cache=cache.head,
+                             start=start)
+    return hidden[:, :bl], plan
+
+
+def _cost_table(mcfg, p: int, cfg: DecodeConfig) -> tuple[float, jax.Array]:
+    """(cost of an exact iteration, [nb] cost of a cached iteration of each block), in exact iterations of the
+    same strategy: 1 and the FLOP fraction of what a window iteration computes (backbone, LM head and, for the
+    planner, its head)."""
+    g, bl = cfg.gen_length, cfg.block_length
+    length = p + g
+    planner = cfg.strategy == "planner"
+    if cfg.cache == "none":
+        return 1.0, jnp.ones((cfg.num_blocks,), jnp.float32)
+    full = iteration_cost(mcfg, length, length, bl, planner)
+    widths = [kv_cache.window_start_width(cfg.cache, p, g, bl, i)[1] for i in range(cfg.num_blocks)]
+    return 1.0, jnp.asarray([iteration_cost(mcfg, length, w, bl, planner) / full for w in widths], jnp.float32)
+
+
+def _run(graphdef, params, st: LoopState, rows: Rows, uniforms, p: int, cfg: DecodeConfig, *,
+         until_a_row_is_done: bool) -> LoopState:
+    """Iterate until every row is done (or the batch cap under sync); ``until_a_row_is_done`` stops as soon as
+    some row is done as well, so a host can refill its slot (continuous batching; rows already done on entry
+    must have ``nfe`` = 0, block = num_blocks: empty slots)."""
+    mcfg = graphdef_config(graphdef, params)
+    mask_id = mcfg.mask_token_id
+    b, length = st.x.shape
+    g, bl, nb = cfg.gen_length, cfg.block_length, cfg.num_blocks
+    cap = cfg.iteration_cap
     exclude = mask_id if cfg.excludes_mask else None
     stop_id = cfg.stop_id if cfg.stop_id is not None else mcfg.eos_token_id
     if cfg.early_stop and stop_id is None:
         raise ValueError("early_stop needs an end-of-text id: the model config has no eos_token_id; pass stop_id")
     stop_ids = jnp.asarray([stop_id if stop_id is not None else -1], jnp.int32)
-
-    def next_block(x, start_block):
-        """First block >= start_block that still has a MASK in some row (nb if none)."""
-        has = jnp.any((x[:, p:] == mask_id).reshape(b, nb, bl), axis=(0, 2))
-        ok = has & (jnp.arange(nb) >= start_block)
-        return jnp.where(jnp.any(ok), jnp.argmax(ok), nb).astype(jnp.int32)
-
-    cost_weights = jnp.asarray([
-        kv_cache.forward_cost(mcfg, length, kv_cache.window_start_width(cfg.cache, p, g, bl, i)[1])
-        / kv_cache.forward_cost(mcfg, length, length) for i in range(nb)
-    ], jnp.float32) if cfg.cache != "none" else jnp.ones((nb,), jnp.float32)
+    full_cost, cached_cost = _cost_table(mcfg, p, cfg)
+    row_ids = jnp.arange(b)[:, None]
 
     def body(carry):
-        x, blk, step_in_block, block_n, nfe, eq, it, traj, cache, params = carry
+        st, params = carry
         model: DUltra = nnx.merge(graphdef, params)
+        blk = jnp.minimum(st.block, nb - 1)
         start = p + blk * bl
-        x_blk = jax.lax.dynamic_slice_in_dim(x, start, bl, axis=1)
-        cand = x_blk == mask_id
+        cols = ps.block_columns(start, bl)
+        x_blk = ps.take_block(st.x, cols)
+        cand = (x_blk == mask_id) & ~_row_done(st, cfg)[:, None]
         active = cand.any(-1)
-        full_forward = step_in_block == 0
+        timestep, mask_index = ps.step_inputs(st.x, cols, mask_id, rows.length)
+        cache = st.cache
         if cfg.cache == "none":
-            hidden = model.hidden_states(x, canvas_mask)
+            full_forward = jnp.bool_(True)
+            h_blk, plan_blk, _ = _full_forward(model, st.x, rows, start, cfg, mask_index, timestep)
         else:
-            # first iteration of a block: exact forward that refreshes the cache; later ones: the window only
+            # first iteration of a block (sync: the same for every row): exact forward that refreshes the
+            # cache; later ones: the window only
+            full_forward = st.step_in_block[0] == 0
+            s0 = start[0]
+
             def refresh(ops):
-                return kv_cache.forward_with_kv(model, ops[0], canvas_mask)
+                x, _ = ops
+                return _full_forward(model, x, rows, start, cfg, mask_index, timestep)
 
             def reuse(ops):
-                x, h, k, v = ops
-                return kv_cache.cached_hidden(model, cfg.cache, x, blk, p, g, bl, h, k, v, canvas_mask), k, v
+                x, cache = ops
+                if cfg.cache == "dual":
+                    return (*_window_forward(model, x, rows, s0, bl, cfg, mask_index, timestep, cache), cache)
 
-            hidden, keys, values = jax.lax.cond(full_forward, refresh, reuse, (x, *cache))
-            cache = (hidden, keys, values)
-        h_blk = jax.lax.dynamic_slice_in_dim(hidden, start, bl, axis=1)
+                def branch(i):
+                    w_start, width = kv_cache.window_start_width("prefix", p, g, bl, i)
+                    return lambda x, cache: _window_forward(model, x, rows, w_start, width, cfg, mask_index,
+                                                            timestep, cache)
+
+                out = jax.lax.switch(blk[0], [branch(i) for i in range(nb)], x, cache)
+                return (*out, cache)
+
+            h_blk, plan_blk, cache = jax.lax.cond(full_forward, refresh, reuse, (st.x, st.cache))
         logits = model.lm_logits(h_blk)
-        step_keys = jax.vmap(lambda k, n: jax.random.fold_in(k, n))(row_keys, nfe)
+        step_keys = jax.vmap(lambda k, n: jax.random.fold_in(k, n))(rows.keys, st.nfe)
         if cfg.temperature > 0:
             gumbel_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(step_keys)
             x0, flogits = rules.propose_tokens(logits, cfg.temperature, exclude, gumbel_keys)
@@ -311,22 +501,16 @@ def _decode_impl(graphdef, state, prompt_ids, canvas_mask, key, row_seeds, unifo
             x0, flogits = rules.propose_tokens(logits, 0.0, exclude, None)
         step_logps = None
         if cfg.strategy == "planner":
-            gen_masks = (x == mask_id).sum(-1).astype(jnp.float32)
-            timestep = 1.0 - gen_masks / row_len
-            col = jnp.arange(length)
-            mask_index = (x == mask_id) & (col >= start) & (col < start + bl)
-            plan = model.planner_logits(hidden, timestep, mask_index, canvas_mask)
-            plan_blk = jax.lax.dynamic_slice_in_dim(plan, start, bl, axis=1)
-            prob = rules.planner_probs(plan_blk, cand, cfg.planner_temperature, cfg.factor)
+            prob = ps.step_probs(plan_blk, cand, cfg.planner_temperature, cfg.factor)
             if uniforms is not None:
-                u = jax.lax.dynamic_slice_in_dim(uniforms[jnp.minimum(it, uniforms.shape[0] - 1)], start, bl, axis=1)
+                u = ps.take_block(uniforms[jnp.minimum(st.it, uniforms.shape[0] - 1)], cols)
             else:
                 u_keys = jax.vmap(lambda k: jax.random.fold_in(k, 0))(step_keys)
                 u_gen = jax.vmap(lambda k: jax.random.uniform(k, (g,), jnp.float32))(u_keys)
-                u = jax.lax.dynamic_slice_in_dim(u_gen, blk * bl, bl, axis=1)
+                u = ps.take_block(u_gen, cols - p)
             reveal = rules.reveal_planner(prob, cand, cfg.reveal, u)
             if cfg.return_trajectory:
-                step_logps = rules.planner_step_logps(prob, cand, reveal, rules.token_logprob(flogits, x0))
+                step_logps = ps.step_logps(prob, cand, reveal, flogits, x0)
         else:
             conf = rules.token_confidence(flogits, x0)
             if cfg.strategy == "threshold":
@@ -334,52 +518,46 @@ def _decode_impl(graphdef, state, prompt_ids, canvas_mask, key, row_seeds, unifo
             elif cfg.strategy == "factor":
                 reveal = rules.reveal_factor(conf, cand, cfg.factor, cfg.factor_rule == "corrected")
             else:
-                count = rules.fixed_count(block_n, step_in_block, cfg.steps_per_block)
+                count = rules.fixed_count(st.block_n, st.step_in_block, cfg.steps_per_block)
                 reveal = rules.reveal_fixed(conf, cand, count)
         new_blk = jnp.where(reveal, x0, x_blk)
-        x_new = jax.lax.dynamic_update_slice_in_dim(x, new_blk, start, axis=1)
+        x_new = st.x.at[row_ids, cols].set(new_blk)
         if cfg.early_stop:
             x_new = _early_stop(x_new, p, mask_id, stop_ids)
+        traj = st.traj
         if traj is not None:
-            full = lambda a, fill: jax.lax.dynamic_update_slice_in_dim(fill, a, start, axis=1)  # noqa: E731
+            full = lambda a, fill: fill.at[row_ids, cols].set(a)  # noqa: E731
             traj = Trajectory(
-                reveal=traj.reveal.at[it].set(full(reveal, jnp.zeros((b, length), bool))),
-                proposals=traj.proposals.at[it].set(full(x0, x_new)),
-                logps=traj.logps.at[it].set(full(step_logps, jnp.zeros((b, length), jnp.float32))),
-                num_steps=it + 1,
+                reveal=traj.reveal.at[st.it].set(full(reveal, jnp.zeros((b, length), bool))),
+                proposals=traj.proposals.at[st.it].set(full(x0, x_new)),
+                logps=traj.logps.at[st.it].set(full(step_logps, jnp.zeros((b, length), jnp.float32))),
+                num_steps=st.it + 1,
             )
-        nfe = nfe + active.astype(jnp.int32)
-        eq = eq + active * jnp.where(full_forward, 1.0, cost_weights[jnp.minimum(blk, nb - 1)])
-        nxt = next_block(x_new, blk)
-        moved = nxt != blk
-        nxt_start = p + jnp.minimum(nxt, nb - 1) * bl
-        nxt_n = (jax.lax.dynamic_slice_in_dim(x_new, nxt_start, bl, axis=1) == mask_id).sum(-1).astype(jnp.int32)
-        block_n = jnp.where(moved, nxt_n, block_n)
-        step_in_block = jnp.where(moved, 0, step_in_block + 1)
-        return x_new, nxt, step_in_block, block_n, nfe, eq, it + 1, traj, cache, params
+        nfe = st.nfe + active.astype(jnp.int32)
+        eq = st.eq + active * jnp.where(full_forward, full_cost, cached_cost[blk])
+        nxt = jnp.where(st.block >= nb, nb, _next_block(x_new, st.block, p, mask_id, cfg))
+        moved = nxt != st.block
+        nxt_cols = ps.block_columns(p + jnp.minimum(nxt, nb - 1) * bl, bl)
+        nxt_n = (ps.take_block(x_new, nxt_cols) == mask_id).sum(-1).astype(jnp.int32)
+        if cfg.on_block is not None:
+            finished = moved & (st.block < nb)
+            jax.lax.cond(finished.any(), lambda: jax.debug.callback(cfg.on_block, finished, st.block, nxt,
+                                                                     x_new[:, p:]), lambda: None)
+        new = LoopState(x=x_new, block=nxt, step_in_block=jnp.where(moved, 0, st.step_in_block + 1),
+                        block_n=jnp.where(moved, nxt_n, st.block_n), nfe=nfe, eq=eq, it=st.it + 1, traj=traj,
+                        cache=cache)
+        return new, params
 
     def cond(carry):
-        return (carry[1] < nb) & (carry[6] < cap)
+        st = carry[0]
+        # sync: the batch's block and the batch cap; per_row: any row left (each row has its own cap)
+        go = (st.block[0] < nb) & (st.it < cap) if cfg.schedule == "sync" else jnp.any(~_row_done(st, cfg))
+        if until_a_row_is_done:
+            go = go & ~jnp.any(_row_done(st, cfg) & (st.nfe > 0))
+        return go
 
-    traj0 = None
-    if cfg.return_trajectory:
-        traj0 = Trajectory(
-            reveal=jnp.zeros((cap, b, length), bool),
-            proposals=jnp.zeros((cap, b, length), jnp.int32),
-            logps=jnp.zeros((cap, b, length), jnp.float32),
-            num_steps=jnp.int32(0),
-        )
-    blk0 = next_block(x, 0)
     # The parameters ride in the carry (unchanged, aliased by XLA) so NNX sees them at the loop body's trace level.
-    cache0 = ()
-    if cfg.cache != "none":
-        cache0 = jax.eval_shape(lambda: kv_cache.forward_with_kv(nnx.merge(graphdef, state), x, canvas_mask))
-        cache0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), cache0)
-    carry = (x, blk0, jnp.int32(0), jnp.full((b,), bl, jnp.int32), jnp.zeros((b,), jnp.int32),
-             jnp.zeros((b,), jnp.float32), jnp.int32(0), traj0, cache0, state)
-    x, _, _, _, nfe, eq, iterations, traj, _, _ = jax.lax.while_loop(cond, body, carry)
-    return DecodeResult(tokens=x, nfe=nfe, iterations=iterations, equivalent_forwards=eq, prompt_length=p,
-                        trajectory=traj)
+    return jax.lax.while_loop(cond, body, (st, params))[0]
 
 
 def graphdef_config(graphdef, state):

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dultra_jax.decoding import rules
+from dultra_jax.decoding import planner_step as ps
 from dultra_jax.model.dultra import DUltra
 
 
@@ -53,30 +53,25 @@ def replay_step_logps(
     model: DUltra, x: jax.Array, reveal: jax.Array, proposal: jax.Array, block_length: int, p: int,
     planner_temperature: float | None, factor: float, attention_mask: jax.Array | None,
 ) -> jax.Array:
-    """log-probs [B, L] of one recorded step from state ``x`` (differentiable in the model's parameters)."""
-    mcfg = model.cfg
+    """log-probs [B, L] of one recorded step from state ``x`` (differentiable in the model's parameters).
+
+    The same planner-step math as the decoding loop (:mod:`dultra_jax.decoding.planner_step`), with the head's
+    queries restricted to each row's block (exact).
+    """
+    mask_id = model.cfg.mask_token_id
     b, length = x.shape
-    mask_id = mcfg.mask_token_id
     # block of the revealed positions (rows that revealed nothing get 0s at the end anyway)
     first = jnp.argmax(reveal, axis=-1)
     start = p + ((first - p) // block_length) * block_length
-    start = jnp.clip(start, p, length - block_length)
-    cols = start[:, None] + jnp.arange(block_length)
+    cols = ps.block_columns(jnp.clip(start, p, length - block_length).astype(jnp.int32), block_length)
     hidden = model.hidden_states(x, attention_mask)
-    h_blk = jnp.take_along_axis(hidden, cols[..., None], axis=1)
-    x_blk = jnp.take_along_axis(x, cols, axis=1)
-    cand = x_blk == mask_id
-    logits = model.lm_logits(h_blk).astype(jnp.float32).at[..., mask_id].set(-jnp.inf)
-    prop_blk = jnp.take_along_axis(proposal, cols, axis=1)
-    logq = rules.token_logprob(logits, prop_blk)
+    cand = ps.take_block(x, cols) == mask_id
+    logits = model.lm_logits(ps.take_block(hidden, cols)).astype(jnp.float32).at[..., mask_id].set(-jnp.inf)
     row_len = (attention_mask.sum(-1) if attention_mask is not None else jnp.full((b,), length)).astype(jnp.float32)
-    timestep = 1.0 - (x == mask_id).sum(-1).astype(jnp.float32) / row_len
-    col = jnp.arange(length)
-    mask_index = (x == mask_id) & (col >= start[:, None]) & (col < start[:, None] + block_length)
-    plan = model.planner_logits(hidden, timestep, mask_index, attention_mask)
-    prob = rules.planner_probs(jnp.take_along_axis(plan, cols, axis=1), cand, planner_temperature, factor)
-    rev_blk = jnp.take_along_axis(reveal, cols, axis=1)
-    blk_logps = rules.planner_step_logps(prob, cand, rev_blk, logq)
+    timestep, mask_index = ps.step_inputs(x, cols, mask_id, row_len)
+    plan = model.planner_logits(hidden, timestep, mask_index, attention_mask, query_cols=cols)
+    prob = ps.step_probs(plan, cand, planner_temperature, factor)
+    blk_logps = ps.step_logps(prob, cand, ps.take_block(reveal, cols), logits, ps.take_block(proposal, cols))
     return jnp.zeros((b, length), jnp.float32).at[jnp.arange(b)[:, None], cols].set(blk_logps)
 
 

@@ -8,7 +8,7 @@ from flax import nnx
 from dultra_jax.config import ModelConfig
 from dultra_jax.model import axes
 from dultra_jax.model.block_stack import BlockStack, RematPolicy
-from dultra_jax.model.layers import AttentionImpl, RMSNorm, rope_tables, trunc_normal
+from dultra_jax.model.layers import AttentionImpl, LayerKV, RMSNorm, rope_tables, trunc_normal
 
 
 class LLaDA(nnx.Module):
@@ -46,9 +46,23 @@ class LLaDA(nnx.Module):
         hidden = self.hidden_states(input_ids, positions, mask)
         return self.lm_head(hidden), hidden
 
-    def hidden_states(self, input_ids: jax.Array, positions: jax.Array, mask: jax.Array | None) -> jax.Array:
-        """The post-``ln_f`` states only; decoders apply the LM head to the positions they need (a block)."""
+    def hidden_states(
+        self,
+        input_ids: jax.Array,
+        positions: jax.Array,
+        mask: jax.Array | None,
+        cache: LayerKV | None = None,
+        start: jax.Array | int | None = None,
+        return_kv: bool = False,
+    ):
+        """The post-``ln_f`` states only; decoders apply the LM head to the positions they need (a block).
+
+        ``input_ids``/``positions`` [B, W] may be a window of the canvas: with ``cache`` (every layer's K/V of
+        the canvas, [n, B, L, N_kv, h]) the window attends to the cache with its own K/V written at ``start``.
+        ``return_kv`` also returns the window's fresh K/V (a full forward's: the cache).
+        """
         cos, sin = rope_tables(positions, self.cfg.head_dim, self.cfg.rope_theta)
-        x = self.embed(input_ids)
-        x = self.blocks(x, cos, sin, mask)
-        return self.final_norm(x)
+        out = self.blocks(self.embed(input_ids), cos, sin, mask, cache, start, return_kv=return_kv)
+        if return_kv:
+            return self.final_norm(out[0]), out[1]
+        return self.final_norm(out)

@@ -14,7 +14,7 @@ from flax import nnx
 
 from dultra_jax.config import ModelConfig
 from dultra_jax.model import axes
-from dultra_jax.model.layers import AttentionImpl, Block
+from dultra_jax.model.layers import AttentionImpl, Block, LayerKV
 
 RematPolicy = Literal["none", "full", "dots", "dots_no_batch"]
 
@@ -54,21 +54,61 @@ class BlockStack(nnx.Module):
 
         self.layers = make(jnp.arange(n), rngs)
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array | None) -> jax.Array:
+    def __call__(
+        self,
+        x: jax.Array,
+        cos: jax.Array,
+        sin: jax.Array,
+        mask: jax.Array | None,
+        cache: LayerKV | None = None,
+        start: jax.Array | int | None = None,
+        query: jax.Array | None = None,
+        return_kv: bool = False,
+    ):
+        """The blocks over positions ``x`` [B, W, D]; see :meth:`Block.__call__` for ``cache``/``start``.
+
+        ``cache`` holds every layer's K/V [n, B, L, N_kv, h]. ``query`` [B, Q] restricts the *last* layer's
+        queries and MLP to those positions (the earlier layers' outputs are the last layer's keys/values, so
+        they run everywhere). Returns the states [B, Q or W, D], and with ``return_kv`` also the stacked fresh
+        K/V of the W positions (the cache a full forward fills).
+        """
         # The scan is over the pure (graphdef, stacked state) pair, each layer merged inside the body: the
         # functional form of nnx.scan, which also composes with any enclosing transform (the decoding
         # while_loop, the GRPO replay scan under grad) without NNX's trace-level checks on closed-over modules.
         graphdef, stacked = nnx.split(self.layers)
 
-        def body(h: jax.Array, layer_state) -> tuple[jax.Array, None]:
+        def layer(h: jax.Array, layer_state, layer_cache, q_index):
             block = nnx.merge(graphdef, layer_state)
             # Block boundary: pin the residual stream's layout (a no-op without a mesh and rules).
-            return axes.constrain(block(axes.constrain(h, axes.BLD), cos, sin, mask), axes.BLD), None
+            out, kv = block(axes.constrain(h, axes.BLD), cos, sin, mask, layer_cache, start, q_index)
+            return axes.constrain(out, axes.BLD), kv
 
         if self.remat != "none":
-            body = jax.checkpoint(body, policy=_POLICIES[self.remat])
-        if self.scan:
-            return jax.lax.scan(body, x, stacked)[0]
-        for i in range(self.n):
-            x = body(x, jax.tree.map(lambda a, i=i: a[i], stacked))[0]
-        return x
+            layer = jax.checkpoint(layer, policy=_POLICIES[self.remat])
+
+        def body(h, xs):
+            out, kv = layer(h, *xs, None)
+            return out, kv if return_kv else None
+
+        def run(h, params, kv, n):
+            if n == 0:
+                return h, None
+            if self.scan:
+                return jax.lax.scan(body, h, (params, kv))
+            outs = []
+            for i in range(n):
+                h, kv_i = body(h, jax.tree.map(lambda a, i=i: a[i], (params, kv)))
+                outs.append(kv_i)
+            return h, None if not return_kv else jax.tree.map(lambda *a: jnp.stack(a), *outs)
+
+        if query is None:
+            x, kvs = run(x, stacked, cache, self.n)
+        else:
+            head = jax.tree.map(lambda a: a[:-1], (stacked, cache))
+            last = jax.tree.map(lambda a: a[-1], (stacked, cache))
+            x, kvs = run(x, *head, self.n - 1)
+            x, kv_last = layer(x, *last, query)
+            if return_kv:
+                kv_last = jax.tree.map(lambda a: a[None], kv_last)
+                kvs = kv_last if kvs is None else jax.tree.map(lambda a, b: jnp.concatenate([a, b]), kvs, kv_last)
+        return (x, kvs) if return_kv else x

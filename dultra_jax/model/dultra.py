@@ -68,8 +68,13 @@ class DUltra(nnx.Module):
         mask_index: jax.Array,
         attention_mask: jax.Array | None = None,
         current_block: jax.Array | None = None,
+        query_cols: jax.Array | None = None,
     ) -> jax.Array:
-        """float32 [B, L] reveal logits; ``timestep`` [B] is the fraction of non-MASK tokens in each row."""
+        """float32 [B, L] reveal logits; ``timestep`` [B] is the fraction of non-MASK tokens in each row.
+
+        ``query_cols`` [B, Q] (canvas columns per row, e.g. the current block) returns [B, Q]: the same logits
+        for those positions only, computing the head's queries, outputs and MLP there alone (exact).
+        """
         if hidden.ndim != 3 or hidden.shape[-1] != self.cfg.d_model:
             raise ValueError(f"hidden must be [B, L, {self.cfg.d_model}], got shape {hidden.shape}")
         b, length = hidden.shape[:2]
@@ -77,7 +82,9 @@ class DUltra(nnx.Module):
         if mask_index.shape != (b, length):
             raise ValueError(f"mask_index must be [B, L] = {(b, length)}, got {mask_index.shape}")
         positions, mask = positions_and_mask(b, length, attention_mask)
-        return self.planner(hidden, timestep, mask_index, positions, mask, current_block)
+        if query_cols is not None and (query_cols.ndim != 2 or query_cols.shape[0] != b):
+            raise ValueError(f"query_cols must be [B, Q] with B = {b}, got shape {query_cols.shape}")
+        return self.planner(hidden, timestep, mask_index, positions, mask, current_block, query=query_cols)
 
 
 def _check_ids(ids, name: str) -> jax.Array:

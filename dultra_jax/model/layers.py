@@ -6,6 +6,7 @@ before the weight multiply, softmax in float32, everything else in the compute d
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import jax
@@ -90,6 +91,23 @@ def positions_and_mask(
 
 
 # ----------------------------------------------------------------------------------------- attention, MLP
+@jax.tree_util.register_dataclass
+@dataclass
+class LayerKV:
+    """Keys (RoPE-rotated at their absolute positions) and values of attention layers.
+
+    [B, L, N_kv, h] for one layer; a BlockStack holds them stacked on a leading layer axis [n, B, L, N_kv, h].
+    """
+
+    keys: jax.Array
+    values: jax.Array
+
+
+def take_positions(t: jax.Array, index: jax.Array) -> jax.Array:
+    """Rows' own positions of t [B, L, ...] at index [B, Q] -> [B, Q, ...] (a per-row gather)."""
+    return jnp.take_along_axis(t, index.reshape(index.shape + (1,) * (t.ndim - 2)), axis=1)
+
+
 def attention(
     q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, impl: AttentionImpl
 ) -> jax.Array:
@@ -136,20 +154,40 @@ class Block(nnx.Module):
         self.up = lin(d, f, mitchell(d), (axes.EMBED, axes.MLP))
         self.down = lin(f, d, mitchell(f, layer_id), (axes.MLP, axes.EMBED))
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array | None) -> jax.Array:
-        q, k, v = self.qkv(x, cos, sin)
-        return self.finish(x, attention(q, k, v, mask, self.attention_impl))
+    def __call__(
+        self,
+        x: jax.Array,
+        cos: jax.Array,
+        sin: jax.Array,
+        mask: jax.Array | None,
+        cache: LayerKV | None = None,
+        start: jax.Array | int | None = None,
+        query: jax.Array | None = None,
+    ) -> tuple[jax.Array, LayerKV]:
+        """One block over the positions ``x`` [B, W, D] (RoPE tables ``cos``/``sin`` [B, W, h] of them).
 
-    def qkv(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """RoPE-rotated q [B, L, N, h] and k, v [B, L, N_kv, h]; split out so KV-cached decoding can reuse it."""
-        b, length, _ = x.shape
-        heads = (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_HEADS, axes.ACT_HEAD_DIM)
+        Keys/values are computed for all W positions. With ``cache`` (K/V [B, L, N_kv, h] of the whole canvas)
+        they are written over it at column ``start`` and attention reads the whole canvas; without it, the W
+        positions attend to each other. ``query`` [B, Q] (indices into the W positions) restricts queries,
+        output projection and MLP to those positions (exact: keys/values still cover everything).
+        Returns (states [B, Q or W, D], the fresh K/V of the W positions).
+        """
+        b, width, _ = x.shape
         kv_heads = (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_KV_HEADS, axes.ACT_HEAD_DIM)
         a = self.attn_norm(x)
-        q = axes.constrain(self.q(a).reshape(b, length, self.n_heads, self.head_dim), heads)
-        k = axes.constrain(self.k(a).reshape(b, length, self.n_kv_heads, self.head_dim), kv_heads)
-        v = axes.constrain(self.v(a).reshape(b, length, self.n_kv_heads, self.head_dim), kv_heads)
-        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+        k = axes.constrain(self.k(a).reshape(b, width, self.n_kv_heads, self.head_dim), kv_heads)
+        v = axes.constrain(self.v(a).reshape(b, width, self.n_kv_heads, self.head_dim), kv_heads)
+        k = apply_rope(k, cos, sin)
+        if query is not None:
+            x, a, cos, sin = (take_positions(t, query) for t in (x, a, cos, sin))
+        q = self.q(a).reshape(b, a.shape[1], self.n_heads, self.head_dim)
+        heads = (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_HEADS, axes.ACT_HEAD_DIM)
+        q = apply_rope(axes.constrain(q, heads), cos, sin)
+        k_all, v_all = k, v
+        if cache is not None:
+            k_all = jax.lax.dynamic_update_slice_in_dim(cache.keys, k.astype(cache.keys.dtype), start, axis=1)
+            v_all = jax.lax.dynamic_update_slice_in_dim(cache.values, v.astype(cache.values.dtype), start, axis=1)
+        return self.finish(x, attention(q, k_all, v_all, mask, self.attention_impl)), LayerKV(k, v)
 
     def finish(self, x: jax.Array, att: jax.Array) -> jax.Array:
         """Output projection + residual, then the gated MLP + residual, from attention output [B, L, N, h]."""

@@ -15,7 +15,7 @@ from flax import nnx
 from dultra_jax.config import ModelConfig
 from dultra_jax.model import axes
 from dultra_jax.model.block_stack import BlockStack, RematPolicy
-from dultra_jax.model.layers import AttentionImpl, rope_tables, trunc_normal
+from dultra_jax.model.layers import AttentionImpl, LayerKV, rope_tables, take_positions, trunc_normal
 
 
 def timestep_features(t: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
@@ -41,8 +41,11 @@ class AdaLN(nnx.Module):
             bias_init=axes.partitioned(nnx.initializers.zeros_init(), axes.ADALN), rngs=rngs,
         )
 
-    def __call__(self, x: jax.Array, temb: jax.Array) -> jax.Array:
-        scale, shift = jnp.split(self.modulation(temb), 2, axis=-1)
+    def __call__(self, x: jax.Array, table: jax.Array, index: jax.Array) -> jax.Array:
+        """x [B, W, D]; ``table`` [B, K, D] the K distinct conditioning vectors of each row, ``index`` [B, W]
+        which one each position uses. The modulation runs on the table, then is gathered per position."""
+        mod = take_positions(self.modulation(table), index)
+        scale, shift = jnp.split(mod, 2, axis=-1)
         x32 = x.astype(jnp.float32)
         mu = jnp.mean(x32, axis=-1, keepdims=True)
         var = jnp.mean(jnp.square(x32 - mu), axis=-1, keepdims=True)
@@ -100,18 +103,44 @@ class PlannerHead(nnx.Module):
         positions: jax.Array,
         mask: jax.Array | None,
         current_block: jax.Array | None = None,
-    ) -> jax.Array:
-        """Planner logits [B, L] float32 for hidden [B, L, D], timestep [B], mask_index [B, L] (bool)."""
+        query: jax.Array | None = None,
+        cache: LayerKV | None = None,
+        start: jax.Array | int | None = None,
+        return_kv: bool = False,
+    ):
+        """Planner logits float32 for hidden [B, W, D], timestep [B], mask_index [B, W] (bool).
+
+        ``query`` [B, Q] (indices into the W positions) computes the logits of those positions only: the
+        layers' keys/values still cover all W positions (and the ``cache``, as in the backbone), so this is
+        exact. Returns [B, Q or W] logits, and with ``return_kv`` also the layers' fresh K/V of the W positions.
+        """
+        table, index = self.conditioning(timestep, mask_index, current_block)
+        cos, sin = rope_tables(positions, self.cfg.head_dim, self.cfg.rope_theta)
+        f = axes.constrain(self.adaln_in(hidden.astype(self.dtype), table, index), axes.BLD)
+        out = self.blocks(f, cos, sin, mask, cache, start, query, return_kv=return_kv)
+        f, kv = out if return_kv else (out, None)
+        if query is not None:
+            index = jnp.take_along_axis(index, query, axis=1)
+        f = axes.constrain(self.adaln_out(f, table, index), axes.BLD)
+        logits = axes.constrain(self.out(f)[..., 0].astype(jnp.float32), (axes.ACT_BATCH, axes.ACT_LENGTH))
+        return (logits, kv) if return_kv else logits
+
+    def conditioning(
+        self, timestep: jax.Array, mask_index: jax.Array, current_block: jax.Array | None
+    ) -> tuple[jax.Array, jax.Array]:
+        """(table [B, K, D], index [B, W]): temb + mask / block embedding takes at most K = 4 distinct values per
+        row (mask x block flags), so the AdaLN modulations are computed K times per row instead of per token."""
         feats = timestep_features(timestep, self.cfg.timestep_features).astype(self.dtype)
-        temb = self.time_out(jax.nn.silu(self.time_in(feats)))[:, None, :]
+        temb = self.time_out(jax.nn.silu(self.time_in(feats)))[:, None, :]  # [B, 1, D]
+        index = jnp.zeros(mask_index.shape, jnp.int32)
         if self.mask_embedding is not None:
-            temb = temb + self.mask_embedding(mask_index.astype(jnp.int32))
+            temb = temb + self.mask_embedding(jnp.arange(2))[None]  # [B, 2, D]
+            index = mask_index.astype(jnp.int32)
         if self.block_embedding is not None:
             if current_block is None:
                 raise ValueError("this planner uses block embeddings (use_block_embeddings=true): pass current_block")
-            temb = temb + self.block_embedding(current_block.astype(jnp.int32))
-        cos, sin = rope_tables(positions, self.cfg.head_dim, self.cfg.rope_theta)
-        f = axes.constrain(self.adaln_in(hidden.astype(self.dtype), temb), axes.BLD)
-        f = self.blocks(f, cos, sin, mask)
-        f = axes.constrain(self.adaln_out(f, temb), axes.BLD)
-        return axes.constrain(self.out(f)[..., 0].astype(jnp.float32), (axes.ACT_BATCH, axes.ACT_LENGTH))
+            k = temb.shape[1]
+            temb = (temb[:, None, :, :] + self.block_embedding(jnp.arange(2))[None, :, None, :]).reshape(
+                temb.shape[0], 2 * k, -1)
+            index = index + k * current_block.astype(jnp.int32)
+        return temb, index
