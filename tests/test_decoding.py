@@ -6,7 +6,7 @@ import pytest
 from flax import nnx
 
 import dultra_jax
-from dultra_jax.decoding import effective_tokens, generate, tokens_per_forward, trajectory_logps
+from dultra_jax.decoding import generate, trajectory_logps
 from dultra_jax.decoding.rules import factor_count, fixed_count, reveal_factor, reveal_threshold
 
 
@@ -190,26 +190,6 @@ def test_replay_of_a_padded_stochastic_rollout(tiny_model):
     assert np.all(np.asarray(logps)[np.asarray(t.reveal[:s])] < 0)
 
 
-def test_tpf_accounting():
-    gen = np.array([[5, 6, 7, 126348, 126081, 126081], [5, 126081, 126081, 126081, 126081, 126081]])
-    np.testing.assert_array_equal(effective_tokens(gen, [126081]), [4, 1])
-    np.testing.assert_array_equal(effective_tokens(gen, [126081, 126348]), [3, 1])
-    assert tokens_per_forward(gen, [2, 1], [126081]) == pytest.approx(2.5 / 1.5)
-    assert tokens_per_forward(gen, [0, 0], [126081]) == 0.0
-
-
-@pytest.mark.parametrize("kw, needle", [
-    (dict(gen_length=30, block_length=8), "multiple of block_length"),
-    (dict(strategy="beam"), "unknown strategy"),
-    (dict(strategy="threshold", threshold=1.5), "threshold"),
-    (dict(strategy="threshold", threshold=0.0), "threshold"),
-    (dict(strategy="factor", factor=0.0), "factor"),
-    (dict(strategy="fixed", steps=3), "steps"),
-    (dict(gen_length=4096, block_length=8), "max_sequence_length"),
-    (dict(prompt=[[]]), "empty prompt"),
-    (dict(prompt=np.full((1, 3), 299)), "MASK id"),
-    (dict(reveal="sample"), "reveal"),
-])
 def test_bad_arguments(tiny_model, dec, kw, needle):
     with pytest.raises(ValueError, match=needle):
         _gen(tiny_model, dec, **kw)
