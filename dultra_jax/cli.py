@@ -262,7 +262,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     settings = EvalSettings(
         strategy=args.strategy, reveal=args.reveal, gen_length=args.gen_length, block_length=args.block_length,
         temperature=args.temperature, threshold=args.threshold, factor=args.factor, steps=args.steps,
-        cache=args.cache, batch_size=args.batch_size, pad_multiple=args.pad_multiple,
+        cache=args.cache, batch_size=args.batch_size, pad_multiple=args.pad_multiple, batching=args.batching,
     )
     out = Path(args.out or f"runs/eval-{args.task}")
     if args.wandb:
@@ -367,7 +367,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--steps", type=int, default=None, help="total steps of the fixed schedule")
     e.add_argument("--cache", default="none", choices=["none", "prefix", "dual"])
     e.add_argument("--limit", type=int, default=None, help="first N problems (synthetic task: its size, default 64)")
-    e.add_argument("--batch-size", type=int, default=8, help="prompts per decode call (results do not depend on it)")
+    e.add_argument("--batch-size", type=int, default=8,
+                   help="rows decoded at once: the slots of continuous batching (results do not depend on it)")
+    e.add_argument("--batching", choices=["continuous", "batched"], default="continuous",
+                   help="continuous: refill a row as soon as its prompt is done (decoding.generate_many); batched: "
+                        "sync batches of generate (what a --mesh run uses)")
     e.add_argument("--pad-multiple", type=int, default=64, help="pad prompt widths to this multiple (fewer compiles)")
     e.add_argument("--seeds", type=int, nargs="+", default=[0], help="one full evaluation per seed")
     e.add_argument("--dtype", default="bf16", help="compute dtype: bf16 | fp32")

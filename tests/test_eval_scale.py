@@ -21,7 +21,9 @@ from dultra_jax.eval.harness import evaluate, read_samples
 
 FIX = Path(__file__).parent / "fixtures"
 REPO = Path(__file__).resolve().parents[1]
-SETTINGS = EvalSettings(gen_length=16, block_length=8, batch_size=2, pad_multiple=64)
+# sync batches: a mesh run uses them, so the single-device reference does too (continuous batching gives the
+# same rows, tests/test_eval.py::test_batching_does_not_change_results)
+SETTINGS = EvalSettings(gen_length=16, block_length=8, batch_size=2, pad_multiple=64, batching="batched")
 SEEDS = (0, 1)
 N = 5
 # what a sample row and a summary must reproduce (timings and provenance aside)

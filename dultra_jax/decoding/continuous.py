@@ -5,7 +5,8 @@ with ``early_stop``), so no row idles while prompts remain. The compiled loop ru
 (:func:`dultra_jax.decoding.loop._run` with ``until_a_row_is_done``), the host harvests and refills the done
 slots and the same compiled loop continues. Rows advance through their blocks independently
 (``schedule="per_row"``) and draw their randomness from their own seed (the prompt's index) and iteration
-count, so each prompt's result equals ``generate(model, [prompt], row_seeds=[index], ...)`` of it alone.
+count, so each prompt's result equals ``generate(model, [prompt], row_seeds=[its seed], ...)`` of it alone
+(the seed: ``row_seeds[i]``, default the prompt's index).
 
 Prompts are grouped by padded length (geometric widths, small groups merged upwards: :func:`length_buckets`)
 so the loop compiles once per bucket.
@@ -27,7 +28,7 @@ from flax import nnx
 from dultra_jax.decoding import loop
 from dultra_jax.model.dultra import DUltra
 
-_NOT_HERE = ("return_trajectory", "uniforms", "row_seeds", "attention_mask", "pad_aware", "plan", "schedule",
+_NOT_HERE = ("return_trajectory", "uniforms", "attention_mask", "pad_aware", "plan", "schedule",
              "on_block")
 
 
@@ -40,6 +41,7 @@ class ManyResult:
     equivalent_forwards: np.ndarray  # [N] float32 its FLOP-weighted forwards (see DecodeResult)
     iterations: int  # batch iterations (loop forwards) in total, over all buckets
     prompt_lengths: np.ndarray  # [N] int32
+    widths: np.ndarray  # [N] int32 the padded prompt width each prompt was decoded at (its length bucket)
 
     def generated(self, i: int) -> np.ndarray:
         """The generated ids of prompt ``i``."""
@@ -75,16 +77,17 @@ def length_buckets(lengths, slots: int, limit: int) -> dict[int, list[int]]:
 
 
 def generate_many(model: DUltra, prompts, *, slots: int, rng: jax.Array | int | None = None,
-                  **generate_kwargs) -> ManyResult:
+                  row_seeds=None, **generate_kwargs) -> ManyResult:
     """Decode every prompt of ``prompts`` (a list of 1-D id sequences) through ``slots`` rows.
 
     ``generate_kwargs`` are :func:`dultra_jax.decoding.generate`'s (``gen_length``, ``block_length``,
-    ``strategy``, ``temperature``, ``cache``, ``early_stop``, ...), except the per-batch ones (row seeds are
-    the prompts' indices; attention is padding-aware). Returns a :class:`ManyResult`.
+    ``strategy``, ``temperature``, ``cache``, ``early_stop``, ...), except the per-batch ones (attention is
+    padding-aware). ``row_seeds`` [N] key each prompt's randomness (default: its index), so prompt i's result
+    equals ``generate(model, [prompt], row_seeds=[row_seeds[i]], ...)``. Returns a :class:`ManyResult`.
     """
     bad = sorted(set(generate_kwargs) & set(_NOT_HERE))
     if bad:
-        raise ValueError(f"generate_many does not take {bad}: it sets row seeds, padding and scheduling itself")
+        raise ValueError(f"generate_many does not take {bad}: it sets padding and scheduling itself")
     if not isinstance(slots, int) or slots <= 0:
         raise ValueError(f"slots must be a positive integer, got {slots!r}")
     rows = [np.asarray(p, np.int64).reshape(-1) for p in prompts]
@@ -95,6 +98,9 @@ def generate_many(model: DUltra, prompts, *, slots: int, rng: jax.Array | int | 
     for name in ("gen_length", "block_length"):
         if name not in generate_kwargs:
             raise ValueError(f"generate_many needs {name}=")
+    seeds = list(range(len(rows))) if row_seeds is None else [int(v) for v in np.asarray(row_seeds).reshape(-1)]
+    if len(seeds) != len(rows):
+        raise ValueError(f"row_seeds has {len(seeds)} seeds for {len(rows)} prompts")
     mcfg = model.cfg
     g = int(generate_kwargs["gen_length"])
     key = jax.random.key(0 if rng is None else rng) if rng is None or isinstance(rng, int) else rng
@@ -103,13 +109,15 @@ def generate_many(model: DUltra, prompts, *, slots: int, rng: jax.Array | int | 
     tokens: list[np.ndarray | None] = [None] * len(rows)
     nfe = np.zeros(len(rows), np.int32)
     eq = np.zeros(len(rows), np.float32)
+    widths = np.zeros(len(rows), np.int32)
     iterations = 0
     for width, idx in sorted(buckets.items()):
+        widths[idx] = width
         if sync:
             for s in range(0, len(idx), slots):
                 part = idx[s:s + slots]
                 res = loop.generate(model, _padded([rows[i] for i in part], width, mcfg), rng=key,
-                                    row_seeds=part, pad_aware=True,
+                                    row_seeds=[seeds[i] for i in part], pad_aware=True,
                                     attention_mask=_mask([rows[i] for i in part], width), **generate_kwargs)
                 gen = np.asarray(res.generated)
                 for j, i in enumerate(part):
@@ -118,10 +126,10 @@ def generate_many(model: DUltra, prompts, *, slots: int, rng: jax.Array | int | 
                 eq[part] = np.asarray(res.equivalent_forwards)
                 iterations += int(res.iterations)
         else:
-            iterations += _refill_bucket(model, rows, idx, width, min(slots, len(idx)), key, generate_kwargs,
-                                         tokens, nfe, eq)
+            iterations += _refill_bucket(model, rows, seeds, idx, width, min(slots, len(idx)), key,
+                                         generate_kwargs, tokens, nfe, eq)
     return ManyResult(tokens=tokens, nfe=nfe, equivalent_forwards=eq, iterations=iterations,
-                      prompt_lengths=np.asarray([len(r) for r in rows], np.int32))
+                      prompt_lengths=np.asarray([len(r) for r in rows], np.int32), widths=widths)
 
 
 def _padded(prompts, width: int, mcfg) -> np.ndarray:
@@ -139,7 +147,7 @@ def _mask(prompts, width: int) -> np.ndarray:
     return m
 
 
-def _refill_bucket(model, rows, idx, width, n_slots, key, kwargs, tokens, nfe, eq) -> int:
+def _refill_bucket(model, rows, seeds, idx, width, n_slots, key, kwargs, tokens, nfe, eq) -> int:
     """Continuous batching of the prompts ``idx`` (all of padded ``width``) through ``n_slots`` rows."""
     cfg = loop.decode_config(schedule="per_row", **kwargs)
     mcfg = model.cfg
@@ -156,7 +164,7 @@ def _refill_bucket(model, rows, idx, width, n_slots, key, kwargs, tokens, nfe, e
     mask = np.concatenate([_mask([rows[i] for i in first], width), np.ones((n_slots, g), np.int32)], axis=1)
     slot_of[:] = first
     st, rws = _start(graphdef, state, jnp.asarray(ids), jnp.asarray(mask), key,
-                     jnp.asarray(first, jnp.int32), width, cfg)
+                     jnp.asarray([seeds[i] for i in first], jnp.int32), width, cfg)
     while True:
         st = _segment(graphdef, state, st, rws, width, cfg)
         block, row_nfe = np.asarray(st.block), np.asarray(st.nfe)
@@ -170,7 +178,7 @@ def _refill_bucket(model, rows, idx, width, n_slots, key, kwargs, tokens, nfe, e
             tokens[i] = np.concatenate([rows[i], x[s, width:]]).astype(np.int32)
             nfe[i], eq[i] = row_nfe[s], row_eq[s]
             slot_of[s] = queue.pop(0) if queue else None
-        st, rws = _refill(st, rws, done, [slot_of[s] for s in done], rows, width, length, key, cfg, mcfg)
+        st, rws = _refill(st, rws, done, [slot_of[s] for s in done], rows, seeds, width, length, key, cfg, mcfg)
         if all(s is None for s in slot_of):
             break
     return int(st.it)
@@ -187,7 +195,7 @@ def _segment(graphdef, state, st, rws, width: int, cfg):
     return loop._run(graphdef, state, st, rws, None, width, cfg, until_a_row_is_done=True)
 
 
-def _refill(st, rws, slots_, prompt_ids, rows, width, length, key, cfg, mcfg):
+def _refill(st, rws, slots_, prompt_ids, rows, seeds, width, length, key, cfg, mcfg):
     """Put each prompt of ``prompt_ids`` (None: leave the slot empty) into the matching slot of ``slots_``."""
     x, mask = np.asarray(st.x).copy(), np.asarray(rws.mask).copy()
     block, step, block_n = (np.asarray(a).copy() for a in (st.block, st.step_in_block, st.block_n))
@@ -206,7 +214,7 @@ def _refill(st, rws, slots_, prompt_ids, rows, width, length, key, cfg, mcfg):
         mask[s] = 0
         mask[s, width - len(r):] = 1
         block[s], row_len[s] = 0, len(r) + cfg.gen_length
-        keys = keys.at[s].set(jax.random.fold_in(key, i))
+        keys = keys.at[s].set(jax.random.fold_in(key, seeds[i]))
     st = loop.LoopState(x=jnp.asarray(x), block=jnp.asarray(block), step_in_block=jnp.asarray(step),
                         block_n=jnp.asarray(block_n), nfe=jnp.asarray(nfe), eq=jnp.asarray(eq), it=st.it,
                         traj=None, cache=None)

@@ -56,6 +56,9 @@ class EvalError(ConfigError):
     """A bad evaluation argument or input; the message names it."""
 
 
+BATCHING = ("continuous", "batched")
+
+
 @dataclass(frozen=True)
 class EvalSettings:
     """Decoding settings of one run (validated like :class:`dultra_jax.decoding.DecodeConfig`)."""
@@ -69,8 +72,11 @@ class EvalSettings:
     factor: float = 1.0
     steps: int | None = None
     cache: str = "none"
-    batch_size: int = 8
+    batch_size: int = 8  # rows per decode call; with continuous batching, the slots
     pad_multiple: int = 64
+    # continuous: decoding.generate_many refills a slot as soon as its prompt is done (single-device runs);
+    # batched: sync batches of generate (always used with a mesh plan, which generate_many does not take)
+    batching: str = "continuous"
 
     def __post_init__(self) -> None:
         from dultra_jax.decoding import DecodeConfig
@@ -79,6 +85,8 @@ class EvalSettings:
             raise EvalError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.pad_multiple < 1:
             raise EvalError(f"pad_multiple must be >= 1, got {self.pad_multiple}")
+        if self.batching not in BATCHING:
+            raise EvalError(f"unknown batching {self.batching!r}; choose one of {list(BATCHING)}")
         try:
             DecodeConfig(**self.decode_kwargs())
         except ValueError as e:
@@ -231,6 +239,10 @@ def decode_prompts(model, prompts: Sequence[Sequence[int]], settings: EvalSettin
         if ln > max_prompt:
             raise EvalError(f"prompt {i} has {ln} tokens: with gen_length {g} it exceeds the model's "
                             f"max_sequence_length {cfg.max_sequence_length}")
+    if settings.batching == "continuous" and plan is None:
+        return _decode_continuous(model, prompts, settings, seed=seed, seeds=seeds, exclude=exclude,
+                                  progress=progress, desc=desc, max_iterations=max_iterations, compiled=compiled,
+                                  warmup=warmup, on_batch=on_batch)
     pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else (cfg.eos_token_id or 0)
     b = min(settings.batch_size, n)
     if plan is not None:
@@ -283,6 +295,65 @@ def decode_prompts(model, prompts: Sequence[Sequence[int]], settings: EvalSettin
         if on_batch is not None:
             on_batch(list(idx), [samples[i] for i in idx], batch)
     return DecodeRun(samples=samples, batches=batches, compile_s=compile_s, widths=sorted(widths))
+
+
+def _decode_continuous(model, prompts, settings: EvalSettings, *, seed, seeds, exclude, progress, desc,
+                       max_iterations, compiled, warmup, on_batch) -> DecodeRun:
+    """:func:`decode_prompts` through :func:`dultra_jax.decoding.generate_many` with ``batch_size`` slots, in
+    chunks of prompts of similar length (``CONTINUOUS_CHUNK`` x slots), so that finished rows reach
+    ``on_batch`` (and ``samples.jsonl``) as each chunk ends. Each prompt's result is the one it gets alone."""
+    import jax
+    from tqdm.auto import tqdm
+
+    from dultra_jax.decoding import generate_many
+
+    cfg = model.cfg
+    n = len(prompts)
+    slots = min(settings.batch_size, n)
+    lengths = [len(p) for p in prompts]
+    order = sorted(range(n), key=lambda i: lengths[i])
+    kw = dict(settings.decode_kwargs(), rng=seed, max_iterations=max_iterations)
+    chunk = CONTINUOUS_CHUNK * slots
+    samples: list[dict[str, Any] | None] = [None] * n
+    batches: list[dict[str, Any]] = []
+    compiled = set() if compiled is None else compiled
+    compile_s = 0.0
+    widths: set[int] = set()
+    for start in tqdm(range(0, n, chunk), desc=desc, disable=not progress, leave=False):
+        idx = order[start:start + chunk]
+        part = [prompts[i] for i in idx]
+        call = dict(kw, slots=min(slots, len(idx)), row_seeds=seeds[idx].astype(np.int64))
+        try:
+            shape = ("continuous", call["slots"], max(lengths[i] for i in idx))
+            if warmup and shape not in compiled:  # compile (and run once) untimed, as the batched path does
+                t0 = time.perf_counter()
+                generate_many(model, part, **call)
+                compile_s += time.perf_counter() - t0
+                compiled.add(shape)
+            t0 = time.perf_counter()
+            res = generate_many(model, part, **call)
+            dt = time.perf_counter() - t0
+        except ValueError as e:
+            raise EvalError(str(e)) from e
+        gen = np.stack([np.asarray(jax.device_get(res.generated(j))) for j in range(len(idx))])
+        counted = accounting.account(gen, res.nfe, exclude, cfg.mask_token_id)
+        eff = counted.effective_tokens
+        for r, i in enumerate(idx):
+            w = int(res.widths[r])
+            widths.add(w)
+            samples[i] = {"ids": gen[r], "nfe": int(res.nfe[r]),
+                          "equivalent_forwards": float(res.equivalent_forwards[r]),
+                          "effective_tokens": int(eff[r]), "masks_left": int(counted.masks_left[r]),
+                          "time_s": dt, "batch_rows": call["slots"], "width": w}
+        batch = {"rows": len(idx), "width": max(int(w) for w in res.widths), "time_s": dt,
+                 "iterations": int(res.iterations), "effective_tokens": int(eff.sum()), "slots": call["slots"]}
+        batches.append(batch)
+        if on_batch is not None:
+            on_batch(list(idx), [samples[i] for i in idx], batch)
+    return DecodeRun(samples=samples, batches=batches, compile_s=compile_s, widths=sorted(widths))
+
+
+CONTINUOUS_CHUNK = 16  # prompts per generate_many call, in slots: results are appended to the log per call
 
 
 # ------------------------------------------------------------------------------------------- scoring
