@@ -190,6 +190,18 @@ def test_replay_of_a_padded_stochastic_rollout(tiny_model):
     assert np.all(np.asarray(logps)[np.asarray(t.reveal[:s])] < 0)
 
 
+@pytest.mark.parametrize("kw, needle", [
+    (dict(gen_length=30, block_length=8), "multiple of block_length"),
+    (dict(strategy="beam"), "unknown strategy"),
+    (dict(strategy="threshold", threshold=1.5), "threshold"),
+    (dict(strategy="threshold", threshold=0.0), "threshold"),
+    (dict(strategy="factor", factor=0.0), "factor"),
+    (dict(strategy="fixed", steps=3), "steps"),
+    (dict(gen_length=4096, block_length=8), "max_sequence_length"),
+    (dict(prompt=[[]]), "empty prompt"),
+    (dict(prompt=np.full((1, 3), 299)), "MASK id"),
+    (dict(reveal="sample"), "reveal"),
+])
 def test_bad_arguments(tiny_model, dec, kw, needle):
     with pytest.raises(ValueError, match=needle):
         _gen(tiny_model, dec, **kw)
