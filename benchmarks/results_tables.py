@@ -1,8 +1,11 @@
 """Render the README's results tables (markdown) from the JSON files in benchmarks/results/.
 
-    python benchmarks/results_tables.py                       # prints markdown; paste into README.md "Results"
+    python benchmarks/results_tables.py --write README.md     # rewrites every generated block of the README
+    python benchmarks/results_tables.py                       # prints the "Results" block
     python benchmarks/results_tables.py --section demo        # the "Demo" section's numbers
     python benchmarks/results_tables.py --section evaluation  # the "Evaluation" section's numbers
+
+tests/test_readme.py checks that the README's generated blocks equal what this script renders now.
 """
 
 from __future__ import annotations
@@ -320,12 +323,47 @@ SECTIONS = {
                 ("Approximate caches on a trained model", cache_agreement_table),
                 ("Replay memory vs recorded iterations", replay_memory_table),
                 ("Memory plan of the shipped configs", memory_plan_tables),
-                ("Planned vs measured memory", memory_check_table),
-                ("HumanEval scoring rule", humaneval_sanitizer_table)],
+                ("Planned vs measured memory", memory_check_table)],
+    "humaneval": [("HumanEval scoring rule: canonical solutions", humaneval_sanitizer_table)],
     "demo": [("The demo's trade-off", demo_sweep_tables)],
     "evaluation": [("NFE and TPF of the demo's models", tpf_tables), ("Evaluation throughput", eval_throughput_tables),
                    ("Decoding throughput on the CPU", cpu_throughput_table)],
 }
+
+
+def render(section: str) -> str:
+    """The markdown of one README section's generated block."""
+    out = []
+    for title, fn in SECTIONS[section]:
+        parts = fn()
+        if parts:
+            out.append(f"#### {title}\n\n" + "\n\n".join(parts) + "\n")
+    return "\n".join(out)
+
+
+BEGIN = "<!-- generated: python benchmarks/results_tables.py --section {} -->\n"
+END = "<!-- end generated -->\n"
+
+
+def write_readme(path: Path) -> list[str]:
+    """Replace every generated block of ``path`` (between ``BEGIN`` and ``END``) by :func:`render` of its
+    section, atomically; returns the sections rewritten."""
+    text = path.read_text()
+    done = []
+    for section in SECTIONS:
+        begin = BEGIN.format(section)
+        start = text.find(begin)
+        if start < 0:
+            continue
+        stop = text.find(END, start)
+        if stop < 0:
+            raise SystemExit(f"{path}: the generated block of section {section!r} has no {END.strip()!r}")
+        text = text[:start + len(begin)] + render(section) + text[stop:]
+        done.append(section)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+    return done
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -334,13 +372,13 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--section", default="results", choices=sorted(SECTIONS),
                     help="results (the README's Results), demo or evaluation (those sections' numbers)")
+    ap.add_argument("--write", metavar="README", default=None,
+                    help="rewrite every generated block of this file (all sections) instead of printing one")
     args = ap.parse_args(argv)
-    for title, fn in SECTIONS[args.section]:
-        parts = fn()
-        if parts:
-            print(f"#### {title}\n")
-            print("\n\n".join(parts))
-            print()
+    if args.write:
+        print("rewrote sections:", ", ".join(write_readme(Path(args.write))))
+        return
+    print(render(args.section))
 
 
 if __name__ == "__main__":
