@@ -248,8 +248,18 @@ def test_continuous_batching_with_early_stop_and_a_cache(tiny_model, dec):
             one = generate(tiny_model, [pr], row_seeds=[i], **common)
             np.testing.assert_array_equal(many.tokens[i], np.asarray(one.tokens[0]))
             assert int(many.nfe[i]) == int(one.nfe[0])
-    with pytest.raises(ValueError, match="row_seeds"):
-        generate_many(tiny_model, prompts, slots=2, gen_length=16, block_length=8, row_seeds=[0, 1, 2])
+    # explicit row seeds (the eval harness keys rows by problem): prompt i is then generate alone with seed s_i
+    seeds = [7, 3, 11]
+    many = generate_many(tiny_model, prompts, slots=2, gen_length=16, block_length=8, strategy="planner",
+                         temperature=0.5, row_seeds=seeds)
+    for i, pr in enumerate(prompts):
+        one = generate(tiny_model, [pr], row_seeds=[seeds[i]], gen_length=16, block_length=8, strategy="planner",
+                       temperature=0.5, pad_aware=True)
+        np.testing.assert_array_equal(many.tokens[i], np.asarray(one.tokens[0]))
+    with pytest.raises(ValueError, match="row_seeds has 2 seeds"):
+        generate_many(tiny_model, prompts, slots=2, gen_length=16, block_length=8, row_seeds=[0, 1])
+    with pytest.raises(ValueError, match="attention_mask"):
+        generate_many(tiny_model, prompts, slots=2, gen_length=16, block_length=8, attention_mask=None)
 
 
 def test_cli_generate_streams_blocks_and_reports_json(tiny_dir, capsys):

@@ -285,8 +285,28 @@ def mesh_decoder(plan, graphdef, state_shardings, cfg: DecodeConfig, *, with_mas
                     plan.sharding([None, "activation_batch", None]) if with_uniforms else None)
     key_ = (id(plan), graphdef, cfg, with_mask, with_uniforms)
     if key_ not in _MESH_DECODERS:
-        _MESH_DECODERS[key_] = (plan, plan.jit(partial(_decode_impl, graphdef, cfg=cfg), in_shardings=in_shardings))
+        def decode(state, prompt_ids, canvas_mask, key, row_seeds, uniforms):
+            res = _decode_impl(graphdef, state, prompt_ids, canvas_mask, key, row_seeds, uniforms, cfg=cfg)
+            return _rows_sharded(plan, res)
+
+        _MESH_DECODERS[key_] = (plan, plan.jit(decode, in_shardings=in_shardings))
     return _MESH_DECODERS[key_][1]
+
+
+def _rows_sharded(plan, res: DecodeResult) -> DecodeResult:
+    """Outputs split over the plan's batch axes like the inputs, never left to the compiler: on several
+    processes each one reads its own rows (``parallel.local_rows``), which a replicated output would not give."""
+    def rows(a, axis):
+        names = [None] * a.ndim
+        names[axis] = "activation_batch"
+        return jax.lax.with_sharding_constraint(a, plan.sharding(names))
+
+    traj = res.trajectory
+    if traj is not None:
+        traj = dataclasses.replace(traj, reveal=rows(traj.reveal, 1), proposals=rows(traj.proposals, 1),
+                                   logps=rows(traj.logps, 1))
+    return dataclasses.replace(res, tokens=rows(res.tokens, 0), nfe=rows(res.nfe, 0),
+                               equivalent_forwards=rows(res.equivalent_forwards, 0), trajectory=traj)
 
 
 def _decode_on_mesh(plan, graphdef, state, ids, canvas_mask, key, seeds, uniforms, cfg) -> DecodeResult:
