@@ -214,7 +214,7 @@ def memory_plan_tables() -> list[str]:
         rows.append([cfg, d["mesh"], f"{t['per_device_bytes'] / gib:.1f}", f"{t['temp_bytes'] / gib:.1f}",
                      f"{t['micro_batch_rows']} x {t['micro_batches']} ({t['rows_per_device']}/dev)", steps,
                      roll.get("sharded", "-"), roll.get("replicated_bf16", "-"),
-                     "yes" if all(d["fits"].values()) else "NO"])
+                     "yes" if all(d["fits"].values()) else "NO", d["machine"]["commit"]])
         notes.add(f"{d['layers']['method']}; {d['machine']['cpu']}, jax {d['machine']['jax']}")
         if "search" in d:
             sr = d["search"]
@@ -222,15 +222,16 @@ def memory_plan_tables() -> list[str]:
             best = ts["largest_micro_batch_rows"]
             search_rows.append([cfg, "-" if best is None else f"{best} ({best // sr['quantum_rows']}/dev)",
                                 ro.get("sharded", {}).get("largest_rows", "-"),
-                                ro.get("replicated_bf16", {}).get("largest_rows", "-")])
+                                ro.get("replicated_bf16", {}).get("largest_rows", "-"), d["machine"]["commit"]])
     if not rows:
         return []
     header = ["config", "mesh", "train step GiB/dev", "of it temp", "micro-batch rows", "S",
-              "rollout sharded GiB/dev (+ state)", "rollout replicated bf16 GiB/dev (+ state)", "fits H200 -10%"]
+              "rollout sharded GiB/dev (+ state)", "rollout replicated bf16 GiB/dev (+ state)", "fits H200 -10%",
+              "commit"]
     parts = [f"`memory_plan_*.json` ({'; '.join(sorted(notes))})\n\n" + _table(header, rows)]
     if search_rows:
         parts.append("Largest that fit (H200, 10% margin), `--search`:\n\n" + _table(
-            ["config", "train micro-batch rows", "rollout rows (sharded)", "rollout rows (replicated bf16)"],
+            ["config", "train micro-batch rows", "rollout rows (sharded)", "rollout rows (replicated bf16)", "commit"],
             search_rows))
     return parts
 
