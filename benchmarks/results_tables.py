@@ -316,7 +316,66 @@ def cpu_throughput_table() -> list[str]:
             "\n\n" + _table(["B", "strategy", "ms/iteration", "of roofline", "positions/s"], rows)]
 
 
+def summary_bullets() -> list[str]:
+    """The Results section's summary, every figure read from the JSON files the tables below render."""
+    out = []
+    f1, f8 = _load("forward_llada-8b_b1_l512_h200.json"), _load("forward_llada-8b_b8_l512_h200.json")
+    d32 = _load("decode_llada-8b_b32_h200.json")
+    if f1 and f8 and d32:
+        auto = {d: next(r for r in x["rows"] if r.get("attention_impl") == "auto") for d, x in ((1, f1), (8, f8))}
+        ex = next(r for r in d32["rows"] if r["cache"] == "none" and r["strategy"] == "planner")
+        out.append(f"- An 8B forward over 512 positions runs at {auto[1]['fraction_of_roofline']:.0%} of the matmul "
+                   f"roofline at batch 1 and at {auto[8]['fraction_of_roofline']:.0%} at batch 8 (H200); a decode "
+                   f"iteration (B={d32['batch']}, P={d32['prompt_len']}, G={d32['gen_len']}) at "
+                   f"{ex['fraction_of_roofline']:.0%}, with {ex['loop_overhead']:.1%} loop overhead.")
+    cpu = _load("decode_cpu_b4_none-prefix-dual_cpu.json")
+    if cpu:
+        by = {(r["cache"], r["strategy"]): r for r in cpu["rows"]}
+        base = ("threshold", "factor", "fixed")
+
+        def span(cache):
+            v = [by[(cache, b)]["positions_per_s_vs_exact"] for b in base if (cache, b) in by]
+            lo, hi = f"{min(v):.1f}", f"{max(v):.1f}"
+            return f"{lo}x" if lo == hi else f"{lo}-{hi}x"
+
+        pl, th = by[("none", "planner")], by[("none", "threshold")]
+        dp, pp = by[("dual", "planner")], by[("prefix", "planner")]
+        out.append(f"- On the decoding issue's CPU config ({cpu['rounds']} alternating rounds, medians, on a shared "
+                   f"2-core machine; random weights), an exact planner iteration costs "
+                   f"{pl['ms_per_iteration'] / th['ms_per_iteration']:.2f}x a threshold iteration (the head runs its "
+                   f"queries and MLP on the block only); `dual` caching (backbone and head) decodes "
+                   f"{dp['positions_per_s_vs_exact']:.1f}x the exact planner's positions per second "
+                   f"({dp['flop_cost_per_iteration_vs_exact']:.1f}x fewer FLOPs per iteration) and {span('dual')} for "
+                   f"the confidence baselines; `prefix` {pp['positions_per_s_vs_exact']:.1f}x (planner) and "
+                   f"{span('prefix')} (baselines). The 8B GPU rows predate these changes (head uncached there).")
+    cb = _load("continuous_batching_tiny_cpu.json")
+    if cb:
+        parts = ", ".join(f"{r['iterations_ratio']:.2f}x at {r['slots']} slots" for r in cb["rows"])
+        same = all(r["same_tokens_and_nfe"] for r in cb["rows"])
+        out.append(f"- Continuous batching (`generate_many`, {cb['prompts']} prompts of mixed lengths, random weights, "
+                   f"Bernoulli planner) needs fewer batch iterations than sync batches of `generate`: {parts}"
+                   + ("; identical tokens and NFE per prompt." if same else "."))
+    toy = _load("toy_acceptance.json")
+    if toy:
+        by = {r["method"]: r for r in toy["rows"]}
+        b, a = by["planner_before_grpo"], by["planner_after_grpo"]
+        out.append(f"- Toy acceptance (`toy_acceptance.json`): GRPO with the step penalty cuts the planner's NFE "
+                   f"{b['nfe']:.2f} -> {a['nfe']:.2f} ({toy['nfe_cut']:.0%}) while accuracy moves "
+                   f"{b['accuracy']:.1%} -> {a['accuracy']:.1%}; the earlier run on another CPU is kept beside it "
+                   "(the digits differ across CPUs, see \"Demo\").")
+    plans = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("memory_plan_*.json"))]
+    if plans:
+        fit = sum(all(d["fits"].values()) for d in plans)
+        worst = max(d["programs"]["train_step"]["per_device_bytes"] for d in plans) / 1024**3
+        out.append(f"- Memory: {fit} of {len(plans)} shipped 8xH200 configs fit an H200 with a 10% margin by the plan "
+                   f"of the trainer's own programs (largest train step {worst:.1f} GiB per GPU with the "
+                   "recorded-iteration cap); the replayed loss's gradient holds O(1) parameter copies whatever the "
+                   "number of recorded iterations (\"Replay memory\" below).")
+    return ["Summary:\n\n" + "\n".join(out)] if out else []
+
+
 SECTIONS = {
+    "summary": [],
     "results": [("Forward vs roofline", forward_tables), ("Decoding per cache mode", decode_tables),
                 ("Continuous batching", continuous_tables),
                 ("Decode throughput sweep (8B shapes)", throughput_table),
@@ -334,6 +393,8 @@ SECTIONS = {
 
 def render(section: str) -> str:
     """The markdown of one README section's generated block."""
+    if section == "summary":
+        return "".join(p + "\n" for p in summary_bullets())
     out = []
     for title, fn in SECTIONS[section]:
         parts = fn()
