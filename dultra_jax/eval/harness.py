@@ -214,9 +214,9 @@ def decode_prompts(model, prompts: Sequence[Sequence[int]], settings: EvalSettin
     rounded up to a multiple of its batch shards. ``on_batch(positions, samples, batch)`` is called as each
     decode call finishes (the harness appends its rows to ``samples.jsonl`` there).
 
-    This is the one function that decodes: swapping the per-batch ``generate`` for continuous batching
-    (``decoding.generate_many(model, prompts, slots=..., ...)``) changes only its body; callers see the same
-    samples and ``on_batch`` calls.
+    This is the one function that decodes: with ``settings.batching == "continuous"`` and no plan it runs
+    :func:`dultra_jax.decoding.generate_many` (:func:`_decode_continuous`), otherwise sync batches of
+    ``generate``; callers see the same samples and ``on_batch`` calls either way.
     """
     import jax
     from tqdm.auto import tqdm
@@ -282,18 +282,9 @@ def decode_prompts(model, prompts: Sequence[Sequence[int]], settings: EvalSettin
             dt = time.perf_counter() - t0
         except ValueError as e:
             raise EvalError(str(e)) from e
-        eq = np.asarray(result.equivalent_forwards)
-        counted = accounting.account(gen, nfe, exclude, cfg.mask_token_id)
-        eff = counted.effective_tokens
-        for r, i in enumerate(idx):
-            samples[i] = {"ids": gen[r], "nfe": int(nfe[r]), "equivalent_forwards": float(eq[r]),
-                          "effective_tokens": int(eff[r]), "masks_left": int(counted.masks_left[r]),
-                          "time_s": dt, "batch_rows": len(idx), "width": width}
-        batch = {"rows": len(idx), "width": width, "time_s": dt, "iterations": int(result.iterations),
-                 "effective_tokens": int(eff[: len(idx)].sum())}
-        batches.append(batch)
-        if on_batch is not None:
-            on_batch(list(idx), [samples[i] for i in idx], batch)
+        _record_call(idx, gen, nfe, np.asarray(result.equivalent_forwards), [width] * len(idx), dt,
+                     batch_rows=len(idx), iterations=int(result.iterations), exclude=exclude,
+                     mask_id=cfg.mask_token_id, samples=samples, batches=batches, on_batch=on_batch)
     return DecodeRun(samples=samples, batches=batches, compile_s=compile_s, widths=sorted(widths))
 
 
@@ -336,21 +327,30 @@ def _decode_continuous(model, prompts, settings: EvalSettings, *, seed, seeds, e
         except ValueError as e:
             raise EvalError(str(e)) from e
         gen = np.stack([np.asarray(jax.device_get(res.generated(j))) for j in range(len(idx))])
-        counted = accounting.account(gen, res.nfe, exclude, cfg.mask_token_id)
-        eff = counted.effective_tokens
-        for r, i in enumerate(idx):
-            w = int(res.widths[r])
-            widths.add(w)
-            samples[i] = {"ids": gen[r], "nfe": int(res.nfe[r]),
-                          "equivalent_forwards": float(res.equivalent_forwards[r]),
-                          "effective_tokens": int(eff[r]), "masks_left": int(counted.masks_left[r]),
-                          "time_s": dt, "batch_rows": call["slots"], "width": w}
-        batch = {"rows": len(idx), "width": max(int(w) for w in res.widths), "time_s": dt,
-                 "iterations": int(res.iterations), "effective_tokens": int(eff.sum()), "slots": call["slots"]}
-        batches.append(batch)
-        if on_batch is not None:
-            on_batch(list(idx), [samples[i] for i in idx], batch)
+        widths.update(int(w) for w in res.widths)
+        _record_call(idx, gen, res.nfe, res.equivalent_forwards, [int(w) for w in res.widths], dt,
+                     batch_rows=call["slots"], iterations=int(res.iterations), exclude=exclude,
+                     mask_id=cfg.mask_token_id, samples=samples, batches=batches, on_batch=on_batch,
+                     slots=call["slots"])
     return DecodeRun(samples=samples, batches=batches, compile_s=compile_s, widths=sorted(widths))
+
+
+def _record_call(idx, gen, nfe, eq, row_widths, dt, *, batch_rows, iterations, exclude, mask_id, samples, batches,
+                 on_batch, **batch_extra) -> None:
+    """One decode call's results: the samples of its prompts ``idx`` (the first ``len(idx)`` rows of ``gen``,
+    ``nfe``, ``eq``; rows after them are fill-ups), its ``batches`` entry, and the ``on_batch`` call."""
+    n = len(idx)
+    counted = accounting.account(np.asarray(gen)[:n], np.asarray(nfe)[:n], exclude, mask_id)
+    eff = counted.effective_tokens
+    for r, i in enumerate(idx):
+        samples[i] = {"ids": gen[r], "nfe": int(nfe[r]), "equivalent_forwards": float(eq[r]),
+                      "effective_tokens": int(eff[r]), "masks_left": int(counted.masks_left[r]),
+                      "time_s": dt, "batch_rows": batch_rows, "width": int(row_widths[r])}
+    batch = {"rows": n, "width": max(row_widths), "time_s": dt, "iterations": iterations,
+             "effective_tokens": int(eff.sum()), **batch_extra}
+    batches.append(batch)
+    if on_batch is not None:
+        on_batch(list(idx), [samples[i] for i in idx], batch)
 
 
 CONTINUOUS_CHUNK = 16  # prompts per generate_many call, in slots: results are appended to the log per call
