@@ -116,9 +116,9 @@ def generate_many(model: DUltra, prompts, *, slots: int, rng: jax.Array | int | 
         if sync:
             for s in range(0, len(idx), slots):
                 part = idx[s:s + slots]
-                res = loop.generate(model, _padded([rows[i] for i in part], width, mcfg), rng=key,
-                                    row_seeds=[seeds[i] for i in part], pad_aware=True,
-                                    attention_mask=_mask([rows[i] for i in part], width), **generate_kwargs)
+                ids, mask = loop.pad_prompts([rows[i] for i in part], loop.pad_id_of(mcfg), width)
+                res = loop.generate(model, ids, rng=key, row_seeds=[seeds[i] for i in part], pad_aware=True,
+                                    attention_mask=mask, **generate_kwargs)
                 gen = np.asarray(res.generated)
                 for j, i in enumerate(part):
                     tokens[i] = np.concatenate([rows[i], gen[j]]).astype(np.int32)
@@ -130,21 +130,6 @@ def generate_many(model: DUltra, prompts, *, slots: int, rng: jax.Array | int | 
                                          generate_kwargs, tokens, nfe, eq)
     return ManyResult(tokens=tokens, nfe=nfe, equivalent_forwards=eq, iterations=iterations,
                       prompt_lengths=np.asarray([len(r) for r in rows], np.int32), widths=widths)
-
-
-def _padded(prompts, width: int, mcfg) -> np.ndarray:
-    pad = mcfg.pad_token_id if mcfg.pad_token_id is not None else (mcfg.eos_token_id or 0)
-    ids = np.full((len(prompts), width), pad, np.int32)
-    for i, r in enumerate(prompts):
-        ids[i, width - len(r):] = r
-    return ids
-
-
-def _mask(prompts, width: int) -> np.ndarray:
-    m = np.zeros((len(prompts), width), np.int32)
-    for i, r in enumerate(prompts):
-        m[i, width - len(r):] = 1
-    return m
 
 
 def _refill_bucket(model, rows, seeds, idx, width, n_slots, key, kwargs, tokens, nfe, eq) -> int:
@@ -159,9 +144,9 @@ def _refill_bucket(model, rows, seeds, idx, width, n_slots, key, kwargs, tokens,
     queue = list(idx)
     slot_of: list[int | None] = [None] * n_slots
     first = [queue.pop(0) for _ in range(n_slots)]
-    ids = np.concatenate([_padded([rows[i] for i in first], width, mcfg),
-                          np.full((n_slots, g), mcfg.mask_token_id, np.int32)], axis=1)
-    mask = np.concatenate([_mask([rows[i] for i in first], width), np.ones((n_slots, g), np.int32)], axis=1)
+    ids, mask = loop.pad_prompts([rows[i] for i in first], loop.pad_id_of(mcfg), width)
+    ids = np.concatenate([ids, np.full((n_slots, g), mcfg.mask_token_id, np.int32)], axis=1)
+    mask = np.concatenate([mask, np.ones((n_slots, g), np.int32)], axis=1)
     slot_of[:] = first
     st, rws = _start(graphdef, state, jnp.asarray(ids), jnp.asarray(mask), key,
                      jnp.asarray([seeds[i] for i in first], jnp.int32), width, cfg)
@@ -201,7 +186,7 @@ def _refill(st, rws, slots_, prompt_ids, rows, seeds, width, length, key, cfg, m
     block, step, block_n = (np.asarray(a).copy() for a in (st.block, st.step_in_block, st.block_n))
     nfe, eq = np.asarray(st.nfe).copy(), np.asarray(st.eq).copy()
     keys, row_len = rws.keys, np.asarray(rws.length).copy()
-    pad = mcfg.pad_token_id if mcfg.pad_token_id is not None else (mcfg.eos_token_id or 0)
+    pad = loop.pad_id_of(mcfg)
     for s, i in zip(slots_, prompt_ids, strict=True):
         nfe[s], eq[s], step[s], block_n[s] = 0, 0.0, 0, cfg.block_length
         if i is None:  # empty: nothing masked, already done, attends to itself only

@@ -156,8 +156,14 @@ class DecodeResult:
 
 
 # ------------------------------------------------------------------------------------------ inputs
-def pad_prompts(prompts, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """Left-pad a list of 1-D id sequences (or pass through a [B, P] array) -> (ids, 0/1 mask)."""
+def pad_id_of(mcfg) -> int:
+    """The id left padding uses: the model's pad id, else its end-of-text id (attention masks pads out)."""
+    return mcfg.pad_token_id if mcfg.pad_token_id is not None else (mcfg.eos_token_id or 0)
+
+
+def pad_prompts(prompts, pad_id: int, width: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Left-pad a list of 1-D id sequences (or pass through a [B, P] array) -> (ids, 0/1 mask), to ``width``
+    columns (default: the longest prompt's)."""
     if isinstance(prompts, (np.ndarray, jax.Array)) and np.ndim(prompts) == 2:
         ids = np.asarray(prompts)
         if ids.shape[1] == 0:
@@ -168,7 +174,10 @@ def pad_prompts(prompts, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError("prompt_ids holds no prompts")
     if any(len(r) == 0 for r in rows):
         raise ValueError("prompt_ids contains an empty prompt: every row needs at least one token")
-    width = max(len(r) for r in rows)
+    longest = max(len(r) for r in rows)
+    width = longest if width is None else width
+    if width < longest:
+        raise ValueError(f"a prompt of {longest} tokens does not fit a padded width of {width}")
     ids = np.full((len(rows), width), pad_id, np.int32)
     mask = np.zeros((len(rows), width), np.int32)
     for i, r in enumerate(rows):
@@ -227,7 +236,7 @@ def generate(
                         temperature=temperature, threshold=threshold, factor=factor, steps=steps,
                         return_trajectory=return_trajectory, **options)
     mcfg = model.cfg
-    pad_id = mcfg.pad_token_id if mcfg.pad_token_id is not None else (mcfg.eos_token_id or 0)
+    pad_id = pad_id_of(mcfg)
     ids, mask = pad_prompts(prompt_ids, pad_id)
     if attention_mask is not None:
         mask = np.asarray(attention_mask, np.int32)

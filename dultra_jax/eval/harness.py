@@ -243,7 +243,9 @@ def decode_prompts(model, prompts: Sequence[Sequence[int]], settings: EvalSettin
         return _decode_continuous(model, prompts, settings, seed=seed, seeds=seeds, exclude=exclude,
                                   progress=progress, desc=desc, max_iterations=max_iterations, compiled=compiled,
                                   warmup=warmup, on_batch=on_batch)
-    pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else (cfg.eos_token_id or 0)
+    from dultra_jax.decoding.loop import pad_id_of
+
+    pad_id = pad_id_of(cfg)
     b = min(settings.batch_size, n)
     if plan is not None:
         b = _round_up(b, plan.batch_shards)
