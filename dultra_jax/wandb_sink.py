@@ -73,6 +73,14 @@ class WandbSink:
         if values:
             self.run.log(values, step=step)
 
+    def log_table(self, key: str, columns: list[str], data: list[list[Any]], step: int | None = None) -> None:
+        """A table (e.g. a rollout's sampled completions) under ``key`` at ``step``."""
+        if self.run is None:
+            return
+        import wandb
+
+        self.run.log({key: wandb.Table(columns=list(columns), data=[list(r) for r in data])}, step=step)
+
     def summarize(self, values: Mapping[str, Any]) -> None:
         """Final numbers of the run (shown in wandb's run table)."""
         if self.run is not None:

@@ -406,7 +406,8 @@ def test_num_iterations_counts_updates_and_reference_stays_at_step_0(tmp_path):
     the first's rollout, checkpoints land on rollout boundaries; beta > 0 without a sync interval keeps the
     step-0 policy as the reference (checkpointed)."""
     cfg = _cfg(tmp_path, *_GRPO_SMALL, "train.max_steps=3", "train.save_every=2", "grpo.num_iterations=2",
-               "grpo.beta=0.05", "optim.schedule=linear", "optim.total_steps=4", "optim.min_learning_rate=1e-4")
+               "grpo.beta=0.05", "optim.schedule=linear", "optim.total_steps=4", "optim.min_learning_rate=1e-4",
+               "logging.samples_every=2", "logging.samples_per_step=4")
     trainer = Trainer(cfg, tmp_path / "mu", progress=False)
     start = [np.asarray(a).copy() for a in jax.tree.leaves(trainer.trainable)]
     trainer.run()
@@ -424,6 +425,46 @@ def test_num_iterations_counts_updates_and_reference_stays_at_step_0(tmp_path):
         np.testing.assert_array_equal(a, np.asarray(b))
     assert any(not np.array_equal(a, np.asarray(b)) for a, b in zip(start, jax.tree.leaves(trainer.trainable),
                                                                     strict=True))
+    _check_watchable(tmp_path / "mu", rows, groups=2, generations=2)
+
+
+def _check_watchable(out, rows, *, groups: int, generations: int):
+    """The rollout statistics of each metrics row, recomputed from the rollout's logged samples (all its rows)."""
+    samples = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
+    by_step: dict[int, list] = {}
+    for s in samples:
+        by_step.setdefault(s["step"], []).append(s)
+    # rollouts feed steps (1, 2) and (3, 4): each contains a multiple of samples_every=2, logged at its first
+    assert sorted(by_step) == [1, 3] and all(len(v) == groups * generations for v in by_step.values())
+    metrics = {r["step"]: r for r in rows}
+    for step, got in by_step.items():
+        m = metrics[step]
+        reward = np.array([s["reward"] for s in got]).reshape(groups, generations)
+        assert m["reward_mean"] == pytest.approx(reward.mean())
+        assert m["frac_reward_zero_std"] == pytest.approx(np.mean(reward.std(-1) < 1e-8))
+        lengths = np.array([s["length"] for s in got])
+        assert m["completion_length_mean"] == pytest.approx(lengths.mean())
+        assert (m["completion_length_min"], m["completion_length_max"]) == (lengths.min(), lengths.max())
+        assert m["eos_terminated_ratio"] == pytest.approx(np.mean([not s["truncated"] for s in got]))
+        assert all((s["length"] == 8) == s["truncated"] for s in got)  # gen_length 8: untruncated end earlier
+        for name in got[0]["rewards"]:
+            values = np.array([np.nan if s["rewards"][name] is None else s["rewards"][name] for s in got])
+            assert m[f"reward_std/{name}"] == pytest.approx(np.nanstd(values))
+            assert m[f"reward/{name}"] == pytest.approx(np.nanmean(values))
+        assert m["nfe_mean"] == pytest.approx(np.mean([s["nfe"] for s in got]))
+        assert all(s["prompt"].endswith("=") or "=" in s["prompt"] for s in got)
+    for m in rows:
+        assert 0.0 < m["planner_reveal_prob"] < 1.0 and 0.0 < m["planner_entropy"] <= np.log(2) + 1e-6
+        assert m["rollout_tokens_per_s"] > 0 and m["replay_tokens_per_s"] > 0
+
+
+def test_frac_reward_zero_std_and_completion_lengths():
+    from dultra_jax.training.samples import completion_lengths, frac_reward_zero_std
+
+    assert frac_reward_zero_std(np.array([1.0, 1.0, 0.0, 2.0, 0.5, 0.5 + 1e-12]), 2) == pytest.approx(2 / 3)
+    gen = np.array([[5, 9, 7, 9], [5, 5, 5, 5], [3, 5, 5, 7]])
+    lengths, done = completion_lengths(gen, [7, 9])  # up to and including the first stop id
+    assert lengths.tolist() == [2, 4, 4] and done.tolist() == [True, False, True]
 
 
 def test_rewards_follow_the_run(tmp_path):

@@ -51,12 +51,15 @@ def trajectory_logps(
 
 def replay_step_logps(
     model: DUltra, x: jax.Array, reveal: jax.Array, proposal: jax.Array, block_length: int, p: int,
-    planner_temperature: float | None, factor: float, attention_mask: jax.Array | None,
-) -> jax.Array:
+    planner_temperature: float | None, factor: float, attention_mask: jax.Array | None, *,
+    planner_stats: bool = False,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
     """log-probs [B, L] of one recorded step from state ``x`` (differentiable in the model's parameters).
 
     The same planner-step math as the decoding loop (:mod:`dultra_jax.decoding.planner_step`), with the head's
-    queries restricted to each row's block (exact).
+    queries restricted to each row's block (exact). ``planner_stats``: also [B, 3] per row = (sum of the reveal
+    probabilities, sum of their binary entropies (nats), number of candidates) over the block's candidates,
+    without gradient: what a run logs about the planner.
     """
     mask_id = model.cfg.mask_token_id
     b, length = x.shape
@@ -72,7 +75,14 @@ def replay_step_logps(
     plan = model.planner_logits(hidden, timestep, mask_index, attention_mask, query_cols=cols)
     prob = ps.step_probs(plan, cand, planner_temperature, factor)
     blk_logps = ps.step_logps(prob, cand, ps.take_block(reveal, cols), logits, ps.take_block(proposal, cols))
-    return jnp.zeros((b, length), jnp.float32).at[jnp.arange(b)[:, None], cols].set(blk_logps)
+    out = jnp.zeros((b, length), jnp.float32).at[jnp.arange(b)[:, None], cols].set(blk_logps)
+    if not planner_stats:
+        return out
+    pc = jax.lax.stop_gradient(jnp.clip(prob, 0.0, 1.0))
+    entropy = -(jax.scipy.special.xlogy(pc, pc) + jax.scipy.special.xlogy(1 - pc, 1 - pc))
+    stats = jnp.stack([jnp.where(cand, pc, 0.0).sum(-1), jnp.where(cand, entropy, 0.0).sum(-1),
+                       cand.sum(-1).astype(jnp.float32)], axis=-1)
+    return out, stats
 
 
 def _replay_impl(graphdef, state, prompt_ids, reveal, proposals, attention_mask, block_length, planner_temperature,

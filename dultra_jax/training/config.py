@@ -113,6 +113,8 @@ class LoggingSection:
     wandb: bool = False  # mirror the metrics into a wandb run (WANDB_MODE / WANDB_PROJECT / WANDB_DIR honoured)
     wandb_project: str | None = None  # default: WANDB_PROJECT, else "dultra-jax"
     wandb_name: str | None = None  # default: the output directory's name
+    samples_every: int = 10  # GRPO: every N steps a few completions go to samples.jsonl / TensorBoard / wandb
+    samples_per_step: int = 4  # how many (the first rows of the batch); 0 or samples_every 0: none
 
 
 @dataclass

@@ -96,7 +96,7 @@ class Rollout:
 
 
 def _skip(x, rec) -> jax.Array:
-    return jnp.zeros((4,), jnp.float32)
+    return jnp.zeros((7,), jnp.float32)
 
 
 def grpo_loss(
@@ -121,8 +121,8 @@ def grpo_loss(
     def one_step(x, rec):
         reveal, proposal, old, ref = rec
         model = nnx.merge(graphdef, *states)  # closed over: scan constants, never per-iteration residuals
-        new = replay_step_logps(model, x, reveal, proposal, cfg.block_length, p, cfg.planner_temperature,
-                                cfg.factor, rollout.attention_mask)
+        new, planner = replay_step_logps(model, x, reveal, proposal, cfg.block_length, p, cfg.planner_temperature,
+                                         cfg.factor, rollout.attention_mask, planner_stats=True)
         active = reveal.any(-1)
         log_ratio = jnp.sum(jnp.where(completion, new - old, 0.0), axis=-1)
         row_loss, clipped = clipped_objective(log_ratio, rollout.advantages, cfg)
@@ -132,6 +132,7 @@ def grpo_loss(
         return jnp.stack([
             jnp.sum(row_loss), jnp.sum(jnp.where(active, clipped, False)), jnp.sum(active),
             jnp.max(jnp.where(active, jnp.abs(log_ratio), 0.0)),
+            *jnp.where(active[:, None], planner, 0.0).sum(0),  # reveal prob / entropy sums, candidates
         ])
 
     # Memory independent of S (benchmarks/replay_memory.py): the parameters are closed over (scan constants,
@@ -157,6 +158,10 @@ def grpo_loss(
         "clip_fraction": stats[:, 1].sum() / n_active,
         "max_abs_log_ratio": stats[:, 3].max(),
         "replayed_steps": jnp.sum(stats[:, 2] > 0).astype(jnp.float32),
+        # the planner over the candidates of the replayed iterations (current weights): mean reveal
+        # probability and mean binary entropy (nats); mean-over-micro-batches in the logged row
+        "planner_reveal_prob": stats[:, 4].sum() / jnp.maximum(stats[:, 6].sum(), 1.0),
+        "planner_entropy": stats[:, 5].sum() / jnp.maximum(stats[:, 6].sum(), 1.0),
     }
     return loss, metrics
 

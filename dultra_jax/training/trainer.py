@@ -46,6 +46,7 @@ from dultra_jax.decoding import generate
 from dultra_jax.model.dultra import DUltra
 from dultra_jax.parallel import gather_rows, initialize_distributed, is_primary, local_rows
 from dultra_jax.training import grpo as grpo_mod
+from dultra_jax.training import samples as samples_mod
 from dultra_jax.training.config import RunConfig
 from dultra_jax.training.planner_pretrain import noise_batch, planner_loss
 from dultra_jax.training.sft import sft_loss
@@ -193,6 +194,16 @@ class MetricsWriter:
         if self._wandb is not None:
             self._wandb.log(row, step=row["step"])
 
+    def write_samples(self, step: int, rows: list[dict[str, Any]]) -> None:
+        """A few completions of a rollout: ``samples.jsonl`` (appended), TensorBoard text, a wandb table."""
+        if not self.enabled or not rows:
+            return
+        samples_mod.append_samples(self.path.parent, rows)
+        if self._tb is not None:
+            self._tb.add_text("samples", samples_mod.markdown(rows), step)
+        if self._wandb is not None:
+            self._wandb.log_table("samples", *samples_mod.table(rows), step=step)
+
     def close(self) -> None:
         """Finish the wandb run (JSONL and TensorBoard need nothing)."""
         if self._wandb is not None:
@@ -260,6 +271,7 @@ class Scores:
     total: np.ndarray  # [B] every process's totals, in global row order
     per_function: dict[str, np.ndarray]  # [B] each
     generated: np.ndarray  # [B_local, G]
+    texts: list[str]  # [B_local] the completions as the rewards read them
 
 
 # The config values a checkpoint's parameters and data position depend on: resuming with others is refused.
@@ -314,6 +326,8 @@ class Trainer:
         self.mcfg = self.model.cfg
         # ids that are not effective tokens for TPF (end-of-text, pad, MASK, <|eot_id|>), as the evaluation counts
         self.exclude_ids = accounting.model_excluded_ids(self.mcfg, self.tokenizer)
+        # ids that end a completion (its length and whether it terminated): end-of-text and <|eot_id|>
+        self.stop_ids = accounting.excluded_ids(self.mcfg.eos_token_id, None, self.tokenizer)
         self.examples = load_examples(cfg, "train")
         self._eval_examples = None
         self.mode.build_data(self)
@@ -381,8 +395,9 @@ class Trainer:
 
         g = self.cfg.grpo
         frozen_head = self.cfg.train.trainable == "backbone"
-        ctx = registry.RewardContext()
-        if self.cfg.task.name == synthetic.TASK_NAME:
+        if self.cfg.task.name == synthetic.TASK_NAME:  # its own rewards; teachers and options from the YAML
+            rc = registry.load_reward_config(g.reward_config)
+            ctx = registry.RewardContext(rc.get("options"), rc.get("teachers"))
             weights = {"exact_answer": 1.0, "step_penalty": 0.1, **g.reward_weights}
         else:
             rs = registry.build_rewards(self.cfg.task.name, g.reward_config, prompt_mode=self.cfg.task.prompt_mode,
@@ -391,12 +406,10 @@ class Trainer:
             ctx = rs.context
         if frozen_head and "step_penalty" in weights:
             weights["step_penalty"] = 0.0
-        if weights.get("teacher_logprob") and self.num_processes > 1:
-            raise ConfigError("the teacher_logprob reward scores each process's rows on its own, which a teacher "
-                              "sharded over several processes cannot do yet; set "
-                              "grpo.reward_weights.teacher_logprob=0 for multi-process runs")
         if self.plan is not None:
-            ctx.teacher_plan = self.plan  # the distillation teacher is placed with the trainer's plan
+            # the distillation teacher is placed with the trainer's plan; on several processes every process
+            # scores its own rows in one collective forward over the mesh
+            ctx.teacher_plan = self.plan
         terms = []
         for name, w in weights.items():
             if name == "exact_answer":
@@ -453,6 +466,21 @@ class Trainer:
         micro, recorded = self._pack(ro, adv)
         return micro, self._rollout_stats(ro, scores, adv, recorded)
 
+    def _log_samples(self, ro: RolloutResult, scores: Scores, adv: np.ndarray, nfe: np.ndarray,
+                     lengths: np.ndarray, terminated: np.ndarray) -> None:
+        """Every ``logging.samples_every`` steps (of the updates this rollout feeds): a few of process 0's rows
+        (the first global rows) to samples.jsonl / TensorBoard / wandb."""
+        lg = self.cfg.logging
+        every, first, last = lg.samples_every, self.step, self.step + self._iterations_per_batch
+        if not (self.primary and every and lg.samples_per_step and last // every > first // every):
+            return
+        n = min(lg.samples_per_step, len(scores.texts))
+        prompts = [self.tokenizer.decode(ids[m > 0], skip_special_tokens=True)
+                   for ids, m in zip(ro.ids[:n], ro.mask[:n], strict=True)]
+        self.metrics.write_samples(first + 1, samples_mod.sample_rows(
+            first + 1, prompts=prompts, completions=scores.texts, per_function=scores.per_function,
+            totals=scores.total, advantages=adv, nfe=nfe, lengths=lengths, terminated=terminated, count=n))
+
     # --------------------------------------------------------------------------------------- GRPO pieces
     def _rollout_model(self) -> DUltra:
         """The weights the rollout decodes with: the training ones, or (``train.rollout_weights:
@@ -492,7 +520,8 @@ class Trainer:
                                             skip_special_tokens=True)
         out = self.rewards(RewardInputs(texts, self.pipeline.examples_for(batch), trajectories=positions))
         return Scores(local=out, total=gather_rows(out.total),
-                      per_function={k: gather_rows(v) for k, v in out.per_function.items()}, generated=gen)
+                      per_function={k: gather_rows(v) for k, v in out.per_function.items()}, generated=gen,
+                      texts=list(texts))
 
     def _advantages(self, scores: Scores) -> np.ndarray:
         """Group advantages over every row (groups may span processes); [B] in global row order."""
@@ -547,7 +576,12 @@ class Trainer:
         for name, values in scores.per_function.items():
             stats[f"reward/{name}"] = float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
         stats["tpf"] = accounting.tpf(eff, nfe)
-        stats["generated_tokens_per_s"] = float(len(total) * self.cfg.grpo.gen_length / max(ro.seconds, 1e-9))
+        stats["rollout_tokens_per_s"] = float(len(total) * self.cfg.grpo.gen_length / max(ro.seconds, 1e-9))
+        lengths, terminated = samples_mod.completion_lengths(scores.generated, self.stop_ids)
+        lengths, terminated = gather_rows(lengths), gather_rows(terminated)
+        stats.update(samples_mod.rollout_metrics(lengths, terminated, total, scores.per_function,
+                                                 self.cfg.grpo.num_generations))
+        self._log_samples(ro, scores, adv, nfe, lengths, terminated)
         for key in ("exact_answer", "math_correctness", "apps_execution", "code_tests"):
             if key in scores.per_function:
                 stats["accuracy"] = float(np.nanmean(scores.per_function[key] > 0))
@@ -587,6 +621,8 @@ class Trainer:
         self.step = int(meta["step"])
         self.iterator.set_state(meta["data"])
         self.metrics.truncate_after(self.step)
+        if self.primary:
+            samples_mod.truncate_samples(self.out, self.step)
         return True
 
     def _check_resumable(self, saved: dict | None, step: int) -> None:
@@ -677,9 +713,14 @@ class Trainer:
             for it in range(self._iterations_per_batch):  # mu optimiser updates per rollout, each a step
                 if self.step >= cfg.train.max_steps:
                     break
+                t_update = time.perf_counter()
                 self.trainable, self.opt_state, m = self.step_fn(self.trainable, self.frozen, self.opt_state, batch,
                                                                  jax.random.fold_in(key, it))
                 m = {k: float(v) for k, v in m.items()}
+                if "rollout_tokens_per_s" in stats:  # the update's replay of the rollout's completion tokens
+                    rows = cfg.train.batch_size * cfg.grpo.num_generations
+                    m["replay_tokens_per_s"] = rows * cfg.grpo.gen_length / max(
+                        time.perf_counter() - t_update, 1e-9)
                 self.step += 1
                 row = {"step": self.step, **m, **stats, "lr": float(self.schedule(self.step - 1)),
                        "step_time_s": time.perf_counter() - t0}
