@@ -1,5 +1,6 @@
 """One program over two processes, for real: two local processes of 2 CPU devices each (gloo collectives,
-coordinator on 127.0.0.1) train GRPO exactly as one process of 4 devices does, checkpoint, export and resume."""
+coordinator on 127.0.0.1) train GRPO exactly as one process of 4 devices does, checkpoint, export and resume;
+the rewards include the distillation teacher (the tiny Qwen2 fixture) placed on the mesh over both processes."""
 
 import json
 import os
@@ -15,7 +16,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "tiny_cpu.yaml"
 # tiny_cpu.yaml on a 4-device fsdp mesh; 8 generated tokens (one recorded-step bucket: one train-step compile)
-OVERRIDES = ["train.mesh=data=1,fsdp=4,tensor=1", "train.save_every=2", "grpo.gen_length=8", "grpo.block_length=8"]
+OVERRIDES = ["train.mesh=data=1,fsdp=4,tensor=1", "train.save_every=2", "grpo.gen_length=8", "grpo.block_length=8",
+             "grpo.reward_weights.teacher_logprob=1.0"]
+TEACHER = ROOT / "tests" / "fixtures" / "qwen2-tiny"
 
 
 def _free_port() -> int:
@@ -33,8 +36,11 @@ def _env(devices: int, cache: Path, **extra) -> dict:
 
 
 def _start(out: Path, steps: int, processes: int, cache: Path) -> list[tuple[subprocess.Popen, Path]]:
+    rewards = cache.parent / "rewards.yaml"  # the teacher of teacher_logprob: the tiny Qwen2 fixture, fp32
+    rewards.write_text(f"datasets: {{}}\nteachers: {{math: {TEACHER}}}\n"
+                       "options: {teacher_logprob: {dtype: fp32, bucket: 16}}\n")
     cmd = [sys.executable, "-m", "dultra_jax.cli", "train", "--config", str(CONFIG), "--output-dir", str(out),
-           f"train.max_steps={steps}", *OVERRIDES]
+           f"train.max_steps={steps}", *OVERRIDES, f"grpo.reward_config={rewards}"]
     port = _free_port()
     started = []
     for i in range(processes):
@@ -61,8 +67,12 @@ def _wait(started: list[tuple[subprocess.Popen, Path]]) -> list[str]:
     return logs
 
 
+def _rows(out: Path) -> dict[int, dict]:
+    return {r["step"]: r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
+
+
 def _losses(out: Path) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
+    return {step: r["loss"] for step, r in _rows(out).items()}
 
 
 def test_two_processes_train_like_one(tmp_path):
@@ -81,6 +91,12 @@ def test_two_processes_train_like_one(tmp_path):
     for step in a:
         assert b[step] == pytest.approx(a[step], rel=1e-4, abs=1e-7), (step, a, b)
     assert len({round(v, 6) for v in a.values()}) > 1  # real, changing losses
+    ra, rb = _rows(one), _rows(two)  # the same rewards, the teacher's included (scored over both processes)
+    for step in a:
+        for key in ("reward_mean", "reward_std", "reward/teacher_logprob", "reward/exact_answer"):
+            assert rb[step][key] == pytest.approx(ra[step][key], rel=1e-5, abs=1e-7), (step, key, ra, rb)
+    teacher = [ra[s]["reward/teacher_logprob"] for s in ra]
+    assert all(np.isfinite(teacher)) and max(teacher) < 0  # mean log-probs of a real teacher
 
     from flax import nnx
 

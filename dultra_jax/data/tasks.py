@@ -65,7 +65,8 @@ class Example:
 
     @property
     def kind(self) -> str:
-        return TASKS[self.task].kind
+        """"math" | "code": which teacher and rewards apply (the synthetic addition task is arithmetic)."""
+        return TASKS[self.task].kind if self.task in TASKS else "math"
 
 
 def task_spec(name: str) -> TaskSpec:

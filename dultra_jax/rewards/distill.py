@@ -9,7 +9,10 @@ Optionally the student's per-token log-probabilities (last n) are subtracted fir
 ``student_logprob``. Values are <= 0.
 
 Unlike the original (batch 1 in PyTorch), rows are right-padded into a batch whose length is rounded up to a
-bucket, and scored by one jitted function; each row equals its unpadded result.
+bucket, and scored by one jitted function; each row equals its unpadded result. A teacher placed on a mesh that
+spans several processes scores collectively: every process calls :meth:`TeacherScorer.token_logprobs` at the same
+time (with however many rows it holds, none included), the rows become one global batch split over the mesh, and
+each process reads its own rows back (docs/training-data.md).
 """
 
 from __future__ import annotations
@@ -38,15 +41,25 @@ def render_prompt_completion(tokenizer, prompt: Messages, completion: str) -> tu
 class TeacherScorer:
     """Scores completions with a :class:`~dultra_jax.teacher.Qwen2ForCausalLM` and its tokenizer."""
 
-    def __init__(self, model, tokenizer, *, bucket: int = 64, chunk: int = 128, max_length: int | None = None):
+    def __init__(self, model, tokenizer, *, bucket: int = 64, chunk: int = 128, max_length: int | None = None,
+                 plan=None):
+        import jax
         from flax import nnx
 
         self.model = model
+        self.plan = plan
         self.tokenizer = tokenizer
         self.bucket = int(bucket)
         self.chunk = int(chunk)
         self.max_length = int(max_length or model.cfg.max_position_embeddings)
         self.graphdef, self.state = nnx.split(model)
+        # parameters spread over several processes: every call is a collective of all processes
+        self.collective = any(not a.is_fully_addressable for a in jax.tree.leaves(self.state))
+        if self.collective and plan is None:
+            raise ValueError("a teacher spread over several processes needs the plan it was placed with (plan=)")
+        if self.collective and plan.batch_shards % jax.process_count():
+            raise ValueError(f"a teacher on {jax.process_count()} processes needs the mesh's batch axes (data x fsdp "
+                             f"= {plan.batch_shards}) to split over every process; use a multiple of the process count")
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path, *, dtype: str = "bf16", plan=None, **kwargs) -> TeacherScorer:
@@ -61,7 +74,7 @@ class TeacherScorer:
         model = load_qwen2(path, dtype=dtype)
         if plan is not None:
             model = shard_teacher(model, plan)
-        return cls(model, AutoTokenizer.from_pretrained(str(path)), **kwargs)
+        return cls(model, AutoTokenizer.from_pretrained(str(path)), plan=plan, **kwargs)
 
     def encode(self, prompt: Messages, completion: str) -> tuple[list[int], int]:
         """(token ids of prompt + completion, n = number of completion tokens scored)."""
@@ -73,22 +86,40 @@ class TeacherScorer:
         return list(ids), n
 
     def token_logprobs(self, rows: Sequence[Sequence[int]]) -> list[np.ndarray]:
-        """Per row: float32 [len-1], entry t = log p(ids[t+1] | ids[:t+1]). One padded, jitted batch."""
+        """Per row: float32 [len-1], entry t = log p(ids[t+1] | ids[:t+1]). One padded, jitted batch; with a
+        teacher spread over processes, a collective call (every process, each with its own rows, maybe none)."""
+        import jax
         import jax.numpy as jnp
 
         from dultra_jax.teacher import next_token_logprobs
 
-        if not rows:
+        longest = max((len(r) for r in rows), default=0)
+        count = len(rows)
+        if self.collective:  # one global batch: the most rows and the longest row of any process
+            from dultra_jax.parallel import gather_rows
+
+            agreed = gather_rows(np.asarray([[count, longest]], np.int64)).max(axis=0)
+            per_process = self.plan.batch_shards // jax.process_count()  # rows of each process: whole shards
+            count = -(-int(agreed[0]) // per_process) * per_process
+            longest = int(agreed[1])
+        if count == 0:
             return []
-        longest = max(len(r) for r in rows)
         length = max(2, -(-longest // self.bucket) * self.bucket)
-        ids = np.zeros((len(rows), length), np.int32)
-        mask = np.zeros((len(rows), length), np.int32)
+        ids = np.zeros((count, length), np.int32)
+        mask = np.zeros((count, length), np.int32)
+        mask[:, 0] = 1  # filler rows (collective calls) attend to one token: finite, and never read
         for i, r in enumerate(rows):
             ids[i, :len(r)] = r
             mask[i, :len(r)] = 1
-        lp = np.asarray(next_token_logprobs(self.graphdef, self.state, jnp.asarray(ids), jnp.asarray(mask),
-                                            chunk=self.chunk))
+        if self.collective:
+            from dultra_jax.parallel import local_rows
+
+            out = next_token_logprobs(self.graphdef, self.state, self.plan.shard_batch(ids),
+                                      self.plan.shard_batch(mask), chunk=self.chunk)
+            lp = local_rows(out)
+        else:
+            lp = np.asarray(next_token_logprobs(self.graphdef, self.state, jnp.asarray(ids), jnp.asarray(mask),
+                                                chunk=self.chunk))
         return [lp[i, : max(0, len(r) - 1)] for i, r in enumerate(rows)]
 
     def rewards(

@@ -168,11 +168,17 @@ def _step_penalty(ctx: RewardContext, opts: dict) -> RewardFn:
 
 def _teacher_logprob(ctx: RewardContext, opts: dict) -> RewardFn:
     def run(inp: RewardInputs) -> list[float | None]:
+        import jax
+
         out: list[float | None] = [None] * len(inp.completions)
         groups: dict[str, list[int]] = {}
         for i, e in enumerate(inp.examples):
             groups.setdefault(e.kind, []).append(i)
-        for kind, idx in groups.items():
+        kinds = list(groups)
+        if ctx.teacher_plan is not None and jax.process_count() > 1:
+            kinds = _agreed_kinds(ctx, groups)  # a teacher on several processes scores as a collective
+        for kind in kinds:
+            idx = groups.get(kind, [])
             student = None if inp.student_logprobs is None else [inp.student_logprobs[i] for i in idx]
             values = ctx.teacher(kind).rewards([list(inp.examples[i].messages) for i in idx],
                                                [inp.completions[i] for i in idx], student)
@@ -181,6 +187,20 @@ def _teacher_logprob(ctx: RewardContext, opts: dict) -> RewardFn:
         return out
 
     return run
+
+
+def _agreed_kinds(ctx: RewardContext, groups: Mapping[str, list[int]]) -> list[str]:
+    """The problem kinds any process holds (each teacher's call is a collective that every process joins, with
+    its rows of that kind or none); a kind without a configured teacher stops every process with one message."""
+    from dultra_jax.parallel import gather_rows
+
+    known = sorted(ctx.teacher_names)
+    flags = np.asarray([[k in groups for k in known] + [any(k not in known for k in groups)]], np.int32)
+    anywhere = gather_rows(flags).max(axis=0)
+    if anywhere[-1]:
+        raise RewardConfigError(f"a process holds problems of a kind without a teacher (configured: {known}); "
+                                "add it under teachers: in the rewards YAML")
+    return [k for k, present in zip(known, anywhere[:-1], strict=True) if present]
 
 
 REWARDS: dict[str, Callable[[RewardContext, dict], RewardFn]] = {
