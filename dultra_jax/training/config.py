@@ -63,6 +63,17 @@ class TrainSection:
 
 
 @dataclass
+class DataSection:
+    """Where SFT / planner sequences come from (docs/training-data.md): the task's worked solutions ("task"), or
+    a streamed conversation source (dultra_jax.data.sources): nemotron | s1k | chat."""
+
+    source: str = "task"
+    path: str | None = None  # hub dataset id [@revision], local directory or file; default: the source's own
+    splits: list[str] | None = None  # default: the source's (nemotron: math, code)
+    max_length: int = 512  # prompt + answer + <|eot_id|>, right-padded / truncated (the original's 512)
+
+
+@dataclass
 class SequenceSection:
     """Answer region length for SFT / planner pre-training sequences (answer + end-of-turn + padding)."""
 
@@ -124,6 +135,7 @@ class RunConfig:
     train: TrainSection = field(default_factory=TrainSection)
     optim: OptimConfig = field(default_factory=OptimConfig)
     sequence: SequenceSection = field(default_factory=SequenceSection)
+    data: DataSection = field(default_factory=DataSection)
     grpo: GRPOSection = field(default_factory=GRPOSection)
     eval: EvalSection = field(default_factory=EvalSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
@@ -174,7 +186,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
 _SECTIONS = {
     (RunConfig, "model"): ModelSection, (RunConfig, "task"): TaskSection, (RunConfig, "train"): TrainSection,
     (RunConfig, "optim"): OptimConfig, (RunConfig, "sequence"): SequenceSection, (RunConfig, "grpo"): GRPOSection,
-    (RunConfig, "eval"): EvalSection, (RunConfig, "logging"): LoggingSection,
+    (RunConfig, "eval"): EvalSection, (RunConfig, "logging"): LoggingSection, (RunConfig, "data"): DataSection,
 }
 
 
@@ -217,6 +229,16 @@ def load_run_config(path: str | Path | None, overrides: list[str] | None = None)
     if cfg.train.rollout_weights not in ("sharded", "replicated_bf16"):
         raise ConfigError(f"train.rollout_weights must be sharded or replicated_bf16, got "
                           f"{cfg.train.rollout_weights!r}")
+    if cfg.data.source != "task":
+        from dultra_jax.data.sources import SOURCES
+
+        if cfg.data.source not in SOURCES:
+            raise ConfigError(f"data.source must be task or one of {sorted(SOURCES)}, got {cfg.data.source!r}")
+        if cfg.train.mode == "grpo":
+            raise ConfigError(f"data.source={cfg.data.source} feeds SFT and planner sequences; GRPO reads task "
+                              "prompts: set data.source=task")
+    if cfg.logging.samples_every < 0 or cfg.logging.samples_per_step < 0:
+        raise ConfigError("logging.samples_every and logging.samples_per_step must be >= 0")
     if cfg.task.pad_to_multiple < 1:
         raise ConfigError(f"task.pad_to_multiple must be >= 1, got {cfg.task.pad_to_multiple}")
     return cfg

@@ -279,7 +279,8 @@ FINGERPRINT_KEYS = (
     "model.path", "model.preset", "model.overrides", "model.dtype", "model.param_dtype", "model.seed",
     "task.name", "task.data_file", "task.split", "task.limit", "task.prompt_mode", "task.num_train",
     "task.max_operand", "task.max_prompt_length", "train.mode", "train.trainable", "train.seed",
-    "train.batch_size", "grpo.num_generations", "sequence.gen_length",
+    "train.batch_size", "grpo.num_generations", "sequence.gen_length", "data.source", "data.path", "data.splits",
+    "data.max_length",
 )
 
 
@@ -328,7 +329,8 @@ class Trainer:
         self.exclude_ids = accounting.model_excluded_ids(self.mcfg, self.tokenizer)
         # ids that end a completion (its length and whether it terminated): end-of-text and <|eot_id|>
         self.stop_ids = accounting.excluded_ids(self.mcfg.eos_token_id, None, self.tokenizer)
-        self.examples = load_examples(cfg, "train")
+        self.streamed = cfg.data.source != "task"  # SFT / planner sequences from a streamed conversation source
+        self.examples = [] if self.streamed else load_examples(cfg, "train")
         self._eval_examples = None
         self.mode.build_data(self)
         self.step_fn = make_train_step(self.graphdef, self.mode.loss(cfg), self.tx, plan=self.plan,
@@ -368,6 +370,15 @@ class Trainer:
         if cfg.train.batch_size % self.num_processes:
             raise ConfigError(f"train.batch_size ({cfg.train.batch_size}) must be a multiple of the number of "
                               f"processes ({self.num_processes})")
+        if self.streamed:  # tokenised a batch at a time, each process its own rows (dultra_jax.data.sources)
+            from dultra_jax.data.sources import sequence_batches
+
+            d = cfg.data
+            self.iterator = iter(sequence_batches(
+                d.source, d.path, d.splits, self.tokenizer, batch_size=cfg.train.batch_size, max_length=d.max_length,
+                pad_id=self.mcfg.pad_token_id if self.mcfg.pad_token_id is not None else self.mcfg.eos_token_id,
+                shard_index=jax.process_index(), shard_count=self.num_processes))
+            return
         self.sequences, self.sequence_mask, self.prompt_len = encode_sequences(
             self.examples, self.tokenizer, cfg.sequence.gen_length, self.mcfg.eos_token_id)
         ds = grain.MapDataset.range(len(self.sequences)).seed(cfg.train.seed).shuffle().repeat(None)
@@ -439,7 +450,20 @@ class Trainer:
         mine = self._my_rows(len(idx))
         return idx, self.sequences[idx[mine]], self.sequence_mask[idx[mine]]
 
+    def _streamed_rows(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(ids [b, N], attention mask [b, N] (ones: right padding is a target), prompt lengths [b], global row
+        positions [b]) of this process's rows of the next streamed batch."""
+        batch = self._next_batch()
+        ids = np.asarray(batch["input_ids"])
+        return ids, np.ones_like(ids), np.asarray(batch["prompt_length"]), np.asarray(batch["row"])
+
     def _sft_batch(self, rng: jax.Array):
+        if self.streamed:
+            ids, mask, plen, rows = self._streamed_rows()
+            answer = (np.arange(ids.shape[1])[None, :] >= plen[:, None]).astype(ids.dtype)
+            seeds = (self.step * self.cfg.train.batch_size + rows).astype(np.int32)
+            batch = {"input_ids": ids, "answer_mask": answer, "attention_mask": mask, "row_seed": seeds}
+            return _split_micro(batch, self.cfg.train.micro_batches, plan=self.plan), {}
         idx, ids, mask = self._sequence_rows()
         answer = np.zeros_like(ids)
         answer[:, self.prompt_len:] = 1
@@ -449,6 +473,14 @@ class Trainer:
         return _split_micro(batch, self.cfg.train.micro_batches, plan=self.plan), {}
 
     def _planner_batch(self, rng: jax.Array):
+        if self.streamed:  # each row's noise from (seed, step, its global position): any process, same noise
+            ids, mask, plen, rows = self._streamed_rows()
+            parts = [noise_batch(ids[i:i + 1], plen[i:i + 1], self.mcfg.mask_token_id,
+                                 np.random.default_rng([self.cfg.train.seed, self.step, int(r)]),
+                                 min_block=self.cfg.sequence.min_block) for i, r in enumerate(rows)]
+            batch = {"input_ids": np.concatenate([p[0] for p in parts]),
+                     "block_index": np.concatenate([p[1] for p in parts]), "attention_mask": mask}
+            return _split_micro(batch, self.cfg.train.micro_batches, plan=self.plan), {}
         idx, _, mask = self._sequence_rows()
         # the noise of every row of the batch (same on all processes), then this process's rows
         host_rng = np.random.default_rng([self.cfg.train.seed, self.step])
