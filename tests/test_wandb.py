@@ -86,3 +86,28 @@ def test_eval_summaries_are_logged(offline, tmp_path, tiny_dir, capsys):
     files = Path(log_eval_summaries(rows, tmp_path / "sweep", name="sweep"))
     [data] = _records(offline, files.parent.name.rsplit("-", 1)[1], b"b/mean_nfe")
     assert b"a/accuracy" in data and b"b/mean_nfe" in data and b"0.75" in data
+
+
+def test_sampled_completions_reach_jsonl_and_a_wandb_table(offline, tmp_path):
+    """MetricsWriter.write_samples: appended to samples.jsonl, and a wandb table of the same rows."""
+    from dultra_jax.training.samples import sample_rows
+
+    out = tmp_path / "samples"
+    out.mkdir()
+    writer = MetricsWriter(out, wandb=WandbSink(out, job_type="grpo", resumable=True))
+    rows = sample_rows(3, prompts=["1+2=", "2+2="], completions=["3<|eot_id|>", "five"],
+                       per_function={"exact_answer": [1.0, 0.0], "teacher_logprob": [-0.5, float("nan")]},
+                       totals=[1.0, 0.0], advantages=[0.7, -0.7], nfe=[2, 4], lengths=[2, 4],
+                       terminated=[True, False], count=2)
+    writer.write_samples(3, rows)
+    writer.write({"step": 3, "loss": 0.125})
+    writer.close()
+    logged = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
+    assert logged == rows and logged[1]["truncated"] and logged[1]["rewards"]["teacher_logprob"] is None
+    run_id = (out / RUN_ID_FILE).read_text().strip()
+    [data] = _records(offline, run_id, b"samples")
+    assert b"samples" in data and b"table-file" in data
+    tables = list(offline.glob(f"wandb/offline-run-*-{run_id}/files/media/table/samples_*.table.json"))
+    [table] = [json.loads(t.read_text()) for t in tables]
+    assert table["columns"][:3] == ["row", "prompt", "completion"] and "reward/exact_answer" in table["columns"]
+    assert [r[2] for r in table["data"]] == ["3<|eot_id|>", "five"]
