@@ -148,7 +148,8 @@ def create_app(text: TextModel, *, model_name: str, slots: int = 8, max_queue: i
     async def health():
         if not worker.admitting:
             raise ApiError(503, "the server is shutting down", type_="service_unavailable")
-        return {"status": "ok", "waiting": worker.waiting, "busy": worker.busy, "slots": slots}
+        return {"status": "ok", "waiting": worker.waiting, "busy": worker.busy, "slots": slots,
+                "engine": worker.engine_name}
 
     @app.get("/metrics")
     async def prometheus():

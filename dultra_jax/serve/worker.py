@@ -78,6 +78,7 @@ class Worker:
         self.text, self.slots, self.max_queue, self.plan = text, slots, max_queue, plan
         self.max_engines, self.metrics = max_engines, metrics
         self._engine_cls = _engine_class()
+        self.engine_name = f"{self._engine_cls.__module__}.{self._engine_cls.__name__}"
         self._engines: dict[DecodeConfig, object] = {}
         self._jobs: dict[tuple[DecodeConfig, int], Job] = {}
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
