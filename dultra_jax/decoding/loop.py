@@ -478,10 +478,11 @@ def _cost_table(mcfg, p: int, cfg: DecodeConfig) -> tuple[float, jax.Array]:
 
 
 def _run(graphdef, params, st: LoopState, rows: Rows, uniforms, p: int, cfg: DecodeConfig, *,
-         until_a_row_is_done: bool) -> LoopState:
+         until_a_row_is_done: bool, until_it: jax.Array | None = None) -> LoopState:
     """Iterate until every row is done (or the batch cap under sync); ``until_a_row_is_done`` stops as soon as
     some row is done as well, so a host can refill its slot (continuous batching; rows already done on entry
-    must have ``nfe`` = 0, block = num_blocks: empty slots)."""
+    must have ``nfe`` = 0, block = num_blocks: empty slots); ``until_it`` stops at that batch iteration too
+    (a bounded segment, so a streaming host sees progress)."""
     mcfg = graphdef_config(graphdef, params)
     mask_id = mcfg.mask_token_id
     b, length = st.x.shape
@@ -595,6 +596,8 @@ def _run(graphdef, params, st: LoopState, rows: Rows, uniforms, p: int, cfg: Dec
         go = (st.block[0] < nb) & (st.it < cap) if cfg.schedule == "sync" else jnp.any(~_row_done(st, cfg))
         if until_a_row_is_done:
             go = go & ~jnp.any(_row_done(st, cfg) & (st.nfe > 0))
+        if until_it is not None:
+            go = go & (st.it < until_it)
         return go
 
     # The parameters ride in the carry (unchanged, aliased by XLA) so NNX sees them at the loop body's trace level.
