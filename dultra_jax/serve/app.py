@@ -360,7 +360,9 @@ def _settings(text: TextModel, body: _Body, max_tokens: int | None):
         elif "block_length" in over and text.defaults.gen_length % block:
             over["gen_length"] = -(-text.defaults.gen_length // block) * block
     try:
-        return text.settings(**over)
+        cfg = text.settings(**over)
+        Worker.check(cfg)
+        return cfg
     except (ValueError, TypeError) as e:
         raise ApiError(400, str(e)) from None
 

@@ -11,6 +11,7 @@ inside a block, so only a prefix with no MASK before it is final).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue
 import threading
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from dultra_jax.decoding.engine import DecodeEngine
 from dultra_jax.decoding.loop import DecodeConfig
 from dultra_jax.text import Completion, TextModel
 
@@ -58,17 +60,6 @@ class Job:
     sent: str = field(default="")  # streamed so far
 
 
-def _engine_class():
-    try:  # the continuous-batching engine (per-row slots, per-segment progress)
-        from dultra_jax.decoding.engine import DecodeEngine
-
-        return DecodeEngine
-    except ImportError:
-        from dultra_jax.serve.group_engine import GroupEngine
-
-        return GroupEngine
-
-
 class Worker:
     """Owns the device. ``slots`` rows per engine; at most ``max_queue`` prompts waiting for a slot;
     at most ``max_engines`` distinct settings kept compiled (idle ones are dropped first)."""
@@ -77,9 +68,8 @@ class Worker:
                  metrics=None):
         self.text, self.slots, self.max_queue, self.plan = text, slots, max_queue, plan
         self.max_engines, self.metrics = max_engines, metrics
-        self._engine_cls = _engine_class()
-        self.engine_name = f"{self._engine_cls.__module__}.{self._engine_cls.__name__}"
-        self._engines: dict[DecodeConfig, object] = {}
+        self.engine_name = f"{DecodeEngine.__module__}.{DecodeEngine.__name__}"
+        self._engines: dict[DecodeConfig, DecodeEngine] = {}
         self._jobs: dict[tuple[DecodeConfig, int], Job] = {}
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Lock()
@@ -90,6 +80,11 @@ class Worker:
         self._thread = threading.Thread(target=self._run, name="dultra-serve-worker", daemon=True)
 
     # ------------------------------------------------------------------------------------------ web side
+    @staticmethod
+    def check(cfg: DecodeConfig) -> None:
+        """ValueError when the engine cannot run ``cfg`` (it decodes every row on its own schedule)."""
+        dataclasses.replace(cfg, schedule="per_row")
+
     @property
     def waiting(self) -> int:
         return max(0, self._outstanding - self._busy)
@@ -190,7 +185,7 @@ class Worker:
                     if not (e.queued or e.busy) and len(self._engines) >= self.max_engines:
                         del self._engines[c]
             try:
-                eng = self._engine_cls(self.text.model, job.cfg, slots=self.slots, plan=self.plan)
+                eng = DecodeEngine(self.text.model, job.cfg, slots=self.slots, plan=self.plan)
             except Exception as e:
                 self._finish(job, Event("error", job.index, text=f"cannot decode with these settings: {e}"))
                 return
