@@ -100,6 +100,7 @@ def main() -> None:
     ap.add_argument("--slots", type=int, default=8)
     ap.add_argument("--dtype", default="fp32")
     args = ap.parse_args()
+    sha = commit()  # the code that runs (read before anything else can move HEAD)
 
     from dultra_jax.decoding import generate_many
     from dultra_jax.text import TextModel
@@ -167,7 +168,7 @@ def main() -> None:
                offline_wall_s=offline_s, offline_tokens_per_s=tokens / offline_s,
                served_vs_offline=(tokens / wall) / (tokens / offline_s), server_exit_code=code)
     out = dict(model=str(args.model or "embedded tiny (lladou-tiny + llada-tokenizer-tiny)"), device=device_name(),
-               dtype=args.dtype, commit=commit(), engine=engine, slots=args.slots, gen_length=args.gen_length,
+               dtype=args.dtype, commit=sha, engine=engine, slots=args.slots, gen_length=args.gen_length,
                block_length=args.block_length, strategy=args.strategy, prompt_lengths=[args.min_len, args.max_len],
                load_average_1min=load_avg, cpu_count=os.cpu_count(),
                versions={p: metadata.version(p) for p in ("jax", "fastapi", "uvicorn", "openai")},
