@@ -209,7 +209,13 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         from dultra_jax.serve import serve
     except ImportError as e:
         raise ConfigError(f"dultra serve needs the serve extra: pip install 'dultra-jax[serve]' ({e})") from e
+    from dultra_jax.serve.worker import Worker
+
     text, plan = _text_model(args, slots=args.slots)
+    try:
+        Worker.check(text.defaults)
+    except ValueError as e:
+        raise ConfigError(f"the server cannot decode with these defaults: {e}") from e
     name = args.served_model_name or str(args.model)
     print(f"serving {name} on http://{args.host}:{args.port}/v1 ({args.slots} slots, {args.strategy}, gen_length "
           f"{args.gen_length}, block_length {args.block_length})", flush=True)
