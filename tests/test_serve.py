@@ -114,15 +114,13 @@ def test_models_completions_chat_and_streams(client, tm):
     assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == chat_ref.text
 
 
-def test_dllm_options_and_stop(client, tm):
-    [ref] = _refs(tm, ["hello world"], strategy="threshold", threshold=0.5, block_length=4)
-    r = client.completions.create(model="tiny", prompt="hello world",
-                                  extra_body={"strategy": "threshold", "threshold": 0.5, "block_length": 4})
-    assert r.choices[0].text == ref.text
+def test_stop_strings_cut_on_the_server(client, tm):
+    [ref] = _refs(tm, ["hello world"])
     stop = ref.text[2:4]
-    r = client.completions.create(model="tiny", prompt="hello world", stop=[stop],
-                                  extra_body={"strategy": "threshold", "threshold": 0.5, "block_length": 4})
+    r = client.completions.create(model="tiny", prompt="hello world", stop=[stop, "@@never@@"])
     assert r.choices[0].text == ref.text[: ref.text.find(stop)] and r.choices[0].finish_reason == "stop"
+    chunks = list(client.completions.create(model="tiny", prompt="hello world", stop=stop, stream=True))
+    assert "".join(ch.choices[0].text for ch in chunks) == r.choices[0].text
 
 
 def test_concurrent_requests_equal_their_solo_answers(client, tm):
@@ -165,50 +163,42 @@ def test_bad_requests_get_400_and_the_server_keeps_serving(client, server):
     assert _metric(base, "dultra_requests_total") >= 1
 
 
-def test_client_disconnect_mid_stream_cancels(client, server):
+def test_disconnect_cancels_and_full_queue_answers_429(client, server):
     base = server[1]
     before = _metric(base, "dultra_cancelled_total")
-    # a request with new settings keeps the device thread compiling, so the stream below is still waiting (or,
-    # with the engine, decoding) when its client goes away
+    # a request with new settings keeps the device thread compiling: meanwhile the requests below queue up
     blocker = threading.Thread(target=lambda: client.completions.create(
         model="tiny", prompt="x", extra_body={"gen_length": 8, "block_length": 8}))
     blocker.start()
     time.sleep(0.5)
+    # a stream whose client goes away after the first chunk: its prompt is cancelled
     body = {"model": "tiny", "messages": [{"role": "user", "content": "go"}], "stream": True}
     with httpx.stream("POST", f"{base}/v1/chat/completions", json=body, timeout=60) as r:
         assert r.status_code == 200
         first = next(r.iter_lines())
         assert first.startswith("data: ") and json.loads(first[6:])["choices"][0]["delta"]["role"] == "assistant"
+    # fill the queue (the blocker and the stream hold a place each until the device thread is free), then one
+    # request too many
+    burst = [[5 + i, 6, 7] for i in range(MAX_QUEUE - 2)]
+    result = {}
+    t = threading.Thread(target=lambda: result.setdefault("r", client.completions.create(model="tiny", prompt=burst)))
+    t.start()
+    deadline = time.monotonic() + 30
+    while httpx.get(f"{base}/health").json()["waiting"] < MAX_QUEUE:
+        assert time.monotonic() < deadline, "the burst never queued"
+        time.sleep(0.02)
+    with pytest.raises(openai.RateLimitError) as e:  # all of a request's prompts are queued, or none
+        client.completions.create(model="tiny", prompt=[[9, 9, 9]])
+    assert "max_queue" in e.value.body["message"] and e.value.body["code"] == 429
+    t.join(120)
     blocker.join(120)
+    assert [c.index for c in result["r"].choices] == list(range(len(burst)))
     deadline = time.monotonic() + 60
     while _metric(base, "dultra_cancelled_total") == before:
         assert time.monotonic() < deadline, "the disconnected request was never cancelled"
         time.sleep(0.2)
     health = httpx.get(f"{base}/health").json()
     assert health["busy"] == 0 and health["waiting"] == 0
-    assert client.completions.create(model="tiny", prompt="hi").choices[0].text is not None
-
-
-def test_full_queue_answers_429(client, server):
-    base = server[1]
-    burst = [[5 + i, 6, 7] for i in range(MAX_QUEUE - 1)]  # with the blocker: a full queue
-    result = {}
-    blocker = threading.Thread(target=lambda: client.completions.create(  # compiling new settings holds the queue
-        model="tiny", prompt="x", extra_body={"gen_length": 8, "block_length": 2}))
-    blocker.start()
-    time.sleep(0.5)
-    t = threading.Thread(target=lambda: result.setdefault("r", client.completions.create(model="tiny", prompt=burst)))
-    t.start()
-    deadline = time.monotonic() + 30
-    while httpx.get(f"{base}/health").json()["waiting"] == 0:
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
-    with pytest.raises(openai.RateLimitError) as e:  # all of a request's prompts are queued, or none
-        client.completions.create(model="tiny", prompt=burst)
-    assert "max_queue" in e.value.body["message"] and e.value.body["code"] == 429
-    t.join(120)
-    blocker.join(120)
-    assert [c.index for c in result["r"].choices] == list(range(len(burst)))
 
 
 def test_lm_eval_local_completions(server, client, tm, tmp_path):
@@ -235,7 +225,8 @@ def test_lm_eval_local_completions(server, client, tm, tmp_path):
 def test_sigterm_drains_in_flight_requests_and_exits_0(client, server, tm):
     proc, base, _ = server
     prompts = [[40 + i, 41, 42, 43, 44, 45, 46, 47, 48] for i in range(6)]
-    over = dict(gen_length=8, block_length=4)  # new settings: the compile keeps all six in flight
+    # dLLM options as extra fields; new settings, so the compile keeps all six in flight
+    over = dict(gen_length=8, block_length=4, strategy="threshold", threshold=0.5)
     refs = _refs(tm, prompts, **over)
     out = [None] * 6
 
