@@ -99,6 +99,9 @@ def main() -> None:
     ap.add_argument("--strategy", default="planner")
     ap.add_argument("--slots", type=int, default=8)
     ap.add_argument("--dtype", default="fp32")
+    ap.add_argument("--warm-passes", type=int, default=1,
+                    help="untimed passes of the same load first (each arrival order compiles the width changes it "
+                         "meets: the engine compiles per prompt width and per widening)")
     args = ap.parse_args()
     sha = commit()  # the code that runs (read before anything else can move HEAD)
 
@@ -143,7 +146,8 @@ def main() -> None:
                 raise SystemExit("the server was not ready in 600 s")
             time.sleep(0.5)
         engine = httpx.get(f"{base}/health").json().get("engine", "?")
-        asyncio.run(load(base, prompts, seeds, args.clients, {}))  # compiles every program the load needs
+        for _ in range(args.warm_passes):  # compiles the programs the load needs
+            asyncio.run(load(base, prompts, seeds, args.clients, {}))
         load_avg = os.getloadavg()[0]
         wall, results = asyncio.run(load(base, prompts, seeds, args.clients, {}))
     finally:
@@ -172,8 +176,10 @@ def main() -> None:
                block_length=args.block_length, strategy=args.strategy, prompt_lengths=[args.min_len, args.max_len],
                load_average_1min=load_avg, cpu_count=os.cpu_count(),
                versions={p: metadata.version(p) for p in ("jax", "fastapi", "uvicorn", "openai")},
-               note="second of two identical passes (the first compiles); tokens = gen_length decoded positions per "
-                    "request; measured on a shared machine (see load_average_1min)", rows=[row])
+               warm_passes=args.warm_passes,
+               note=f"the pass after {args.warm_passes} identical untimed one(s) (they compile); tokens = gen_length "
+                    "decoded positions per request; offline = generate_many in the benchmark's process, prompts "
+                    "sorted by length; measured on a shared machine (see load_average_1min)", rows=[row])
     path = RESULTS / f"serve_load_{args.name}.json"
     write_json(path, out)
     print(f"{n} requests ({args.clients} clients x {args.requests}), engine {engine}, {args.slots} slots: "
