@@ -4,6 +4,7 @@
     python benchmarks/results_tables.py                       # prints the "Results" block
     python benchmarks/results_tables.py --section demo        # the "Demo" section's numbers
     python benchmarks/results_tables.py --section evaluation  # the "Evaluation" section's numbers
+    python benchmarks/results_tables.py --write docs/serving.md  # the serving page's load table
 
 tests/test_readme.py checks that the README's generated blocks equal what this script renders now.
 """
@@ -374,6 +375,26 @@ def summary_bullets() -> list[str]:
     return ["Summary:\n\n" + "\n".join(out)] if out else []
 
 
+def serve_load_tables() -> list[str]:
+    parts = []
+    for name in sorted(RESULTS.glob("serve_load_*.json")):
+        d = json.loads(name.read_text())
+        ms = lambda v: f"{1e3 * v:.0f}" if v is not None else "-"  # noqa: E731
+        rows = [[r["requests"], f"{r['clients']} x {r['requests_per_client']}", f"{r['requests_per_s']:.1f}",
+                 f"{r['tokens_per_s']:.0f}", ms(r["latency_p50_s"]), ms(r["latency_p99_s"]),
+                 ms(r["first_chunk_p50_s"]), ms(r["first_chunk_p99_s"]), r["errors"],
+                 f"{r['offline_tokens_per_s']:.0f}", f"{r['served_vs_offline']:.2f}x"] for r in d["rows"]]
+        parts.append(f"`{name.name}`: {d['device']} ({d['cpu_count']} cores, 1-min load average "
+                     f"{d['load_average_1min']:.1f}), {d['model']} {d['dtype']}, engine `{d['engine']}`, "
+                     f"{d['slots']} slots, prompts of {d['prompt_lengths'][0]}-{d['prompt_lengths'][1]} tokens, "
+                     f"G={d['gen_length']} block={d['block_length']}, {d['strategy']}, commit {d['commit']}; "
+                     f"{d['note']}.\n\n"
+                     + _table(["requests", "clients x requests", "req/s", "tokens/s", "p50 ms", "p99 ms",
+                               "first chunk p50 ms", "first chunk p99 ms", "errors", "offline tokens/s",
+                               "served / offline"], rows))
+    return parts
+
+
 SECTIONS = {
     "summary": [],
     "results": [("Forward vs roofline", forward_tables), ("Decoding per cache mode", decode_tables),
@@ -388,6 +409,7 @@ SECTIONS = {
     "demo": [("The demo's trade-off", demo_sweep_tables)],
     "evaluation": [("NFE and TPF of the demo's models", tpf_tables), ("Evaluation throughput", eval_throughput_tables),
                    ("Decoding throughput on the CPU", cpu_throughput_table)],
+    "serving": [("Load on loopback (benchmarks/serve_load.py)", serve_load_tables)],  # docs/serving.md
 }
 
 

@@ -276,14 +276,18 @@ def test_cli_generate_streams_blocks_and_reports_json(tiny_dir, capsys):
     assert out["tpf"] == pytest.approx(out["effective_tokens"] / out["nfe"]) and out["wall_s"] > 0
 
 
-def test_length_buckets_are_few_and_cover_every_prompt():
-    from dultra_jax.decoding.continuous import bucket_width, length_buckets
+def test_merged_widths_are_few_and_cost_few_padded_positions():
+    from dultra_jax.decoding.continuous import bucket_width, merge_widths
 
     assert [bucket_width(n) for n in (1, 16, 17, 25, 33, 49, 65, 97)] == [16, 16, 24, 32, 48, 64, 96, 128]
     lengths = np.random.default_rng(0).integers(8, 97, 256)
-    for slots in (8, 32):
-        buckets = length_buckets(lengths, slots, limit=1000)
-        assert sorted(i for idx in buckets.values() for i in idx) == list(range(256))
-        assert all(lengths[i] <= w for w, idx in buckets.items() for i in idx)
-        assert all(len(idx) >= 8 * slots for idx in buckets.values()) or len(buckets) == 1
-    assert list(length_buckets([300], 4, limit=200)) == [300]  # too long: generate's own check then names it
+    ladder = sorted({bucket_width(n) for n in lengths})
+    for tol in (0.0, 0.03, 1.0):
+        widths = merge_widths(lengths, 128, tolerance=tol)
+        assert set(widths) <= set(ladder) and widths[-1] == ladder[-1]  # every prompt fits
+        fit = [min(w for w in widths if w >= n) for n in lengths]
+        extra = sum(f - bucket_width(n) for f, n in zip(fit, lengths, strict=True))
+        assert extra <= tol * sum(bucket_width(n) + 128 for n in lengths)
+    assert merge_widths(lengths, 128, tolerance=0.0) == ladder
+    assert len(merge_widths(lengths, 128, tolerance=1.0)) == 1
+    assert 1 < len(merge_widths(lengths, 128)) < len(ladder)

@@ -26,3 +26,14 @@ def test_generated_blocks_are_current(section):
     block = text[start:text.index(tables.END, start)]
     assert block == tables.render(section), (
         f"README.md's {section!r} block is stale: run python benchmarks/results_tables.py --write README.md")
+
+
+@pytest.mark.parametrize("page,section", [("docs/serving.md", "serving")])
+def test_generated_blocks_of_docs_pages_are_current(page, section):
+    tables = _tables()
+    text = (ROOT / page).read_text()
+    begin = tables.BEGIN.format(section)
+    assert begin in text, f"{page} has no generated block for section {section!r}"
+    start = text.index(begin) + len(begin)
+    assert text[start:text.index(tables.END, start)] == tables.render(section), (
+        f"{page}'s {section!r} block is stale: run python benchmarks/results_tables.py --write {page}")

@@ -1,32 +1,24 @@
-"""Continuous batching: decode any number of prompts through a fixed number of rows ("slots").
+"""Continuous batching of a known list of prompts: :func:`generate_many`, a driver over
+:class:`dultra_jax.decoding.engine.DecodeEngine`.
 
-A slot is refilled with the next prompt as soon as its prompt is finished (all blocks decoded, or end-of-text
-with ``early_stop``), so no row idles while prompts remain. The compiled loop runs until some slot is done
-(:func:`dultra_jax.decoding.loop._run` with ``until_a_row_is_done``), the host harvests and refills the done
-slots and the same compiled loop continues. Rows advance through their blocks independently
-(``schedule="per_row"``) and draw their randomness from their own seed (the prompt's index) and iteration
-count, so each prompt's result equals ``generate(model, [prompt], row_seeds=[its seed], ...)`` of it alone
-(the seed: ``row_seeds[i]``, default the prompt's index).
-
-Prompts are grouped by padded length (geometric widths, small groups merged upwards: :func:`length_buckets`)
-so the loop compiles once per bucket.
-With a KV cache (``cache="prefix" | "dual"``) refilling mid-block is not possible (the cache is refreshed
-for the whole batch at a block's first iteration): prompts then run as sync batches of ``slots`` rows per
-bucket, still in input order of results and with the same per-prompt equality.
+The prompts are submitted shortest first (so the engine's shared prompt width only grows), at the widths
+:func:`merge_widths` picks for them (few widths: few compiles; merged by the padded canvas positions they
+cost, not by prompt counts). Each prompt's result equals ``generate(model, [prompt], row_seeds=[its seed],
+...)`` of it alone (the seed: ``row_seeds[i]``, default the prompt's index).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import partial
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from dultra_jax.decoding import loop
+from dultra_jax.decoding.engine import DecodeEngine, bucket_width, merge_widths
 from dultra_jax.model.dultra import DUltra
+
+__all__ = ["ManyResult", "bucket_width", "generate_many", "merge_widths"]
 
 _NOT_HERE = ("return_trajectory", "uniforms", "attention_mask", "pad_aware", "plan", "schedule",
              "on_block")
@@ -48,34 +40,6 @@ class ManyResult:
         return self.tokens[i][int(self.prompt_lengths[i]):]
 
 
-def bucket_width(n: int) -> int:
-    """Padded prompt width for a prompt of n tokens: the next of 16, 24, 32, 48, 64, 96, ... (<= 1.5x n)."""
-    w = 16
-    while w < n:
-        w = w * 3 // 2 if (w & (w - 1)) == 0 else w * 4 // 3
-    return w
-
-
-def length_buckets(lengths, slots: int, limit: int) -> dict[int, list[int]]:
-    """{padded width: prompt indices}: geometric widths (:func:`bucket_width`, at most ``limit``), with
-    neighbouring widths merged upwards until a bucket holds >= 8 * slots prompts (a smaller last group joins
-    the one before), because each bucket ends with a tail of part-empty slots: few large buckets waste less
-    than many small ones, padding included."""
-    by_width: dict[int, list[int]] = {}
-    for i, n in enumerate(lengths):
-        by_width.setdefault(min(bucket_width(n), max(limit, n)), []).append(i)
-    out: dict[int, list[int]] = {}
-    pending: list[int] = []
-    widths = sorted(by_width)
-    for k, w in enumerate(widths):
-        pending += by_width[w]
-        if len(pending) >= 8 * slots or k == len(widths) - 1:
-            if len(pending) < 8 * slots and out:  # a small last group joins the previous one, widened
-                pending = out.pop(max(out)) + pending
-            out[w], pending = pending, []
-    return out
-
-
 def generate_many(model: DUltra, prompts, *, slots: int, rng: jax.Array | int | None = None,
                   row_seeds=None, **generate_kwargs) -> ManyResult:
     """Decode every prompt of ``prompts`` (a list of 1-D id sequences) through ``slots`` rows.
@@ -90,7 +54,7 @@ def generate_many(model: DUltra, prompts, *, slots: int, rng: jax.Array | int | 
         raise ValueError(f"generate_many does not take {bad}: it sets padding and scheduling itself")
     if not isinstance(slots, int) or slots <= 0:
         raise ValueError(f"slots must be a positive integer, got {slots!r}")
-    rows = [np.asarray(p, np.int64).reshape(-1) for p in prompts]
+    rows = loop.id_rows(prompts)
     if not rows:
         raise ValueError("generate_many got no prompts")
     if any(len(r) == 0 for r in rows):
@@ -101,106 +65,47 @@ def generate_many(model: DUltra, prompts, *, slots: int, rng: jax.Array | int | 
     seeds = list(range(len(rows))) if row_seeds is None else [int(v) for v in np.asarray(row_seeds).reshape(-1)]
     if len(seeds) != len(rows):
         raise ValueError(f"row_seeds has {len(seeds)} seeds for {len(rows)} prompts")
+    cfg = loop.decode_config(**generate_kwargs)
+    lengths = [len(r) for r in rows]
+    if cfg.cache != "none":  # the cache is refreshed for the whole batch: sync batches (until the per-row cache)
+        return _sync_batches(model, rows, seeds, slots, rng, generate_kwargs)
+    engine = DecodeEngine(model, cfg, slots=min(slots, len(rows)), rng=rng,
+                          widths=merge_widths(lengths, cfg.gen_length))
+    handle_of = {}
+    for i in sorted(range(len(rows)), key=lambda i: lengths[i]):
+        handle_of[engine.submit(rows[i], seed=seeds[i])] = i
+    out = engine.run()
+    tokens: list[np.ndarray | None] = [None] * len(rows)
+    nfe = np.zeros(len(rows), np.int32)
+    eq = np.zeros(len(rows), np.float32)
+    widths = np.zeros(len(rows), np.int32)
+    for f in out:
+        i = handle_of[f.handle]
+        tokens[i], nfe[i], eq[i], widths[i] = f.tokens, f.nfe, f.equivalent_forwards, f.width
+    return ManyResult(tokens=tokens, nfe=nfe, equivalent_forwards=eq, iterations=engine.iterations,
+                      prompt_lengths=np.asarray(lengths, np.int32), widths=widths)
+
+
+def _sync_batches(model, rows, seeds, slots, rng, kwargs) -> ManyResult:
+    """Batches of ``slots`` prompts (shortest first) through :func:`generate`, each at its bucket width."""
     mcfg = model.cfg
-    g = int(generate_kwargs["gen_length"])
-    key = jax.random.key(0 if rng is None else rng) if rng is None or isinstance(rng, int) else rng
-    sync = generate_kwargs.get("cache", "none") != "none"
-    buckets = length_buckets([len(r) for r in rows], slots, mcfg.max_sequence_length - g)
+    lengths = [len(r) for r in rows]
+    order = sorted(range(len(rows)), key=lambda i: lengths[i])
     tokens: list[np.ndarray | None] = [None] * len(rows)
     nfe = np.zeros(len(rows), np.int32)
     eq = np.zeros(len(rows), np.float32)
     widths = np.zeros(len(rows), np.int32)
     iterations = 0
-    for width, idx in sorted(buckets.items()):
-        widths[idx] = width
-        if sync:
-            for s in range(0, len(idx), slots):
-                part = idx[s:s + slots]
-                ids, mask = loop.pad_prompts([rows[i] for i in part], loop.pad_id_of(mcfg), width)
-                res = loop.generate(model, ids, rng=key, row_seeds=[seeds[i] for i in part], pad_aware=True,
-                                    attention_mask=mask, **generate_kwargs)
-                gen = np.asarray(res.generated)
-                for j, i in enumerate(part):
-                    tokens[i] = np.concatenate([rows[i], gen[j]]).astype(np.int32)
-                nfe[part] = np.asarray(res.nfe)
-                eq[part] = np.asarray(res.equivalent_forwards)
-                iterations += int(res.iterations)
-        else:
-            iterations += _refill_bucket(model, rows, seeds, idx, width, min(slots, len(idx)), key,
-                                         generate_kwargs, tokens, nfe, eq)
+    for s in range(0, len(rows), slots):
+        part = order[s:s + slots]
+        width = bucket_width(max(lengths[i] for i in part))
+        ids, mask = loop.pad_prompts([rows[i] for i in part], loop.pad_id_of(mcfg), width)
+        res = loop.generate(model, ids, rng=rng, row_seeds=[seeds[i] for i in part], pad_aware=True,
+                            attention_mask=mask, **kwargs)
+        gen = np.asarray(res.generated)
+        for j, i in enumerate(part):
+            tokens[i] = np.concatenate([rows[i], gen[j]]).astype(np.int32)
+        nfe[part], eq[part], widths[part] = np.asarray(res.nfe), np.asarray(res.equivalent_forwards), width
+        iterations += int(res.iterations)
     return ManyResult(tokens=tokens, nfe=nfe, equivalent_forwards=eq, iterations=iterations,
-                      prompt_lengths=np.asarray([len(r) for r in rows], np.int32), widths=widths)
-
-
-def _refill_bucket(model, rows, seeds, idx, width, n_slots, key, kwargs, tokens, nfe, eq) -> int:
-    """Continuous batching of the prompts ``idx`` (all of padded ``width``) through ``n_slots`` rows."""
-    cfg = loop.decode_config(schedule="per_row", **kwargs)
-    mcfg = model.cfg
-    g, nb = cfg.gen_length, cfg.num_blocks
-    length = width + g
-    for i in idx:  # the same checks generate makes
-        loop.check_prompts(rows[i][None], mcfg, g)
-    graphdef, state = nnx.split(model)
-    queue = list(idx)
-    slot_of: list[int | None] = [None] * n_slots
-    first = [queue.pop(0) for _ in range(n_slots)]
-    ids, mask = loop.pad_prompts([rows[i] for i in first], loop.pad_id_of(mcfg), width)
-    ids = np.concatenate([ids, np.full((n_slots, g), mcfg.mask_token_id, np.int32)], axis=1)
-    mask = np.concatenate([mask, np.ones((n_slots, g), np.int32)], axis=1)
-    slot_of[:] = first
-    st, rws = _start(graphdef, state, jnp.asarray(ids), jnp.asarray(mask), key,
-                     jnp.asarray([seeds[i] for i in first], jnp.int32), width, cfg)
-    while True:
-        st = _segment(graphdef, state, st, rws, width, cfg)
-        block, row_nfe = np.asarray(st.block), np.asarray(st.nfe)
-        done = [s for s in range(n_slots) if slot_of[s] is not None
-                and (block[s] >= nb or row_nfe[s] >= cfg.iteration_cap)]
-        if not done:
-            break  # every slot empty: the bucket is finished
-        x, row_eq = np.asarray(st.x), np.asarray(st.eq)
-        for s in done:
-            i = slot_of[s]
-            tokens[i] = np.concatenate([rows[i], x[s, width:]]).astype(np.int32)
-            nfe[i], eq[i] = row_nfe[s], row_eq[s]
-            slot_of[s] = queue.pop(0) if queue else None
-        st, rws = _refill(st, rws, done, [slot_of[s] for s in done], rows, seeds, width, length, key, cfg, mcfg)
-        if all(s is None for s in slot_of):
-            break
-    return int(st.it)
-
-
-@partial(jax.jit, static_argnums=(0, 6, 7))
-def _start(graphdef, state, ids, mask, key, seeds, width: int, cfg):
-    rws = loop._rows(key, seeds, mask, ids.shape[1])
-    return loop._initial_state(graphdef, state, ids, rws, width, cfg), rws
-
-
-@partial(jax.jit, static_argnums=(0, 4, 5))
-def _segment(graphdef, state, st, rws, width: int, cfg):
-    return loop._run(graphdef, state, st, rws, None, width, cfg, until_a_row_is_done=True)
-
-
-def _refill(st, rws, slots_, prompt_ids, rows, seeds, width, length, key, cfg, mcfg):
-    """Put each prompt of ``prompt_ids`` (None: leave the slot empty) into the matching slot of ``slots_``."""
-    x, mask = np.asarray(st.x).copy(), np.asarray(rws.mask).copy()
-    block, step, block_n = (np.asarray(a).copy() for a in (st.block, st.step_in_block, st.block_n))
-    nfe, eq = np.asarray(st.nfe).copy(), np.asarray(st.eq).copy()
-    keys, row_len = rws.keys, np.asarray(rws.length).copy()
-    pad = loop.pad_id_of(mcfg)
-    for s, i in zip(slots_, prompt_ids, strict=True):
-        nfe[s], eq[s], step[s], block_n[s] = 0, 0.0, 0, cfg.block_length
-        if i is None:  # empty: nothing masked, already done, attends to itself only
-            x[s], mask[s], block[s], row_len[s] = pad, 1, cfg.num_blocks, length
-            continue
-        r = rows[i]
-        x[s] = pad
-        x[s, width - len(r):width] = r
-        x[s, width:] = mcfg.mask_token_id
-        mask[s] = 0
-        mask[s, width - len(r):] = 1
-        block[s], row_len[s] = 0, len(r) + cfg.gen_length
-        keys = keys.at[s].set(jax.random.fold_in(key, seeds[i]))
-    st = loop.LoopState(x=jnp.asarray(x), block=jnp.asarray(block), step_in_block=jnp.asarray(step),
-                        block_n=jnp.asarray(block_n), nfe=jnp.asarray(nfe), eq=jnp.asarray(eq), it=st.it,
-                        traj=None, cache=None)
-    return st, loop.Rows(keys=keys, length=jnp.asarray(row_len), mask=jnp.asarray(mask))
+                      prompt_lengths=np.asarray(lengths, np.int32), widths=widths)

@@ -169,7 +169,7 @@ def pad_prompts(prompts, pad_id: int, width: int | None = None) -> tuple[np.ndar
         if ids.shape[1] == 0:
             raise ValueError("prompt_ids is empty: give at least one prompt token per row")
         return ids.astype(np.int32), np.ones(ids.shape, np.int32)
-    rows = [np.asarray(p, np.int64).reshape(-1) for p in prompts]
+    rows = id_rows(prompts)
     if not rows:
         raise ValueError("prompt_ids holds no prompts")
     if any(len(r) == 0 for r in rows):
@@ -184,6 +184,18 @@ def pad_prompts(prompts, pad_id: int, width: int | None = None) -> tuple[np.ndar
         ids[i, width - len(r):] = r
         mask[i, width - len(r):] = 1
     return ids, mask
+
+
+def id_rows(prompts) -> list[np.ndarray]:
+    """A list of 1-D id sequences as int64 rows; text (or a tokenizer's dict output) is one clear error."""
+    text_hint = ("prompt_ids must be token ids (a list of int lists), got text; encode it first "
+                 "(dultra_jax.text.TextModel.encode, or the tokenizer's input_ids)")
+    if isinstance(prompts, (str, dict)) or any(isinstance(p, (str, dict)) for p in prompts):
+        raise ValueError(text_hint)
+    try:
+        return [np.asarray(p, np.int64).reshape(-1) for p in prompts]
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{text_hint} ({e})") from None
 
 
 # ------------------------------------------------------------------------------------------ the loop
@@ -466,10 +478,11 @@ def _cost_table(mcfg, p: int, cfg: DecodeConfig) -> tuple[float, jax.Array]:
 
 
 def _run(graphdef, params, st: LoopState, rows: Rows, uniforms, p: int, cfg: DecodeConfig, *,
-         until_a_row_is_done: bool) -> LoopState:
+         until_a_row_is_done: bool, until_it: jax.Array | None = None) -> LoopState:
     """Iterate until every row is done (or the batch cap under sync); ``until_a_row_is_done`` stops as soon as
     some row is done as well, so a host can refill its slot (continuous batching; rows already done on entry
-    must have ``nfe`` = 0, block = num_blocks: empty slots)."""
+    must have ``nfe`` = 0, block = num_blocks: empty slots); ``until_it`` stops at that batch iteration too
+    (a bounded segment, so a streaming host sees progress)."""
     mcfg = graphdef_config(graphdef, params)
     mask_id = mcfg.mask_token_id
     b, length = st.x.shape
@@ -583,6 +596,8 @@ def _run(graphdef, params, st: LoopState, rows: Rows, uniforms, p: int, cfg: Dec
         go = (st.block[0] < nb) & (st.it < cap) if cfg.schedule == "sync" else jnp.any(~_row_done(st, cfg))
         if until_a_row_is_done:
             go = go & ~jnp.any(_row_done(st, cfg) & (st.nfe > 0))
+        if until_it is not None:
+            go = go & (st.it < until_it)
         return go
 
     # The parameters ride in the carry (unchanged, aliased by XLA) so NNX sees them at the loop body's trace level.

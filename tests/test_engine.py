@@ -1,0 +1,88 @@
+"""The decoding engine (slots fed from a queue): each request equals its prompt decoded alone, whatever shares
+the batch; cancel, streaming prefixes, and bounded compiles."""
+
+import numpy as np
+import pytest
+
+from dultra_jax.decoding import generate, pad_prompts
+from dultra_jax.decoding.engine import DecodeEngine, _segment, bucket_width
+from dultra_jax.decoding.loop import decode_config
+
+KW = dict(gen_length=16, block_length=8, strategy="planner", temperature=0.7)
+
+
+def _prompts(n, seed=0, lo=3, hi=15):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 290, size=int(k)) for k in rng.integers(lo, hi, n)]
+
+
+def _alone(model, prompt, seed, **kw):
+    """The prompt decoded alone (batch 1), left-padded (padding-aware) to its bucket so tests compile once."""
+    ids, mask = pad_prompts([prompt], model.cfg.pad_token_id, bucket_width(len(prompt)))
+    one = generate(model, ids, attention_mask=mask, row_seeds=[seed], rng=0, pad_aware=True, **kw)
+    return np.concatenate([prompt, np.asarray(one.generated[0])]), int(one.nfe[0])
+
+
+def test_engine_requests_equal_each_prompt_alone_with_cancel_and_streaming(tiny_model):
+    prompts = _prompts(5)
+    before = _segment._cache_size()
+    eng = DecodeEngine(tiny_model, decode_config(**KW), slots=2, segment=3)
+    handles = [eng.submit(p, seed=10 + i) for i, p in enumerate(prompts)]
+    assert (eng.queued, eng.busy, eng.slots) == (5, 0, 2)
+    eng.cancel(handles[3])  # queued: leaves at once
+    assert eng.queued == 4
+    out, prefixes = [], {}
+    while eng.step():
+        assert eng.busy <= 2
+        for h in handles:
+            c = eng.committed(h)
+            if c is not None:
+                prev = prefixes.get(h, np.zeros(0, np.int32))
+                np.testing.assert_array_equal(c[:len(prev)], prev)  # a prefix only grows
+                assert not np.any(c == tiny_model.cfg.mask_token_id)
+                prefixes[h] = c
+        out += eng.harvest()
+    out += eng.harvest()
+    assert not eng.step() and eng.queued == eng.busy == 0
+    got = {f.handle: f for f in out}
+    assert sorted(got) == handles and got[handles[3]].cancelled and got[handles[3]].nfe == 0
+    for i, h in enumerate(handles):
+        if i == 3:
+            continue
+        tokens, nfe = _alone(tiny_model, prompts[i], 10 + i, **KW)
+        np.testing.assert_array_equal(got[h].tokens, tokens)
+        assert got[h].nfe == nfe and got[h].iterations >= nfe and not got[h].cancelled
+        seen = prefixes.get(h, np.zeros(0, np.int32))
+        np.testing.assert_array_equal(seen, tokens[len(prompts[i]):][:len(seen)])
+    assert any(len(c) > 0 for c in prefixes.values())  # something streamed before its request finished
+    # all prompts fit the 16 width: one compiled segment (none if an earlier test compiled it already)
+    assert eng.widths_used == {16} and 0 <= _segment._cache_size() - before <= 1
+
+
+def test_engine_cancels_a_running_request_and_widens_for_long_prompts(tiny_model):
+    short, long_ = _prompts(3, seed=1), _prompts(1, seed=2, lo=20, hi=21)
+    eng = DecodeEngine(tiny_model, decode_config(**KW), slots=2, segment=2)
+    hs = [eng.submit(p) for p in short]
+    assert eng.step()  # two running, bounded segment of 2 iterations
+    eng.cancel(hs[0])
+    hl = eng.submit(long_[0])
+    out = eng.run()
+    got = {f.handle: f for f in out}
+    assert got[hs[0]].cancelled and 0 < got[hs[0]].nfe <= 2
+    assert got[hl].width == 24 and eng.widths_used == {16, 24}
+    for h, p in ((hs[1], short[1]), (hs[2], short[2]), (hl, long_[0])):
+        tokens, nfe = _alone(tiny_model, p, h, **KW)
+        np.testing.assert_array_equal(got[h].tokens, tokens)
+        assert got[h].nfe == nfe
+
+
+def test_engine_refuses_what_it_cannot_do(tiny_model):
+    with pytest.raises(ValueError, match="slots"):
+        DecodeEngine(tiny_model, decode_config(**KW), slots=0)
+    with pytest.raises(ValueError, match="trajectories"):
+        DecodeEngine(tiny_model, decode_config(**KW, return_trajectory=True), slots=2)
+    eng = DecodeEngine(tiny_model, decode_config(**KW), slots=2)
+    with pytest.raises(ValueError, match="empty prompt"):
+        eng.submit([])
+    with pytest.raises(ValueError, match="MASK id"):
+        eng.submit([tiny_model.cfg.mask_token_id])
