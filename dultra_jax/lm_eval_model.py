@@ -131,6 +131,11 @@ class DultraLM(TemplateLM):
         return int(bos) if bos is not None else self.eot_token_id
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
+        """The tokenizer's default special tokens, except for a text that already starts with BOS (a chat
+        template's output), which gets none added."""
+        bos = self.tokenizer.bos_token
+        if add_special_tokens is None and bos and string.startswith(bos):
+            add_special_tokens = False
         return self.text.encode(string, add_special_tokens=add_special_tokens)
 
     @property
@@ -169,12 +174,15 @@ class DultraLM(TemplateLM):
         return out
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        """Sum of the estimate over lm-eval's disjoint windows: the first scores up to ``max_length - 1``
+        tokens after the prefix token, each later one about ``max_length / 2`` new tokens given the
+        ``max_length // 2`` tokens before them (an estimate of a lower bound: perplexities are upper bounds)."""
         windows, owner = [], []
         for i, (string,) in enumerate(req.args for req in requests):
             ids = self.tok_encode(string, add_special_tokens=False)
             for ctx, cont in map(make_disjoint_window, get_rolling_token_windows(
-                    token_list=ids, prefix_token=self.prefix_token_id, max_seq_len=self.max_length,
-                    context_len=1)):
+                    token_list=ids, prefix_token=self.prefix_token_id, max_seq_len=self.max_length - 1,
+                    context_len=self.max_length // 2)):
                 windows.append(((None, None), ctx, cont))
                 owner.append(i)
         scores = self._loglikelihood_tokens(windows, disable_tqdm=disable_tqdm)

@@ -176,6 +176,20 @@ def test_nfe_and_tpf_are_reported(lm, evaluated):
     assert st.loglikelihood_requests == 8 and st.mc_rows == 8 * 4
 
 
+def test_loglikelihood_rolling_sums_its_windows(lm, monkeypatch):
+    from lm_eval.api.instance import Instance
+    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+    text = "Tom has 3 apples and buys 2 more."
+    ids = lm.tok_encode(text, add_special_tokens=False)
+    monkeypatch.setattr(lm, "max_length", 12)  # several windows of <= 12 tokens
+    windows = [make_disjoint_window(w) for w in get_rolling_token_windows(ids, lm.prefix_token_id, 11, 6)]
+    assert len(windows) >= 3 and all(len(c) + len(t) <= 12 for c, t in windows)
+    want = loglikelihood(lm.model, windows, lm.mc).logprob.sum()
+    req = Instance(request_type="loglikelihood_rolling", doc={}, arguments=(text,), idx=0)
+    assert lm.loglikelihood_rolling([req]) == [pytest.approx(want, abs=1e-4)]
+
+
 def test_dultra_lm_eval_command(model_dir, tmp_path, monkeypatch, capsys):
     """``dultra lm-eval``: lm-eval's CLI with the model registered; results and the NFE/TPF JSON side by side."""
     import lm_eval.tasks
