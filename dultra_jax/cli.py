@@ -106,11 +106,9 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 def _load_tokenizer(path: Path):
     """The checkpoint's own tokenizer (offline), or None when the directory has no tokenizer files."""
-    if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
-        return None
-    from transformers import AutoTokenizer
+    from dultra_jax.checkpoints.tokenizer import has_tokenizer, load_tokenizer
 
-    return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+    return load_tokenizer(path) if has_tokenizer(path) else None
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
@@ -120,6 +118,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     import dultra_jax
     from dultra_jax.accounting import account, model_excluded_ids
     from dultra_jax.decoding import generate
+    from dultra_jax.text import TextModel
 
     path = resolve_model_path(args.model)
     plan = None
@@ -130,17 +129,16 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         plan = ShardingPlan.create(args.mesh)
     model = dultra_jax.load(path, dtype=args.dtype, **({"mesh": plan} if plan is not None else {}))
     tok = _load_tokenizer(path)
+    text = TextModel(model, tok) if tok is not None else None  # encodes the prompt and cuts the answer
     if args.prompt_ids is not None:
         try:
             ids = [int(t) for t in args.prompt_ids.replace(",", " ").split()]
         except ValueError as e:
             raise ConfigError(f"--prompt-ids must be integers separated by commas or spaces: {e}") from e
     elif args.prompt is not None:
-        if tok is None:
+        if text is None:
             raise ConfigError(f"{path} has no tokenizer files; pass --prompt-ids instead of --prompt")
-        text = tok.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True,
-                                       tokenize=False)
-        ids = tok(text)["input_ids"]
+        ids = text.encode(args.prompt, chat=True)
     else:
         raise ConfigError("give --prompt TEXT or --prompt-ids IDS")
     printer = _BlockPrinter(tok, args.block_length, sys.stderr if args.json else sys.stdout) if args.stream else None
@@ -165,7 +163,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     eff, nfe = int(counted.effective_tokens[0]), int(counted.nfe[0])
     out = {
         # ids the tokenizer does not know (e.g. padded embedding rows) carry no text
-        "answer": tok.decode(gen[gen < len(tok)], skip_special_tokens=True) if tok is not None else None,
+        "answer": text.finish(gen, nfe).text if text is not None else None,
         "generated_ids": gen.tolist(), "nfe": nfe, "effective_tokens": eff,
         "tpf": counted.tpf, "wall_s": wall, "strategy": args.strategy, "cache": args.cache,
         "equivalent_forwards": float(result.equivalent_forwards[0]), "iterations": int(result.iterations),
@@ -203,6 +201,42 @@ class _BlockPrinter:
             else:
                 text = " ".join(map(str, ids)) + " "
             print(text, end="", file=self.stream, flush=True)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    """OpenAI-compatible server: continuous batching over the model, until SIGTERM (docs/serving.md)."""
+    try:
+        from dultra_jax.serve import serve
+    except ImportError as e:
+        raise ConfigError(f"dultra serve needs the serve extra: pip install 'dultra-jax[serve]' ({e})") from e
+    text, plan = _text_model(args, slots=args.slots)
+    name = args.served_model_name or str(args.model)
+    print(f"serving {name} on http://{args.host}:{args.port}/v1 ({args.slots} slots, {args.strategy}, gen_length "
+          f"{args.gen_length}, block_length {args.block_length})", flush=True)
+    serve(text, model_name=name, host=args.host, port=args.port, slots=args.slots, max_queue=args.max_queue,
+          plan=plan, drain_s=args.drain_s, log_level=args.log_level)
+    return 0
+
+
+def _text_model(args: argparse.Namespace, *, slots: int = 1):
+    """A TextModel of ``--model`` (its tokenizer, or ``--tokenizer``) with the decoding flags as defaults."""
+    from dultra_jax.text import TextModel
+
+    plan = None
+    if args.mesh:
+        from dultra_jax.parallel import ShardingPlan, initialize_distributed
+
+        initialize_distributed()
+        plan = ShardingPlan.create(args.mesh)
+    try:
+        text = TextModel.load(args.model, dtype=args.dtype, tokenizer=getattr(args, "tokenizer", None), slots=slots,
+                              seed=args.seed, mesh=plan, gen_length=args.gen_length, block_length=args.block_length,
+                              strategy=args.strategy, reveal=args.reveal, temperature=args.temperature,
+                              threshold=args.threshold, factor=args.factor, steps=args.steps, cache=args.cache,
+                              early_stop=args.early_stop)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    return text, plan
 
 
 def _cmd_score(args: argparse.Namespace) -> int:
@@ -313,6 +347,24 @@ def _cmd_lm_eval(args: argparse.Namespace) -> int:
     return lm_eval_main(args.lm_eval_args)
 
 
+def _decode_flags(p: argparse.ArgumentParser) -> None:
+    """Decoding defaults shared by generate and serve (a request may override them)."""
+    p.add_argument("--strategy", default="planner", choices=["planner", "threshold", "factor", "fixed"])
+    p.add_argument("--reveal", default="bernoulli", choices=["bernoulli", "topk"], help="planner decision rule")
+    p.add_argument("--gen-length", type=int, default=256)
+    p.add_argument("--block-length", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--threshold", type=float, default=0.9)
+    p.add_argument("--factor", type=float, default=1.0)
+    p.add_argument("--steps", type=int, default=None, help="total steps of the fixed schedule")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="bf16", help="compute dtype: bf16 | fp32")
+    p.add_argument("--early-stop", action="store_true", help="stop a row once it has emitted end-of-text")
+    p.add_argument("--cache", default="none", choices=["none", "prefix", "dual"],
+                   help="block KV cache: none (exact), prefix, dual (approximate, faster)")
+    p.add_argument("--mesh", default=None, help='device mesh, e.g. "data=1,fsdp=8,tensor=1" (default: one device)')
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dultra", description="dUltra in JAX: convert, decode, train, evaluate.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -332,24 +384,25 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", required=True, help=MODEL_HELP)
     g.add_argument("--prompt", help="user message (chat template of the checkpoint's tokenizer applied)")
     g.add_argument("--prompt-ids", help="prompt token ids, comma or space separated (no tokenizer needed)")
-    g.add_argument("--strategy", default="planner", choices=["planner", "threshold", "factor", "fixed"])
-    g.add_argument("--reveal", default="bernoulli", choices=["bernoulli", "topk"], help="planner decision rule")
-    g.add_argument("--gen-length", type=int, default=256)
-    g.add_argument("--block-length", type=int, default=32)
-    g.add_argument("--temperature", type=float, default=0.0)
-    g.add_argument("--threshold", type=float, default=0.9)
-    g.add_argument("--factor", type=float, default=1.0)
-    g.add_argument("--steps", type=int, default=None, help="total steps of the fixed schedule")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--dtype", default="bf16", help="compute dtype: bf16 | fp32")
-    g.add_argument("--early-stop", action="store_true", help="stop a row once it has emitted end-of-text")
-    g.add_argument("--cache", default="none", choices=["none", "prefix", "dual"],
-                   help="block KV cache: none (exact), prefix, dual (approximate, faster)")
+    _decode_flags(g)
     g.add_argument("--json", action="store_true", help="print one JSON object")
-    g.add_argument("--mesh", default=None, help='device mesh, e.g. "data=1,fsdp=8,tensor=1" (default: one device)')
     g.add_argument("--stream", action="store_true",
                    help="print each block as it is finalised (to stderr with --json)")
     g.set_defaults(func=_cmd_generate)
+
+    v = sub.add_parser("serve", help="OpenAI-compatible HTTP server (completions, chat, streaming, metrics)")
+    v.add_argument("--model", required=True, help=MODEL_HELP)
+    v.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the checkpoint's own)")
+    v.add_argument("--served-model-name", default=None, help="the model id clients send (default: --model)")
+    v.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    v.add_argument("--port", type=int, default=8000)
+    v.add_argument("--slots", type=int, default=8, help="rows decoded at once per settings group")
+    v.add_argument("--max-queue", type=int, default=256, help="prompts that may wait for a slot; more get 429")
+    v.add_argument("--drain-s", type=float, default=30.0,
+                   help="on SIGTERM: seconds in-flight requests may finish in before they are cancelled")
+    _decode_flags(v)
+    v.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    v.set_defaults(func=_cmd_serve)
 
     s = sub.add_parser("score", help="score completions (JSONL: id or index + completion) against a task")
     s.add_argument("--task", required=True, choices=["gsm8k", "math500", "dapo17", "apps", "humaneval", "mbpp"])

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -186,8 +186,9 @@ def load(
     param_dtype=None,
     mesh: Mesh | MeshConfig | ShardingPlan | str | None = None,
     rules=None,
+    tokenizer: bool = False,
     **model_kwargs,
-) -> DUltra:
+) -> DUltra | tuple[DUltra, Any]:
     """Open a model from an original HF checkpoint directory, a converted directory, or a hub id
     ``org/name[@revision]`` (fetched into the hub cache; a local directory of that name wins).
 
@@ -199,8 +200,15 @@ def load(
     carrying its own rules) returns the model sharded by ``rules`` (default ``dultra_jax.parallel.DEFAULT_RULES``).
     A converted directory is restored straight into those shardings; HF safetensors are read into host memory
     first and then placed (convert once, then load the converted directory on big meshes).
+
+    ``tokenizer=True`` returns ``(model, tokenizer)``: the directory's own tokenizer (an error if it has none).
     """
     path = resolve_model_path(path)
+    if tokenizer:
+        from dultra_jax.checkpoints.tokenizer import load_tokenizer
+
+        tok = load_tokenizer(path)  # fail before reading the weights
+        return load(path, dtype=dtype, param_dtype=param_dtype, mesh=mesh, rules=rules, **model_kwargs), tok
     dtype, param_dtype = parse_dtype(dtype), parse_dtype(param_dtype)
     if is_converted(path):
         model_kwargs.pop("seed", None)

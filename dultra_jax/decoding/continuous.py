@@ -90,7 +90,7 @@ def generate_many(model: DUltra, prompts, *, slots: int, rng: jax.Array | int | 
         raise ValueError(f"generate_many does not take {bad}: it sets padding and scheduling itself")
     if not isinstance(slots, int) or slots <= 0:
         raise ValueError(f"slots must be a positive integer, got {slots!r}")
-    rows = [np.asarray(p, np.int64).reshape(-1) for p in prompts]
+    rows = loop.id_rows(prompts)
     if not rows:
         raise ValueError("generate_many got no prompts")
     if any(len(r) == 0 for r in rows):

@@ -169,7 +169,7 @@ def pad_prompts(prompts, pad_id: int, width: int | None = None) -> tuple[np.ndar
         if ids.shape[1] == 0:
             raise ValueError("prompt_ids is empty: give at least one prompt token per row")
         return ids.astype(np.int32), np.ones(ids.shape, np.int32)
-    rows = [np.asarray(p, np.int64).reshape(-1) for p in prompts]
+    rows = id_rows(prompts)
     if not rows:
         raise ValueError("prompt_ids holds no prompts")
     if any(len(r) == 0 for r in rows):
@@ -184,6 +184,18 @@ def pad_prompts(prompts, pad_id: int, width: int | None = None) -> tuple[np.ndar
         ids[i, width - len(r):] = r
         mask[i, width - len(r):] = 1
     return ids, mask
+
+
+def id_rows(prompts) -> list[np.ndarray]:
+    """A list of 1-D id sequences as int64 rows; text (or a tokenizer's dict output) is one clear error."""
+    text_hint = ("prompt_ids must be token ids (a list of int lists), got text; encode it first "
+                 "(dultra_jax.text.TextModel.encode, or the tokenizer's input_ids)")
+    if isinstance(prompts, (str, dict)) or any(isinstance(p, (str, dict)) for p in prompts):
+        raise ValueError(text_hint)
+    try:
+        return [np.asarray(p, np.int64).reshape(-1) for p in prompts]
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{text_hint} ({e})") from None
 
 
 # ------------------------------------------------------------------------------------------ the loop
