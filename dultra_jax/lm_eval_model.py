@@ -30,9 +30,10 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-from dultra_jax.accounting import effective_tokens, model_excluded_ids, tpf
+from dultra_jax.accounting import tpf
 from dultra_jax.config import ConfigError
 from dultra_jax.eval.likelihood import LikelihoodSettings, loglikelihood
+from dultra_jax.text import TextModel
 
 DECODE_KEYS = ("strategy", "reveal", "gen_length", "block_length", "temperature", "threshold", "factor", "steps",
                "cache", "planner_temperature", "factor_rule")
@@ -50,7 +51,6 @@ class DecodeStats:
     generate_requests: int = 0
     nfe_total: int = 0
     effective_tokens_total: int = 0
-    generate_iterations: int = 0
     generate_wall_s: float = 0.0
     loglikelihood_requests: int = 0
     mc_rows: int = 0
@@ -93,18 +93,10 @@ class DultraLM(TemplateLM):
         ref = pretrained if pretrained is not None else path
         if ref is None:
             raise ConfigError("dultra model_args need pretrained=PATH_OR_HUB_ID (a checkpoint with tokenizer files)")
-        if not isinstance(slots, int) or slots <= 0:
-            raise ConfigError(f"slots must be a positive integer, got {slots!r}")
-        from dultra_jax.decoding.loop import decode_config
-
         self.decode = dict(strategy=strategy, reveal=reveal, gen_length=gen_length, block_length=block_length,
                            temperature=float(temperature), threshold=float(threshold), factor=float(factor),
                            steps=steps, cache=cache, planner_temperature=planner_temperature,
                            factor_rule=factor_rule)
-        try:
-            decode_config(**self.decode)  # validate once, before loading the model
-        except ValueError as e:
-            raise ConfigError(f"dultra model_args: {e}") from e
         self.mc = LikelihoodSettings(mc_num=mc_num, mc_batch=mc_batch, cfg=float(cfg), seed=seed,
                                      greedy=bool(greedy))
         self.slots, self.seed = slots, int(seed)
@@ -112,7 +104,13 @@ class DultraLM(TemplateLM):
         self.stats_path = None if stats_path is None else Path(stats_path)
         if self.stats_path is not None and self.stats_path.exists() and not overwrite_stats:
             raise ConfigError(f"stats_path {self.stats_path} exists: choose another or pass overwrite_stats=true")
-        self.text = _TextModel.load(ref, dtype=dtype)
+        from dultra_jax.decoding.loop import DecodeConfig
+
+        try:
+            DecodeConfig(**self.decode)  # validate once, before loading the model
+            self.text = TextModel.load(ref, dtype=dtype, slots=slots, seed=self.seed, **self.decode)
+        except ValueError as e:
+            raise ConfigError(f"dultra model_args: {e}") from e
         self.model, self.tokenizer = self.text.model, self.text.tokenizer
         limit = int(self.model.cfg.max_sequence_length)
         self.max_length = limit if max_length is None else min(int(max_length), limit)
@@ -136,7 +134,9 @@ class DultraLM(TemplateLM):
         bos = self.tokenizer.bos_token
         if add_special_tokens is None and bos and string.startswith(bos):
             add_special_tokens = False
-        return self.text.encode(string, add_special_tokens=add_special_tokens)
+        if add_special_tokens is None:
+            return self.text.encode(string)
+        return list(self.tokenizer(string, add_special_tokens=add_special_tokens)["input_ids"])
 
     @property
     def tokenizer_name(self) -> str:
@@ -226,20 +226,21 @@ class DultraLM(TemplateLM):
             keep = self.max_length - int(s["gen_length"])
             prompts = [self._truncate(self.tok_encode(args[i][0]), keep) for i in idx]
             t0 = time.perf_counter()
-            done = self.text.complete(prompts, seeds=[prompt_seed(p) for p in prompts], slots=self.slots,
-                                      rng=self.seed, **s)
+            try:
+                done = self.text.complete(prompts, seeds=[prompt_seed(p, self.seed) for p in prompts], **s)
+            except ValueError as e:
+                raise ConfigError(f"dultra generate_until: {e}") from e
             self.stats.generate_wall_s += time.perf_counter() - t0
             for i, c in zip(idx, done, strict=True):
                 gk = dict(args[i][1])
                 limit = gk.get("max_gen_toks")
                 ids = c.token_ids if limit is None else c.token_ids[:int(limit)]
-                text = cut_at(self.text.detokenize(ids), gk.get("until"))
+                text = cut_at(self.text.decode(ids), gk.get("until"))
                 out[i] = text
                 self.cache_hook.add_partial("generate_until", (args[i][0], gk), text)
                 self.stats.generate_requests += 1
                 self.stats.nfe_total += c.nfe
-                self.stats.effective_tokens_total += c.effective_tokens
-            self.stats.generate_iterations += self.text.last_iterations
+                self.stats.effective_tokens_total += round(c.tokens_per_forward * c.nfe)
         st = self.stats
         print(f"dultra generate_until: {len(args)} requests, mean NFE {st.mean_nfe:.2f}, TPF {st.tpf:.2f} "
               f"(totals so far), {st.generate_wall_s:.1f}s", file=sys.stderr)
@@ -256,9 +257,10 @@ class DultraLM(TemplateLM):
         write_atomic(self.stats_path, json.dumps(body, indent=2))
 
 
-def prompt_seed(ids) -> int:
-    """A request's row seed: keyed by its prompt ids, so its answer does not depend on the other requests."""
-    return zlib.crc32(np.asarray(ids, np.int64).tobytes()) & 0x7FFFFFFF
+def prompt_seed(ids, seed: int = 0) -> int:
+    """A request's row seed: keyed by ``seed`` and its prompt ids, so its answer does not depend on the other
+    requests, their order or the number of slots."""
+    return zlib.crc32(np.asarray([seed, *ids], np.int64).tobytes()) & 0x7FFFFFFF
 
 
 def cut_at(text: str, until) -> str:
@@ -266,68 +268,6 @@ def cut_at(text: str, until) -> str:
     stops = [until] if isinstance(until, str) else list(until or [])
     cut = min((text.find(s) for s in stops if s and s in text), default=len(text))
     return text[:cut]
-
-
-@dataclass
-class _Completion:
-    token_ids: list[int]  # generated ids up to (not including) the first end-of-text
-    nfe: int
-    effective_tokens: int
-
-
-class _TextModel:
-    """Model + tokenizer, text in and ids out, for this adapter (the text layer of the serve work replaces it)."""
-
-    def __init__(self, model, tokenizer):
-        self.model, self.tokenizer = model, tokenizer
-        self.exclude = model_excluded_ids(model.cfg, tokenizer)
-        vocab = tokenizer.get_vocab()
-        self.stop_ids = {int(i) for i in (model.cfg.eos_token_id, tokenizer.eos_token_id) if i is not None}
-        if "<|eot_id|>" in vocab:
-            self.stop_ids.add(int(vocab["<|eot_id|>"]))
-        self.known = np.unique(np.fromiter(vocab.values(), np.int64))
-        self.last_iterations = 0
-
-    @classmethod
-    def load(cls, ref: str, *, dtype: str) -> _TextModel:
-        import dultra_jax
-        from dultra_jax.checkpoints.hub import resolve_model_path
-        from dultra_jax.eval.harness import TOKENIZER_FILES
-
-        path = resolve_model_path(ref)
-        if not any((path / f).is_file() for f in TOKENIZER_FILES):
-            raise ConfigError(f"{path} has no tokenizer files ({', '.join(TOKENIZER_FILES)}); copy the "
-                              "checkpoint's tokenizer into it (dultra convert does)")
-        from transformers import AutoTokenizer
-
-        return cls(dultra_jax.load(path, dtype=dtype), AutoTokenizer.from_pretrained(str(path)))
-
-    def encode(self, text: str, add_special_tokens: bool | None = None) -> list[int]:
-        kw = {} if add_special_tokens is None else {"add_special_tokens": add_special_tokens}
-        return list(self.tokenizer(text, **kw)["input_ids"])
-
-    def detokenize(self, ids) -> str:
-        ids = np.asarray(ids, np.int64)
-        return self.tokenizer.decode(ids[np.isin(ids, self.known)].tolist(), skip_special_tokens=True)
-
-    def complete(self, prompts: list[list[int]], *, seeds, slots: int, rng: int, **decode) -> list[_Completion]:
-        """Decode ``prompts`` through ``slots`` rows; prompt i keyed by ``seeds[i]`` (it equals decoding alone)."""
-        from dultra_jax.decoding import generate_many
-
-        try:
-            res = generate_many(self.model, prompts, slots=min(slots, len(prompts)), rng=rng, row_seeds=seeds,
-                                **decode)
-        except ValueError as e:
-            raise ConfigError(f"dultra generate_until: {e}") from e
-        self.last_iterations = int(res.iterations)
-        out = []
-        for j in range(len(prompts)):
-            gen = np.asarray(res.generated(j))
-            eff = int(effective_tokens(gen[None], self.exclude)[0])
-            stop = np.flatnonzero(np.isin(gen, list(self.stop_ids)))
-            kept = gen[:stop[0]] if stop.size else gen
-            out.append(_Completion(token_ids=kept.tolist(), nfe=int(res.nfe[j]), effective_tokens=eff))
-        return out
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -149,9 +149,11 @@ def test_generation_task_equals_decoding_each_prompt_alone(lm, evaluated):
         out = generate(lm.model, row, attention_mask=(np.arange(width) >= width - len(ids))[None].astype(np.int32),
                        gen_length=16, block_length=8, strategy="threshold", rng=0, row_seeds=[prompt_seed(ids)])
         gen = np.asarray(out.generated[0]).tolist()
-        stop = [i for i, t in enumerate(gen) if t in lm.text.stop_ids]
-        gen = gen[:stop[0]] if stop else gen
-        assert smp["resps"][0][0] == cut_at(lm.text.detokenize(gen[:12]), gen_kwargs["until"])
+        end = [i for i, t in enumerate(gen) if t in (lm.model.cfg.eos_token_id, lm.tokenizer.convert_tokens_to_ids(
+            "<|eot_id|>"))]  # the answer ends at end-of-text
+        gen = gen[:end[0]] if end else gen
+        assert smp["resps"][0][0] == cut_at(lm.tokenizer.decode(gen[:12], skip_special_tokens=True),
+                                            gen_kwargs["until"])
         assert smp["filter"] in ("strict-match", "flexible-extract")
 
 
