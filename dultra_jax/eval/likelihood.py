@@ -165,32 +165,27 @@ def loglikelihood(model, pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
             groups.setdefault((w, _tail_width(len(tgts[i]), w)), []).append(i)
     forwards = rows_done = 0
     per_fwd = 2 if settings.cfg > 0 else 1
+    pending = []  # (owners [b], device nll [b], rows used): read back at the end so batches dispatch ahead
     for (w, tail), idx in sorted(groups.items()):
-        # rows of every request of the group, in order: (request, noisy ids [W], target [tail], weight [tail])
-        ids_l, tgt_l, wt_l, owner = [], [], [], []
+        batch = _RowBatch(b, w, tail)
         for i in idx:
             c, t = ctxs[i], tgts[i]
             masks, counts = sample_masks(request_rng(settings.seed, c, t), settings.mc_num, len(t))
-            row = np.full(w, pad, np.int64)
-            row[w - len(c) - len(t):w - len(t)] = c
-            tgt = np.zeros(tail, np.int64)
+            ids = np.full((settings.mc_num, w), pad, np.int32)
+            ids[:, w - len(c) - len(t):w - len(t)] = c
+            ids[:, w - len(t):] = np.where(masks, mask_id, t)
+            tgt = np.zeros(tail, np.int32)
             tgt[tail - len(t):] = t
-            for m, cnt in zip(masks, counts, strict=True):
-                noisy = row.copy()
-                noisy[w - len(t):] = np.where(m, mask_id, t)
-                wt = np.zeros(tail, np.float32)
-                wt[tail - len(t):] = np.where(m, len(t) / cnt, 0.0)
-                ids_l.append(noisy)
-                tgt_l.append(tgt)
-                wt_l.append(wt)
-                owner.append(i)
-        lengths = np.asarray([len(ctxs[i]) + len(tgts[i]) for i in owner])
-        ctx_len = np.asarray([len(ctxs[i]) for i in owner])
-        nll = _run_rows(graphdef, state, b, w, tail, settings.cfg, mask_id, pad, np.stack(ids_l), lengths,
-                        ctx_len, np.stack(tgt_l), np.stack(wt_l))
-        np.add.at(logprob, np.asarray(owner), -nll.astype(np.float64))
-        rows_done += len(owner)
-        forwards += -(-len(owner) // b) * per_fwd
+            wt = np.zeros((settings.mc_num, tail), np.float32)
+            wt[:, tail - len(t):] = np.where(masks, (len(t) / counts)[:, None], 0.0)
+            for start in range(0, settings.mc_num, b):
+                rows = slice(start, min(start + b, settings.mc_num))
+                if batch.add(i, ids[rows], len(c), len(t), tgt, wt[rows]):
+                    pending.append(batch.run(graphdef, state, settings.cfg, mask_id))
+        if batch.used:
+            pending.append(batch.run(graphdef, state, settings.cfg, mask_id))
+        rows_done += len(idx) * settings.mc_num
+        forwards += -(-len(idx) * settings.mc_num // b) * per_fwd
         if settings.greedy:
             g_ids = np.full((len(idx), w), pad, np.int64)
             cols = np.zeros((len(idx), tail), bool)
@@ -201,15 +196,67 @@ def loglikelihood(model, pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
                 g_ids[r, w - len(t):] = mask_id
                 cols[r, tail - len(t):] = True
                 tg[r, tail - len(t):] = t
-            filled = _run_greedy(graphdef, state, b, w, tail, settings.cfg, mask_id, pad, g_ids,
+            filled = _run_greedy(graphdef, state, b, w, tail, settings.cfg, mask_id, g_ids,
                                  np.asarray([len(ctxs[i]) + len(tgts[i]) for i in idx]),
                                  np.asarray([len(ctxs[i]) for i in idx]), cols)
             greedy[idx] = np.all((filled == tg) | ~cols, axis=1)
             forwards += -(-len(idx) // b) * tail * per_fwd
+    for owners, nll, used in pending:
+        np.add.at(logprob, owners[:used], -np.asarray(nll, np.float64)[:used])
     counted = [i for i in range(n) if len(tgts[i])]
     logprob[counted] /= settings.mc_num
     return LikelihoodResult(logprob=logprob, greedy=greedy, mc_rows=rows_done, forwards=forwards,
                             wall_s=time.perf_counter() - t0)
+
+
+class _RowBatch:
+    """A fixed [b, W] batch of Monte Carlo rows being filled; rows of one request may span two batches.
+    Unused rows keep weight 0 (they add nothing)."""
+
+    def __init__(self, b: int, w: int, tail: int):
+        self.b, self.w, self.tail = b, w, tail
+        self._reset()
+
+    def _reset(self) -> None:
+        b, w, tail = self.b, self.w, self.tail
+        self.ids = np.zeros((b, w), np.int32)
+        self.attn = np.zeros((b, w), np.int32)
+        self.attn[:, -1] = 1  # an unused row attends to one position (never an all-masked softmax)
+        self.prompt = np.zeros((b, w), bool)
+        self.tgt = np.zeros((b, tail), np.int32)
+        self.wt = np.zeros((b, tail), np.float32)
+        self.owner = np.zeros(b, np.int64)
+        self.used = 0
+
+    def add(self, i: int, ids: np.ndarray, n_ctx: int, n_tgt: int, tgt: np.ndarray, wt: np.ndarray) -> bool:
+        """Append rows (ids [r, W], weights [r, tail]) of request i; True when the batch is full. The caller
+        passes at most ``b`` rows and runs the batch as soon as it is full, so rows never overflow."""
+        k = min(len(ids), self.b - self.used)
+        rest = len(ids) - k
+        r = slice(self.used, self.used + k)
+        self.ids[r], self.tgt[r], self.wt[r], self.owner[r] = ids[:k], tgt, wt[:k], i
+        start = self.w - n_ctx - n_tgt
+        self.attn[r] = 0
+        self.attn[r, start:] = 1
+        self.prompt[r] = False
+        self.prompt[r, start:start + n_ctx] = True
+        self.used += k
+        if rest:  # what did not fit goes into the next batch after this one is run
+            self._overflow = (i, ids[k:], n_ctx, n_tgt, tgt, wt[k:])
+        return self.used == self.b
+
+    def run(self, graphdef, state, cfg: float, mask_id: int):
+        """Dispatch the forward (asynchronously) and start an empty batch with any rows that did not fit."""
+        nll = _weighted_nll(graphdef, state, jnp.asarray(self.ids), jnp.asarray(self.attn),
+                            jnp.asarray(self.prompt), jnp.asarray(self.tgt), jnp.asarray(self.wt), self.tail,
+                            float(cfg), mask_id)
+        out = (self.owner.copy(), nll, self.used)
+        overflow = getattr(self, "_overflow", None)
+        self._overflow = None
+        self._reset()
+        if overflow is not None:
+            self.add(*overflow)
+        return out
 
 
 def _masks(w: int, lengths: np.ndarray, ctx_len: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -229,17 +276,7 @@ def _chunks(b: int, *arrays):
         yield int(real.sum()), [a[idx] for a in arrays]
 
 
-def _run_rows(graphdef, state, b, w, tail, cfg, mask_id, pad, ids, lengths, ctx_len, tgt, wt) -> np.ndarray:
-    attn, prompt = _masks(w, lengths, ctx_len)
-    out = []
-    for k, (i_, a_, p_, t_, w_) in _chunks(b, ids, attn, prompt, tgt, wt):
-        nll = _weighted_nll(graphdef, state, jnp.asarray(i_, jnp.int32), jnp.asarray(a_), jnp.asarray(p_),
-                            jnp.asarray(t_, jnp.int32), jnp.asarray(w_), tail, float(cfg), mask_id)
-        out.append(np.asarray(nll, np.float64)[:k])
-    return np.concatenate(out)
-
-
-def _run_greedy(graphdef, state, b, w, tail, cfg, mask_id, pad, ids, lengths, ctx_len, cols) -> np.ndarray:
+def _run_greedy(graphdef, state, b, w, tail, cfg, mask_id, ids, lengths, ctx_len, cols) -> np.ndarray:
     attn, prompt = _masks(w, lengths, ctx_len)
     out = []
     for k, (i_, a_, p_, c_) in _chunks(b, ids, attn, prompt, cols):
