@@ -4,10 +4,10 @@ Importing this module registers ``dultra`` with lm-eval (``lm_eval`` has no plug
 ``dultra lm-eval ...`` or ``python -m dultra_jax.lm_eval_model ...`` (lm-eval's own CLI with the registration
 imported), or ``import dultra_jax.lm_eval_model`` before ``lm_eval.simple_evaluate(model="dultra", ...)``.
 
-- ``generate_until``: continuous batching (:func:`dultra_jax.decoding.generate_many`) of all requests with the
-  same settings; ``max_gen_toks`` rounded up to a multiple of ``block_length`` for decoding, the completion cut
-  to ``max_gen_toks`` tokens, at end-of-text and at the first ``until`` string. Each request's text equals
-  decoding its prompt alone with the key ``seed`` and the row seed :func:`prompt_seed` of its ids.
+- ``generate_until``: continuous batching (:class:`dultra_jax.text.TextModel`, ``generate_many``) of all
+  requests with the same settings; ``max_gen_toks`` rounded up to a multiple of ``block_length`` for decoding,
+  the completion cut to ``max_gen_toks`` tokens, at end-of-text and at the first ``until`` string. Each
+  request's text equals decoding its prompt alone with the row seed :func:`prompt_seed` of ``seed`` and its ids.
   NFE and TPF are printed after each call and kept in :attr:`DultraLM.stats` (and ``stats_path``).
 - ``loglikelihood``: LLaDA's Monte Carlo estimate (:mod:`dultra_jax.eval.likelihood`) and its greedy flag.
 - ``loglikelihood_rolling``: the same estimate summed over lm-eval's disjoint rolling windows.
@@ -170,7 +170,8 @@ class DultraLM(TemplateLM):
         self._write_stats()
         out = [(float(lp), bool(g)) for lp, g in zip(res.logprob, res.greedy, strict=True)]
         for (key, _, _), o in zip(requests, out, strict=True):
-            self.cache_hook.add_partial("loglikelihood", key, o)
+            if key is not None:  # rolling windows are cached as their whole string instead
+                self.cache_hook.add_partial("loglikelihood", key, o)
         return out
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
@@ -183,11 +184,13 @@ class DultraLM(TemplateLM):
             for ctx, cont in map(make_disjoint_window, get_rolling_token_windows(
                     token_list=ids, prefix_token=self.prefix_token_id, max_seq_len=self.max_length - 1,
                     context_len=self.max_length // 2)):
-                windows.append(((None, None), ctx, cont))
+                windows.append((None, ctx, cont))
                 owner.append(i)
         scores = self._loglikelihood_tokens(windows, disable_tqdm=disable_tqdm)
         out = np.zeros(len(requests), np.float64)
         np.add.at(out, np.asarray(owner, np.int64), [s for s, _ in scores])
+        for req, v in zip(requests, out, strict=True):
+            self.cache_hook.add_partial("loglikelihood_rolling", req.args, float(v))
         return [float(v) for v in out]
 
     # ---------------------------------------------------------------------------------------- generation
