@@ -77,3 +77,18 @@ def pytest_collection_modifyitems(config, items):
         skip = pytest.mark.skip(reason="needs a GPU (jax found only the CPU backend)")
         for item in gpu_items:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_text_dir(tmp_path_factory) -> Path:
+    """The tiny checkpoint beside the tiny LLaDA tokenizer (its ids match the model's: 298 eos, 299 mask): a
+    model with text in and text out (TextModel, dultra serve)."""
+    import shutil
+
+    d = tmp_path_factory.mktemp("tiny-text") / "lladou-tiny-text"
+    d.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(TINY / name, d / name)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(FIXTURES / "llada-tokenizer-tiny" / name, d / name)
+    return d

@@ -1,31 +1,16 @@
 """TextModel: text / chat / ids in, Completion out, equal to generate() of each prompt alone."""
 
-import shutil
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-FIX = Path(__file__).parent / "fixtures"
 SETTINGS = dict(gen_length=16, block_length=8)
 
 
-def tiny_text_dir(dst: Path) -> Path:
-    """The embedded tiny checkpoint beside the tiny LLaDA tokenizer (ids match: 298 eos, 299 mask)."""
-    dst.mkdir(parents=True, exist_ok=True)
-    for f in (FIX / "lladou-tiny").glob("*"):
-        if f.name in ("config.json", "model.safetensors"):
-            shutil.copy(f, dst / f.name)
-    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-        shutil.copy(FIX / "llada-tokenizer-tiny" / name, dst / name)
-    return dst
-
-
 @pytest.fixture(scope="module")
-def tm(tmp_path_factory):
+def tm(tiny_text_dir):
     from dultra_jax.text import TextModel
 
-    return TextModel.load(tiny_text_dir(tmp_path_factory.mktemp("text") / "m"), dtype="fp32", slots=2, **SETTINGS)
+    return TextModel.load(tiny_text_dir, dtype="fp32", slots=2, **SETTINGS)
 
 
 def test_load_returns_tokenizer(tm, tiny_dir):

@@ -1,7 +1,8 @@
 """OpenAI-compatible HTTP routes over a :class:`~dultra_jax.serve.worker.Worker` (FastAPI).
 
 Routes: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions`` (``stream: true`` as
-server-sent events in the OpenAI chunk format), ``GET /health``, ``GET /metrics`` (Prometheus text). Errors are
+server-sent events in the OpenAI chunk format), ``GET /health``, ``GET /metrics`` (Prometheus text), and
+vLLM's ``/tokenizer_info``, ``/tokenize``, ``/detokenize`` (lm-eval's ``local-completions`` reads them). Errors are
 OpenAI-style bodies ``{"error": {"message", "type", "param", "code"}}``: 400 for a bad request (validation
 included, as vLLM does, rather than FastAPI's 422), 404 for an unknown model, 429 when the queue is full, 503
 while shutting down. What the server accepts and refuses, and why: docs/serving.md.
@@ -96,6 +97,19 @@ class ChatBody(_Body):
     logprobs: bool | None = None
 
 
+class TokenizeBody(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    prompt: str
+    add_special_tokens: bool = True
+
+
+class DetokenizeBody(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    tokens: list[int]
+
+
 # ------------------------------------------------------------------------------------------ the app
 def create_app(text: TextModel, *, model_name: str, slots: int = 8, max_queue: int = 256, plan=None,
                drain_s: float = 30.0) -> FastAPI:
@@ -139,6 +153,22 @@ def create_app(text: TextModel, *, model_name: str, slots: int = 8, max_queue: i
     @app.get("/metrics")
     async def prometheus():
         return Response(metrics.render(), media_type=metrics.content_type)
+
+    # vLLM's tokenizer routes (lm-eval's local-completions uses them instead of loading an HF tokenizer)
+    @app.get("/tokenizer_info")
+    async def tokenizer_info():
+        tok = text.tokenizer
+        return {"eos_token": tok.eos_token, "bos_token": tok.bos_token, "pad_token": tok.pad_token,
+                "chat_template": getattr(tok, "chat_template", None),
+                "model_max_length": text.model.cfg.max_sequence_length}
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeBody):
+        return {"tokens": list(text.tokenizer(body.prompt, add_special_tokens=body.add_special_tokens)["input_ids"])}
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeBody):
+        return {"prompt": text.tokenizer.decode(body.tokens)}
 
     @app.get("/v1/models")
     async def models():
@@ -251,12 +281,20 @@ def create_app(text: TextModel, *, model_name: str, slots: int = 8, max_queue: i
         try:
             if chat:
                 yield chunk([piece(j.index, "", role=True) for j in jobs])
+            quiet = time.perf_counter()
             while len(finished) < len(jobs):
                 try:
-                    ev = await asyncio.wait_for(events.get(), KEEPALIVE_S)
+                    ev = await asyncio.wait_for(events.get(), DISCONNECT_POLL_S)
                 except TimeoutError:
-                    yield format_sse_event(comment="keepalive")
+                    # the server notices a closed stream only when it writes: ask, so the slots free now
+                    if await request.is_disconnected():
+                        metrics.requests.labels(path, "499").inc()
+                        return
+                    if time.perf_counter() - quiet > KEEPALIVE_S:
+                        quiet = time.perf_counter()
+                        yield format_sse_event(comment="keepalive")
                     continue
+                quiet = time.perf_counter()
                 if ev.kind == "error":
                     yield format_sse_event(data_str=json.dumps(error_body(500, ev.text, "server_error")))
                     break

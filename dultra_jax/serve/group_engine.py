@@ -82,9 +82,10 @@ class GroupEngine:
         if not group:
             return False
         self._running = {h for h, _, _ in group}
+        full = group + [group[-1]] * (self._n - len(group))  # always `slots` rows: one compiled shape per width
         try:
-            res = generate_many(self.model, [p for _, p, _ in group], slots=self._n,
-                                row_seeds=[s for _, _, s in group], **generate_kwargs(self.cfg))
+            res = generate_many(self.model, [p for _, p, _ in full], slots=self._n,
+                                row_seeds=[s for _, _, s in full], **generate_kwargs(self.cfg))
         finally:
             self._running = set()
         for i, (h, _, _) in enumerate(group):

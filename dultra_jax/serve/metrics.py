@@ -31,6 +31,7 @@ class Metrics:
                                  registry=r)
         self.forwards = Counter("dultra_forwards", "NFE summed over answers (forwards each prompt decoded in)",
                                 registry=r)
+        self.cancelled = Counter("dultra_cancelled", "prompts cancelled (client gone, or shutdown)", registry=r)
         self._lock = threading.Lock()
         self._recent: deque[tuple[float, int]] = deque()
         self._eff_sum = self._nfe_sum = 0.0

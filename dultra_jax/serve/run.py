@@ -19,10 +19,12 @@ def serve(text: TextModel, *, model_name: str, host: str = "127.0.0.1", port: in
 
     class _Server(uvicorn.Server):
         def handle_exit(self, sig, frame) -> None:
-            worker.stop_admitting()  # new requests get 503 while the open ones finish
+            # new requests get 503 while the open ones finish; what is left after drain_s is answered 503 too
+            worker.drain(drain_s)
             super().handle_exit(sig, frame)
 
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=drain_s,
+    # uvicorn's own bound is a backstop: the worker answers every open request before it
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=drain_s + 10,
                             access_log=log_level == "debug")
     # uvicorn re-raises the signal it caught once it has shut down; with these no-op handlers in place that is
     # harmless and the process exits 0 after a clean drain

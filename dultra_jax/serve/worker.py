@@ -85,7 +85,7 @@ class Worker:
         self._outstanding = 0  # prompts submitted and not yet finished
         self._busy = 0  # prompts in slots after the last step
         self._admitting = True
-        self._deadline: float | None = None  # set by stop(): cancel what is left after it
+        self._deadline: float | None = None  # set by drain(): cancel what is left after it
         self._thread = threading.Thread(target=self._run, name="dultra-serve-worker", daemon=True)
 
     # ------------------------------------------------------------------------------------------ web side
@@ -123,11 +123,17 @@ class Worker:
         with self._lock:
             self._admitting = False
 
-    def stop(self, drain_s: float) -> None:
-        """Stop admitting, let in-flight prompts finish for up to ``drain_s`` seconds, cancel the rest, join."""
+    def drain(self, drain_s: float) -> None:
+        """Stop admitting; prompts still in flight after ``drain_s`` seconds are cancelled (their clients get 503)
+        and the thread ends once none is left."""
         self.stop_admitting()
-        self._deadline = time.monotonic() + drain_s
+        deadline = time.monotonic() + drain_s
+        self._deadline = deadline if self._deadline is None else min(self._deadline, deadline)
         self._inbox.put(("wake", []))
+
+    def stop(self, drain_s: float) -> None:
+        """:meth:`drain`, then wait for the thread."""
+        self.drain(drain_s)
         self._thread.join(drain_s + 30.0)
 
     # ------------------------------------------------------------------------------------------ device side
@@ -136,6 +142,8 @@ class Worker:
         while True:
             active = [(c, e) for c, e in self._engines.items() if e.queued or e.busy]
             self._read_inbox(block=not active)
+            for c, e in list(self._engines.items()):  # cancelled queued prompts leave without a step
+                self._collect(c, e)
             if self._deadline is not None and (not self._jobs or time.monotonic() > self._deadline):
                 self._cancel_all("the server shut down before this request finished")
                 return
@@ -194,11 +202,23 @@ class Worker:
         self._jobs[(job.cfg, job.handle)] = job
 
     def _after_step(self, cfg: DecodeConfig, eng, seconds: float) -> None:
+        self._collect(cfg, eng, seconds)
+        for (c, h), job in list(self._jobs.items()):
+            if c == cfg and job.stream:
+                ids = eng.committed(h)
+                if ids is not None:
+                    self._stream(job, ids)
+        self._busy = sum(e.busy for e in self._engines.values())
+
+    def _collect(self, cfg: DecodeConfig, eng, seconds: float = 0.0) -> None:
+        """Deliver what the engine has finished (or cancelled) since the last call."""
         for f in eng.harvest():
             job = self._jobs.pop((cfg, f.handle), None)
             if job is None:
                 continue
             if f.cancelled:
+                if self.metrics is not None:
+                    self.metrics.cancelled.inc()
                 self._finish(job, Event("error", job.index, text="cancelled"))
                 continue
             gen = np.asarray(f.tokens)[len(job.ids):]
@@ -206,12 +226,6 @@ class Worker:
             if self.metrics is not None:
                 self.metrics.completed(c, seconds)
             self._finish(job, Event("done", job.index, completion=c))
-        for (c, h), job in list(self._jobs.items()):
-            if c == cfg and job.stream:
-                ids = eng.committed(h)
-                if ids is not None:
-                    self._stream(job, ids)
-        self._busy = sum(e.busy for e in self._engines.values())
 
     def _stream(self, job: Job, committed: np.ndarray) -> None:
         text = self.text.partial_text(committed[: job.max_tokens], job.stop)
