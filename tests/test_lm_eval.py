@@ -2,7 +2,6 @@
 LLaDA tokenizer, through lm-eval's own evaluator, filters and metrics (offline task YAMLs reading local JSONL)."""
 
 import json
-import shutil
 from pathlib import Path
 
 import jax
@@ -28,15 +27,9 @@ MODEL_ARGS = dict(dtype="fp32", strategy="threshold", gen_length=16, block_lengt
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    """The tiny checkpoint with the tiny LLaDA tokenizer beside its weights."""
-    d = tmp_path_factory.mktemp("lm-eval") / "tiny"
-    d.mkdir()
-    for f in ("config.json", "model.safetensors"):
-        shutil.copy(FIX / "lladou-tiny" / f, d / f)
-    for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-        shutil.copy(FIX / "llada-tokenizer-tiny" / f, d / f)
-    return d
+def model_dir(tiny_text_dir) -> Path:
+    """The tiny checkpoint with the tiny LLaDA tokenizer beside its weights (tests/conftest.py)."""
+    return tiny_text_dir
 
 
 @pytest.fixture(scope="module")
