@@ -152,8 +152,8 @@ class DultraLM(TemplateLM):
         if len(context) <= keep:
             return context
         if keep < 1:
-            raise ConfigError(f"a continuation of {self.max_length - keep} tokens leaves no room for its context "
-                              f"within max_length {self.max_length}")
+            raise ConfigError(f"{self.max_length - keep} tokens to score or generate leave no room for a context "
+                              f"within max_length {self.max_length}: lower max_gen_toks / gen_length")
         self.stats.truncated_contexts += 1
         return context[-keep:]
 
