@@ -342,6 +342,17 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_lm_eval(args: argparse.Namespace) -> int:
+    """lm-evaluation-harness's own CLI with the in-process ``dultra`` model registered (docs/lm-eval.md)."""
+    from importlib.util import find_spec
+
+    if find_spec("lm_eval") is None:
+        raise ConfigError("dultra lm-eval needs lm-eval: pip install 'dultra-jax[lm-eval]'")
+    from dultra_jax.lm_eval_model import main as lm_eval_main
+
+    return lm_eval_main(args.lm_eval_args)
+
+
 def _decode_flags(p: argparse.ArgumentParser) -> None:
     """Decoding defaults shared by generate and serve (a request may override them)."""
     p.add_argument("--strategy", default="planner", choices=["planner", "threshold", "factor", "fixed"])
@@ -448,6 +459,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help='split each batch over this process\'s devices, e.g. "data=8" (default: one device)')
     e.set_defaults(func=_cmd_eval)
 
+    le = sub.add_parser("lm-eval", add_help=False,
+                        help="lm-eval-harness with the in-process `dultra` model: dultra lm-eval --model dultra "
+                             "--model_args pretrained=PATH --tasks ... (every lm-eval option; -h for lm-eval's help)")
+    le.add_argument("lm_eval_args", nargs=argparse.REMAINDER, help="lm-eval's arguments")
+    le.set_defaults(func=_cmd_lm_eval)
+
     pl = sub.add_parser("plot", help="accuracy-vs-NFE chart (PNG + SVG) from evaluation summaries")
     pl.add_argument("--summaries", nargs="+", required=True, help="summary.json files and/or directories")
     pl.add_argument("--out", required=True, help="output directory")
@@ -480,7 +497,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["lm-eval"]:  # everything after it is lm-eval's (argparse cannot pass options through)
+        args = argparse.Namespace(func=_cmd_lm_eval, lm_eval_args=argv[1:])
+    else:
+        args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except (CheckpointError, ConfigError) as e:
