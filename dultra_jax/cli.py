@@ -147,7 +147,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     kw = dict(gen_length=args.gen_length, block_length=args.block_length, strategy=args.strategy,
               reveal=args.reveal, temperature=args.temperature, threshold=args.threshold, factor=args.factor,
               steps=args.steps, rng=args.seed, early_stop=args.early_stop, cache=args.cache, plan=plan,
-              on_block=printer)
+              on_block=printer, planner_temperature=args.planner_temperature)
     try:
         result = generate(model, [ids], **kw)  # compile + run (the printer stays quiet)
         jax.block_until_ready(result.tokens)
@@ -263,6 +263,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         strategy=args.strategy, reveal=args.reveal, gen_length=args.gen_length, block_length=args.block_length,
         temperature=args.temperature, threshold=args.threshold, factor=args.factor, steps=args.steps,
         cache=args.cache, batch_size=args.batch_size, pad_multiple=args.pad_multiple, batching=args.batching,
+        planner_temperature=args.planner_temperature,
     )
     out = Path(args.out or f"runs/eval-{args.task}")
     if args.wandb:
@@ -328,6 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--threshold", type=float, default=0.9)
     g.add_argument("--factor", type=float, default=1.0)
+    g.add_argument("--planner-temperature", type=float, default=None,
+                   help="planner strategy: reveal probability sigmoid(logit / T) (default: T = 1)")
     g.add_argument("--steps", type=int, default=None, help="total steps of the fixed schedule")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--dtype", default="bf16", help="compute dtype: bf16 | fp32")
@@ -364,6 +367,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--temperature", type=float, default=0.0)
     e.add_argument("--threshold", type=float, default=0.9)
     e.add_argument("--factor", type=float, default=1.0)
+    e.add_argument("--planner-temperature", type=float, default=None,
+                   help="planner strategy: reveal probability sigmoid(logit / T) (default: T = 1)")
     e.add_argument("--steps", type=int, default=None, help="total steps of the fixed schedule")
     e.add_argument("--cache", default="none", choices=["none", "prefix", "dual"])
     e.add_argument("--limit", type=int, default=None, help="first N problems (synthetic task: its size, default 64)")

@@ -71,6 +71,8 @@ class EvalSettings:
     threshold: float = 0.9
     factor: float = 1.0
     steps: int | None = None
+    # planner strategy: sigmoid(logit / tau); the original's sweep scripts set it (None = tau 1, its default)
+    planner_temperature: float | None = None
     cache: str = "none"
     batch_size: int = 8  # rows per decode call; with continuous batching, the slots
     pad_multiple: int = 64
@@ -95,7 +97,7 @@ class EvalSettings:
     def decode_kwargs(self) -> dict[str, Any]:
         return dict(gen_length=self.gen_length, block_length=self.block_length, strategy=self.strategy,
                     reveal=self.reveal, temperature=self.temperature, threshold=self.threshold, factor=self.factor,
-                    steps=self.steps, cache=self.cache)
+                    steps=self.steps, cache=self.cache, planner_temperature=self.planner_temperature)
 
     @property
     def series(self) -> str:
@@ -104,6 +106,8 @@ class EvalSettings:
 
     @property
     def point_label(self) -> str:
+        if self.strategy == "planner" and self.planner_temperature is not None:
+            return f"f={self.factor:g} pt={self.planner_temperature:g}"
         if self.strategy in ("planner", "factor"):
             return f"f={self.factor:g}"
         if self.strategy == "threshold":
