@@ -88,8 +88,9 @@ def diffu_grpo_loss(graphdef: nnx.GraphDef, states: tuple[nnx.State, ...], batch
     return jnp.sum(per_token * mask) / tokens, metrics
 
 
-def make_loss(cfg: GRPOLossConfig):
-    """diffu-GRPO in :func:`dultra_jax.training.step.make_train_step`'s ``(graphdef, states, batch, rng)`` form."""
+def make_loss(cfg: GRPOLossConfig, trainable: str = "all"):
+    """diffu-GRPO in :func:`dultra_jax.training.step.make_train_step`'s ``(graphdef, states, batch, rng)`` form
+    (one forward per update whatever trains: ``trainable`` changes nothing)."""
 
     def loss(graphdef: nnx.GraphDef, states: tuple, batch: DiffuBatch, rng: jax.Array):
         return diffu_grpo_loss(graphdef, states, batch, cfg)

@@ -25,7 +25,7 @@ from dultra_jax.training.step import LossFn
 
 @dataclass(frozen=True)
 class Objective:
-    loss: Callable[[grpo.GRPOLossConfig], LossFn]
+    loss: Callable[[grpo.GRPOLossConfig, str], LossFn]  # (loss config, train.trainable)
     pack: Callable[[Any, Any, np.ndarray], tuple[Any, int]]  # (trainer, RolloutResult, advantages [B])
     for_iteration: Callable[[Any, int], Any]  # (packed, update index) -> the micro-batches of that update
     replays_trajectory: bool  # True: the loss replays the planner's recorded decisions

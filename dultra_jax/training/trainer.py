@@ -775,7 +775,7 @@ def _planner_loss(cfg: RunConfig) -> LossFn:
 
 
 def _grpo_loss(cfg: RunConfig) -> LossFn:
-    return objectives.objective(cfg.grpo.loss).loss(cfg.grpo)  # cfg.grpo is a GRPOLossConfig
+    return objectives.objective(cfg.grpo.loss).loss(cfg.grpo, cfg.train.trainable)  # cfg.grpo: a GRPOLossConfig
 
 
 MODES: dict[str, Mode] = {
