@@ -2,6 +2,7 @@
 objective table (rollouts with any reveal rule) and exact resume."""
 
 import json
+from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
@@ -146,7 +147,7 @@ def _cfg(*over):
         "optim.learning_rate=1e-3", "grpo.loss=diffu_grpo", *over])
 
 
-def test_objective_table_and_rollout_settings(tmp_path, monkeypatch):
+def test_objective_table_and_rollout_settings(monkeypatch):
     with pytest.raises(ConfigError, match="needs grpo.rollout.strategy=planner"):
         _cfg("grpo.loss=replay", "grpo.rollout.strategy=threshold")
     with pytest.raises(ConfigError, match="unknown grpo.loss"):
@@ -167,11 +168,19 @@ def test_objective_table_and_rollout_settings(tmp_path, monkeypatch):
         raise Stop
 
     monkeypatch.setattr(trainer_mod, "generate", spy)
-    t = trainer_mod.Trainer(_cfg("grpo.loss=replay", "grpo.rollout.reveal=topk", "grpo.planner_temperature=0.5"),
-                            tmp_path / "r", progress=False)
+    # the rollout step alone (a whole Trainer costs a model build): what it passes to the decoder
+    t = trainer_mod.Trainer.__new__(trainer_mod.Trainer)
+    t.cfg = _cfg("grpo.loss=replay", "grpo.rollout.reveal=topk", "grpo.planner_temperature=0.5")
+    t.mcfg, t.num_processes, t.step, t.rollout_plan = SimpleNamespace(pad_token_id=0), 1, 0, None
+    t._rollout_model = lambda: None
+    batch = {"input_ids": np.ones((2, 3), np.int32), "attention_mask": np.ones((2, 3), np.int32)}
     with pytest.raises(Stop):
-        t._grpo_batch(jax.random.key(0))
+        t._rollout(batch, jax.random.key(0))
     assert (seen["strategy"], seen["reveal"], seen["planner_temperature"]) == ("planner", "topk", 0.5)
+    t.cfg = _cfg("grpo.rollout.strategy=fixed", "grpo.rollout.steps=4")
+    with pytest.raises(Stop):
+        t._rollout(batch, jax.random.key(0))
+    assert (seen["strategy"], seen["steps"], seen["return_trajectory"]) == ("fixed", 4, True)
 
 
 def test_resume_is_exact_with_threshold_rollouts(tmp_path):
@@ -195,3 +204,19 @@ def test_resume_is_exact_with_threshold_rollouts(tmp_path):
         for key in ("loss", "kl", "reward_mean", "grad_norm", "clip_fraction"):
             assert r[key] == pytest.approx(w[key], rel=1e-5, abs=1e-7), key
     assert rows[1]["kl"] > 0 and rows[1]["max_abs_log_ratio"] > 0  # the second update is off-policy
+
+
+def test_docs_page_block_is_current():
+    """docs/diffu-grpo.md's generated block equals what benchmarks/results_tables.py renders from the JSON."""
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("results_tables", root / "benchmarks" / "results_tables.py")
+    tables = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tables)
+    text = (root / "docs" / "diffu-grpo.md").read_text()
+    begin = tables.BEGIN.format("grpo")
+    start = text.index(begin) + len(begin)
+    assert text[start:text.index(tables.END, start)] == tables.render("grpo")
+    assert tables.render("grpo"), "benchmarks/results/grpo_step_both_cpu.json is missing"

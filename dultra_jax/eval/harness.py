@@ -576,7 +576,9 @@ def evaluate(model, tokenizer, examples: Sequence[Example], settings: EvalSettin
     pid, nproc = jax.process_index(), jax.process_count()
     mine = list(range(pid, len(examples), nproc))  # this process's share of the problems
     # batch size does not change any result (rows are keyed by their problem), so a resume may use another
-    run_info = {"task": task, "settings": {k: v for k, v in settings.to_dict().items() if k != "batch_size"},
+    # (planner_temperature only when set: runs recorded before it existed stay resumable)
+    run_info = {"task": task, "settings": {k: v for k, v in settings.to_dict().items() if k != "batch_size"
+                                           and not (k == "planner_temperature" and v is None)},
                 "n_problems": len(examples), "problem_ids": ids,
                 "seeds": seeds, "processes": nproc}
     out = Path(out_dir) if out_dir is not None else None
