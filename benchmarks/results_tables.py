@@ -256,6 +256,33 @@ def replay_memory_table() -> list[str]:
                              + ["MB per extra iteration", "parameter copies per iteration"], rows)]
 
 
+def grpo_step_tables() -> list[str]:
+    """benchmarks/grpo_step.py: one GRPO step per objective, and value_and_grad / forward of the replayed loss."""
+    d = _load("grpo_step_both_cpu.json")
+    if d is None:
+        return []
+    parts = []
+    if d.get("grpo_step"):
+        rows = [[r["size"], f"{r['params']:,}", r["loss"], r["rollout"], r["rows"], f"{r['recorded_steps']:.0f}",
+                 f"{r['rollout_s']:.3f}", f"{r['rollout_tokens_per_s']:,.0f}", f"{r['train_s']:.3f}",
+                 f"{r['train_tokens_per_s']:,.0f}"] for r in d["grpo_step"]]
+        parts.append(f"`grpo_step_both_cpu.json`: {d['device']}, commit {d['commit']}, "
+                     f"G={d['grpo_step'][0]['gen_length']}; {d['note']}\n\n" + _table(
+                         ["model", "params", "grpo.loss", "rollout rule", "rows", "recorded S", "rollout s",
+                          "rollout tokens/s", "train step s", "train tokens/s"], rows))
+    if d.get("cost"):
+        rows = [[r["trainable"], r["variant"], f"{r['flops_ratio']:.2f}x", f"{r['bytes_ratio']:.2f}x",
+                 f"{r['cpu_s_ratio']:.2f}x", r["value_and_grad"]["transposes"], r["forward"]["transposes"]]
+                for r in d["cost"]]
+        m = d["cost_model"]
+        parts.append(f"value_and_grad of the replayed loss against its forward, S={d['cost'][0]['steps']} recorded "
+                     f"iterations, d_model={m['d_model']} n_layers={m['n_layers']} vocab={m['vocab_size']} (XLA cost "
+                     "analysis of the compiled programs; CPU time = median process time)\n\n" + _table(
+                         ["trainable", "loss", "FLOPs ratio", "bytes ratio", "CPU time ratio", "HLO transposes (grad)",
+                          "HLO transposes (fwd)"], rows))
+    return parts
+
+
 def memory_check_table() -> list[str]:
     d = _load("gpu_memory_check.json")
     if d is None:
@@ -406,6 +433,7 @@ SECTIONS = {
                 ("Memory plan of the shipped configs", memory_plan_tables),
                 ("Planned vs measured memory", memory_check_table)],
     "humaneval": [("HumanEval scoring rule: canonical solutions", humaneval_sanitizer_table)],
+    "grpo": [("GRPO step and the replay gradient's cost on the CPU", grpo_step_tables)],  # docs/diffu-grpo.md
     "demo": [("The demo's trade-off", demo_sweep_tables)],
     "evaluation": [("NFE and TPF of the demo's models", tpf_tables), ("Evaluation throughput", eval_throughput_tables),
                    ("Decoding throughput on the CPU", cpu_throughput_table)],

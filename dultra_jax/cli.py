@@ -145,7 +145,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     kw = dict(gen_length=args.gen_length, block_length=args.block_length, strategy=args.strategy,
               reveal=args.reveal, temperature=args.temperature, threshold=args.threshold, factor=args.factor,
               steps=args.steps, rng=args.seed, early_stop=args.early_stop, cache=args.cache, plan=plan,
-              on_block=printer)
+              on_block=printer, planner_temperature=args.planner_temperature)
     try:
         result = generate(model, [ids], **kw)  # compile + run (the printer stays quiet)
         jax.block_until_ready(result.tokens)
@@ -239,7 +239,7 @@ def _text_model(args: argparse.Namespace, *, slots: int = 1):
                               seed=args.seed, mesh=plan, gen_length=args.gen_length, block_length=args.block_length,
                               strategy=args.strategy, reveal=args.reveal, temperature=args.temperature,
                               threshold=args.threshold, factor=args.factor, steps=args.steps, cache=args.cache,
-                              early_stop=args.early_stop)
+                              early_stop=args.early_stop, planner_temperature=args.planner_temperature)
     except ValueError as e:
         raise ConfigError(str(e)) from e
     return text, plan
@@ -303,6 +303,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         strategy=args.strategy, reveal=args.reveal, gen_length=args.gen_length, block_length=args.block_length,
         temperature=args.temperature, threshold=args.threshold, factor=args.factor, steps=args.steps,
         cache=args.cache, batch_size=args.batch_size, pad_multiple=args.pad_multiple, batching=args.batching,
+        planner_temperature=args.planner_temperature,
     )
     out = Path(args.out or f"runs/eval-{args.task}")
     if args.wandb:
@@ -362,6 +363,8 @@ def _decode_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--threshold", type=float, default=0.9)
     p.add_argument("--factor", type=float, default=1.0)
+    p.add_argument("--planner-temperature", type=float, default=None,
+                   help="planner strategy: reveal probability sigmoid(logit / T) (default: T = 1)")
     p.add_argument("--steps", type=int, default=None, help="total steps of the fixed schedule")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="bf16", help="compute dtype: bf16 | fp32")
@@ -434,6 +437,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--temperature", type=float, default=0.0)
     e.add_argument("--threshold", type=float, default=0.9)
     e.add_argument("--factor", type=float, default=1.0)
+    e.add_argument("--planner-temperature", type=float, default=None,
+                   help="planner strategy: reveal probability sigmoid(logit / T) (default: T = 1)")
     e.add_argument("--steps", type=int, default=None, help="total steps of the fixed schedule")
     e.add_argument("--cache", default="none", choices=["none", "prefix", "dual"])
     e.add_argument("--limit", type=int, default=None, help="first N problems (synthetic task: its size, default 64)")

@@ -36,6 +36,23 @@ def test_generate_with_ids_json(tiny_dir, capsys):
     assert out["tpf"] == pytest.approx(out["effective_tokens"] / out["nfe"])
 
 
+def test_generate_planner_temperature_reaches_the_decoder(tiny_dir, tiny_model, capsys):
+    """--planner-temperature (the original's sweep knob) decodes as generate(planner_temperature=...); the
+    evaluation settings carry it into their decode arguments and label."""
+    from dultra_jax.decoding import generate
+    from dultra_jax.eval import EvalSettings
+
+    assert main(["generate", "--model", str(tiny_dir), "--prompt-ids", "1,2,3,4", "--gen-length", "16",
+                 "--block-length", "8", "--dtype", "fp32", "--planner-temperature", "0.3", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    want = generate(tiny_model, [[1, 2, 3, 4]], gen_length=16, block_length=8, rng=0, planner_temperature=0.3)
+    assert out["generated_ids"] == want.tokens[0, 4:].tolist() and out["nfe"] == int(want.nfe[0])
+    s = EvalSettings(planner_temperature=0.3, reveal="topk")
+    assert s.decode_kwargs()["planner_temperature"] == 0.3 and "pt=0.3" in s.label
+    with pytest.raises(ValueError, match="planner_temperature"):
+        EvalSettings(planner_temperature=0.0)
+
+
 def test_generate_with_chat_template(tiny_with_tokenizer, capsys):
     assert main(["generate", "--model", str(tiny_with_tokenizer), "--prompt", "what is two plus two?",
                  "--gen-length", "16", "--block-length", "8", "--dtype", "fp32"]) == 0

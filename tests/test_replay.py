@@ -82,3 +82,31 @@ def test_replay_gradient_memory_does_not_grow_with_recorded_steps():
     small, large = (replay_grad_memory(cfg, s, batch=2, prompt_len=8, gen_len=16, block_length=8) for s in (4, 20))
     per_step = (large["temp_bytes"] - small["temp_bytes"]) / (large["steps"] - small["steps"])
     assert per_step < 0.05 * small["param_bytes"], (small, large)
+
+
+def test_planner_only_gradient_equals_the_replayed_one(tiny_model, golden):
+    """trainable=planner: the per-iteration VJP in the forward scan gives grpo_loss's value, metrics and
+    gradient (float32 summation order aside), off-policy ratios, clipping, KL and skipped iterations included."""
+    from dultra_jax.training.grpo import planner_grpo_loss
+    from dultra_jax.training.step import split_trainable
+
+    gd, tr, fr = split_trainable(tiny_model, "planner")
+    cfg = GRPOLossConfig(block_length=8, max_completion_length=32, advantage_min_clip=None, beta=0.1,
+                         epsilon_high=0.2)
+    ro = _golden_rollout(golden, jnp.array([1.0, -0.5]), pad_steps=2)
+    ro = Rollout(**{**ro.__dict__, "old_logps": ro.old_logps - 0.05, "ref_logps": ro.old_logps + 0.1})
+
+    @jax.jit
+    def both(t):
+        return tuple(jax.value_and_grad(lambda t, fn=fn: fn(gd, (t, fr), ro, cfg), has_aux=True)(t)
+                     for fn in (grpo_loss, planner_grpo_loss))
+
+    ((l1, m1), g1), ((l2, m2), g2) = both(tr)
+    assert float(l1) == pytest.approx(float(l2), rel=1e-6)
+    for k in m1:
+        assert float(m1[k]) == pytest.approx(float(m2[k]), rel=1e-5), k
+    assert float(m1["clip_fraction"]) > 0
+    scale = max(float(jnp.abs(a).max()) for a in jax.tree.leaves(g1))
+    assert scale > 1e-3
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2), strict=True):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-6 * scale)

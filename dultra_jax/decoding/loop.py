@@ -103,8 +103,6 @@ class DecodeConfig:
                 f"schedule='per_row' needs cache='none': the {self.cache} cache is refreshed for the whole batch "
                 "at a block's first iteration, so cached decoding keeps schedule='sync'"
             )
-        if self.return_trajectory and self.strategy != "planner":
-            raise ValueError("return_trajectory is only defined for the planner strategy (GRPO rollouts)")
 
     @property
     def num_blocks(self) -> int:
@@ -132,7 +130,8 @@ class DecodeConfig:
 @jax.tree_util.register_dataclass
 @dataclass
 class Trajectory:
-    """Per-iteration records for GRPO ([S, B, L], S = cap); steps >= num_steps are all-False / zero."""
+    """Per-iteration records for GRPO ([S, B, L], S = cap); steps >= num_steps are all-False / zero. Every
+    strategy records reveals and proposals (the step penalty reads them); only the planner has ``logps``."""
 
     reveal: jax.Array
     proposals: jax.Array
@@ -572,7 +571,8 @@ def _run(graphdef, params, st: LoopState, rows: Rows, uniforms, p: int, cfg: Dec
             traj = Trajectory(
                 reveal=traj.reveal.at[st.it].set(full(reveal, jnp.zeros((b, length), bool))),
                 proposals=traj.proposals.at[st.it].set(full(x0, x_new)),
-                logps=traj.logps.at[st.it].set(full(step_logps, jnp.zeros((b, length), jnp.float32))),
+                logps=traj.logps if step_logps is None else traj.logps.at[st.it].set(
+                    full(step_logps, jnp.zeros((b, length), jnp.float32))),
                 num_steps=st.it + 1,
             )
         nfe = st.nfe + active.astype(jnp.int32)

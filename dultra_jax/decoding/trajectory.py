@@ -51,15 +51,16 @@ def trajectory_logps(
 
 def replay_step_logps(
     model: DUltra, x: jax.Array, reveal: jax.Array, proposal: jax.Array, block_length: int, p: int,
-    planner_temperature: float | None, factor: float, attention_mask: jax.Array | None, *,
-    planner_stats: bool = False,
+    planner_temperature: float | None, factor: float, attention_mask: jax.Array | None,
+    hidden: jax.Array | None = None, *, planner_stats: bool = False,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """log-probs [B, L] of one recorded step from state ``x`` (differentiable in the model's parameters).
 
     The same planner-step math as the decoding loop (:mod:`dultra_jax.decoding.planner_step`), with the head's
-    queries restricted to each row's block (exact). ``planner_stats``: also [B, 3] per row = (sum of the reveal
-    probabilities, sum of their binary entropies (nats), number of candidates) over the block's candidates,
-    without gradient: what a run logs about the planner.
+    queries restricted to each row's block (exact). ``hidden``: the backbone's states of ``x`` when the caller
+    already has them (the planner-only gradient computes them once, outside the head's differentiation).
+    ``planner_stats``: also [B, 3] per row = (sum of the reveal probabilities, sum of their binary entropies
+    (nats), number of candidates) over the block's candidates, without gradient: what a run logs about the planner.
     """
     mask_id = model.cfg.mask_token_id
     b, length = x.shape
@@ -67,7 +68,8 @@ def replay_step_logps(
     first = jnp.argmax(reveal, axis=-1)
     start = p + ((first - p) // block_length) * block_length
     cols = ps.block_columns(jnp.clip(start, p, length - block_length).astype(jnp.int32), block_length)
-    hidden = model.hidden_states(x, attention_mask)
+    if hidden is None:
+        hidden = model.hidden_states(x, attention_mask)
     cand = ps.take_block(x, cols) == mask_id
     logits = model.lm_logits(ps.take_block(hidden, cols)).astype(jnp.float32).at[..., mask_id].set(-jnp.inf)
     row_len = (attention_mask.sum(-1) if attention_mask is not None else jnp.full((b,), length)).astype(jnp.float32)

@@ -71,6 +71,8 @@ class EvalSettings:
     threshold: float = 0.9
     factor: float = 1.0
     steps: int | None = None
+    # planner strategy: sigmoid(logit / tau); the original's sweep scripts set it (None = tau 1, its default)
+    planner_temperature: float | None = None
     cache: str = "none"
     batch_size: int = 8  # rows per decode call; with continuous batching, the slots
     pad_multiple: int = 64
@@ -95,7 +97,7 @@ class EvalSettings:
     def decode_kwargs(self) -> dict[str, Any]:
         return dict(gen_length=self.gen_length, block_length=self.block_length, strategy=self.strategy,
                     reveal=self.reveal, temperature=self.temperature, threshold=self.threshold, factor=self.factor,
-                    steps=self.steps, cache=self.cache)
+                    steps=self.steps, cache=self.cache, planner_temperature=self.planner_temperature)
 
     @property
     def series(self) -> str:
@@ -104,6 +106,8 @@ class EvalSettings:
 
     @property
     def point_label(self) -> str:
+        if self.strategy == "planner" and self.planner_temperature is not None:
+            return f"f={self.factor:g} pt={self.planner_temperature:g}"
         if self.strategy in ("planner", "factor"):
             return f"f={self.factor:g}"
         if self.strategy == "threshold":
@@ -572,7 +576,9 @@ def evaluate(model, tokenizer, examples: Sequence[Example], settings: EvalSettin
     pid, nproc = jax.process_index(), jax.process_count()
     mine = list(range(pid, len(examples), nproc))  # this process's share of the problems
     # batch size does not change any result (rows are keyed by their problem), so a resume may use another
-    run_info = {"task": task, "settings": {k: v for k, v in settings.to_dict().items() if k != "batch_size"},
+    # (planner_temperature only when set: runs recorded before it existed stay resumable)
+    run_info = {"task": task, "settings": {k: v for k, v in settings.to_dict().items() if k != "batch_size"
+                                           and not (k == "planner_temperature" and v is None)},
                 "n_problems": len(examples), "problem_ids": ids,
                 "seeds": seeds, "processes": nproc}
     out = Path(out_dir) if out_dir is not None else None

@@ -84,6 +84,18 @@ class SequenceSection:
 
 
 @dataclass(frozen=True)
+class RolloutSection:
+    """How GRPO rollouts decode: any reveal rule of :class:`dultra_jax.decoding.DecodeConfig` (the replay loss
+    needs ``planner``; ``diffu_grpo`` takes any, so plain LLaDA can roll out with ``threshold``/``factor``/
+    ``fixed``). The factor rule's factor is ``grpo.factor`` (the planner's too: one value for rollout and loss)."""
+
+    strategy: str = "planner"  # planner | threshold | factor | fixed
+    reveal: str = "bernoulli"  # planner decision: bernoulli (the original's "training") | topk ("inference")
+    threshold: float = 0.9  # threshold rule
+    steps: int | None = None  # fixed rule: total steps (default gen_length)
+
+
+@dataclass(frozen=True)
 class GRPOSection(GRPOLossConfig):
     """The loss options are :class:`GRPOLossConfig`'s own fields (one definition; ``cfg.grpo`` is the loss
     config); the rest configure rollouts, rewards and the reference model."""
@@ -100,12 +112,29 @@ class GRPOSection(GRPOLossConfig):
     reward_config: str | None = None  # rewards YAML (default configs/rewards.yaml)
     reward_weights: dict[str, float] = field(default_factory=dict)  # override / add weights by reward name
     step_penalty_scale: float = 50.0  # the original's -(steps)/50
+    loss: str = "replay"  # an objective of dultra_jax.training.objectives: replay | diffu_grpo
+    p_mask_prompt: float = 0.15  # diffu_grpo: probability a prompt token is MASKed in the one-step estimate
+    rollout: RolloutSection = field(default_factory=RolloutSection)
 
     def __post_init__(self) -> None:
+        from dultra_jax.training.objectives import OBJECTIVES
+
         if self.max_completion_length is None:
             object.__setattr__(self, "max_completion_length", self.gen_length)
         if self.num_iterations < 1:
             raise ValueError(f"num_iterations must be >= 1, got {self.num_iterations}")
+        if self.loss not in OBJECTIVES:
+            raise ValueError(f"unknown grpo.loss {self.loss!r}; choose one of {sorted(OBJECTIVES)}")
+        if OBJECTIVES[self.loss].replays_trajectory and self.rollout.strategy != "planner":
+            raise ValueError(f"grpo.loss={self.loss} replays the planner's decisions: it needs "
+                             f"grpo.rollout.strategy=planner (got {self.rollout.strategy!r}); or use diffu_grpo")
+        if not 0.0 <= self.p_mask_prompt <= 1.0:
+            raise ValueError(f"p_mask_prompt must be in [0, 1], got {self.p_mask_prompt}")
+        from dultra_jax.decoding import DecodeConfig
+
+        DecodeConfig(gen_length=self.gen_length, block_length=self.block_length, strategy=self.rollout.strategy,
+                     reveal=self.rollout.reveal, threshold=self.rollout.threshold, steps=self.rollout.steps,
+                     factor=self.factor, temperature=self.temperature)
 
 
 @dataclass
@@ -114,6 +143,8 @@ class EvalSection:
     gen_length: int = 16
     block_length: int = 8
     strategy: str = "planner"
+    reveal: str = "bernoulli"  # planner decision rule: bernoulli | topk
+    planner_temperature: float | None = None  # planner: sigmoid(logit / T) (None = T 1)
     batch_size: int = 32
 
 
@@ -187,6 +218,7 @@ _SECTIONS = {
     (RunConfig, "model"): ModelSection, (RunConfig, "task"): TaskSection, (RunConfig, "train"): TrainSection,
     (RunConfig, "optim"): OptimConfig, (RunConfig, "sequence"): SequenceSection, (RunConfig, "grpo"): GRPOSection,
     (RunConfig, "eval"): EvalSection, (RunConfig, "logging"): LoggingSection, (RunConfig, "data"): DataSection,
+    (GRPOSection, "rollout"): RolloutSection,
 }
 
 

@@ -99,60 +99,41 @@ def _skip(x, rec) -> jax.Array:
     return jnp.zeros((7,), jnp.float32)
 
 
-def grpo_loss(
-    graphdef: nnx.GraphDef, states: tuple[nnx.State, ...], rollout: Rollout, cfg: GRPOLossConfig
-) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """The replayed trajectory objective of the model ``nnx.merge(graphdef, *states)``; returns (loss, metrics).
+def _step_stats(model, x, rec, rollout: Rollout, cfg: GRPOLossConfig, hidden: jax.Array | None = None) -> jax.Array:
+    """One recorded iteration from state ``x``: [sum over rows of the row loss, clipped rows, active rows,
+    max |log ratio|, planner reveal-probability sum, entropy sum, candidates]; ``hidden`` = the backbone's
+    states of ``x`` when the caller has them."""
+    reveal, proposal, old, ref = rec
+    p, length = rollout.prompt_ids.shape[1], x.shape[1]
+    completion = jnp.arange(length) >= p
+    new, planner = replay_step_logps(model, x, reveal, proposal, cfg.block_length, p, cfg.planner_temperature,
+                                     cfg.factor, rollout.attention_mask, hidden, planner_stats=True)
+    active = reveal.any(-1)
+    log_ratio = jnp.sum(jnp.where(completion, new - old, 0.0), axis=-1)
+    row_loss, clipped = clipped_objective(log_ratio, rollout.advantages, cfg)
+    if cfg.beta > 0:
+        row_loss = row_loss + cfg.beta * k3_kl(new, ref, completion[None, :] & (new != 0))
+    row_loss = jnp.where(active, row_loss, 0.0)
+    return jnp.stack([
+        jnp.sum(row_loss), jnp.sum(jnp.where(active, clipped, False)), jnp.sum(active),
+        jnp.max(jnp.where(active, jnp.abs(log_ratio), 0.0)),
+        *jnp.where(active[:, None], planner, 0.0).sum(0),  # reveal prob / entropy sums, candidates
+    ])
 
-    loss = sum over iterations s of mean over rows b of [-min(rho A, clip(rho) A) + beta KL] / L, where
-    rho_{b,s} = exp(sum_i (l_new - l_old)) over the completion and L = max_completion_length. Rows that
-    revealed nothing at s contribute nothing (in the original they add a constant). The original divides by
-    half the batch (its two replay chunks) and by the gradient-accumulation steps twice; the optimiser's
-    update direction is the same up to that constant scale, which the learning rate absorbs.
-    """
+
+def _start(rollout: Rollout, mask_id: int):
+    """(the canvas before the first iteration [B, L], the scanned records)."""
     p = rollout.prompt_ids.shape[1]
-    s_max, b, length = rollout.reveal.shape
-    mask_id = nnx.merge(graphdef, *states).cfg.mask_token_id
+    _, b, length = rollout.reveal.shape
     x0 = jnp.concatenate(
         [rollout.prompt_ids.astype(jnp.int32), jnp.full((b, length - p), mask_id, jnp.int32)], axis=1
     )
-    completion = jnp.arange(length) >= p
-
-    def one_step(x, rec):
-        reveal, proposal, old, ref = rec
-        model = nnx.merge(graphdef, *states)  # closed over: scan constants, never per-iteration residuals
-        new, planner = replay_step_logps(model, x, reveal, proposal, cfg.block_length, p, cfg.planner_temperature,
-                                         cfg.factor, rollout.attention_mask, planner_stats=True)
-        active = reveal.any(-1)
-        log_ratio = jnp.sum(jnp.where(completion, new - old, 0.0), axis=-1)
-        row_loss, clipped = clipped_objective(log_ratio, rollout.advantages, cfg)
-        if cfg.beta > 0:
-            row_loss = row_loss + cfg.beta * k3_kl(new, ref, completion[None, :] & (new != 0))
-        row_loss = jnp.where(active, row_loss, 0.0)
-        return jnp.stack([
-            jnp.sum(row_loss), jnp.sum(jnp.where(active, clipped, False)), jnp.sum(active),
-            jnp.max(jnp.where(active, jnp.abs(log_ratio), 0.0)),
-            *jnp.where(active[:, None], planner, 0.0).sum(0),  # reveal prob / entropy sums, candidates
-        ])
-
-    # Memory independent of S (benchmarks/replay_memory.py): the parameters are closed over (scan constants,
-    # not carry, which the scan would save once per iteration), and the skip of an iteration where no row
-    # revealed anything is a cond *inside* a checkpoint that saves nothing but its inputs (x and the
-    # iteration's records). A cond *around* the checkpoint returns the checkpoint's residuals, the
-    # parameters among them, as per-iteration outputs that the scan stacks S times. The branch keeps its own
-    # checkpoint: linearising the cond over the bare step gave NaN gradients (the finite-difference test in
-    # tests/test_training.py), and with it the branch's only residuals are its inputs.
-    @partial(jax.checkpoint, policy=jax.checkpoint_policies.nothing_saveable, prevent_cse=False)
-    def replay_one(x, rec):
-        return jax.lax.cond(rec[0].any(), jax.checkpoint(one_step), _skip, x, rec)
-
-    def body(x, rec):
-        reveal, proposal = rec[0], rec[1]
-        return jnp.where(reveal, proposal, x), replay_one(x, rec)
-
     ref = rollout.ref_logps if rollout.ref_logps is not None else jnp.zeros_like(rollout.old_logps)
-    _, stats = jax.lax.scan(body, x0, (rollout.reveal, rollout.proposals, rollout.old_logps, ref))
-    loss = stats[:, 0].sum() / b / cfg.max_completion_length
+    return x0, (rollout.reveal, rollout.proposals, rollout.old_logps, ref)
+
+
+def _summarise(stats: jax.Array, rows: int, cfg: GRPOLossConfig) -> tuple[jax.Array, dict[str, jax.Array]]:
+    loss = stats[:, 0].sum() / rows / cfg.max_completion_length
     n_active = jnp.maximum(stats[:, 2].sum(), 1.0)
     metrics = {
         "clip_fraction": stats[:, 1].sum() / n_active,
@@ -166,12 +147,107 @@ def grpo_loss(
     return loss, metrics
 
 
-def make_loss(cfg: GRPOLossConfig):
+def grpo_loss(
+    graphdef: nnx.GraphDef, states: tuple[nnx.State, ...], rollout: Rollout, cfg: GRPOLossConfig
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The replayed trajectory objective of the model ``nnx.merge(graphdef, *states)``; returns (loss, metrics).
+
+    loss = sum over iterations s of mean over rows b of [-min(rho A, clip(rho) A) + beta KL] / L, where
+    rho_{b,s} = exp(sum_i (l_new - l_old)) over the completion and L = max_completion_length. Rows that
+    revealed nothing at s contribute nothing (in the original they add a constant). The original divides by
+    half the batch (its two replay chunks) and by the gradient-accumulation steps twice; the optimiser's
+    update direction is the same up to that constant scale, which the learning rate absorbs.
+    """
+    x0, recs = _start(rollout, nnx.merge(graphdef, *states).cfg.mask_token_id)
+
+    def one_step(x, rec):
+        model = nnx.merge(graphdef, *states)  # closed over: scan constants, never per-iteration residuals
+        return _step_stats(model, x, rec, rollout, cfg)
+
+    # Memory independent of S (benchmarks/replay_memory.py): the parameters are closed over (scan constants,
+    # not carry, which the scan would save once per iteration), and the skip of an iteration where no row
+    # revealed anything is a cond *inside* a checkpoint that saves nothing but its inputs (x and the
+    # iteration's records). A cond *around* the checkpoint returns the checkpoint's residuals, the
+    # parameters among them, as per-iteration outputs that the scan stacks S times. The branch keeps its own
+    # checkpoint: linearising the cond over the bare step gave NaN gradients (the finite-difference test in
+    # tests/test_training.py), and with it the branch's only residuals are its inputs. The nesting costs no
+    # extra FLOPs: the outer recomputation's forward is dead code that XLA removes (docs/diffu-grpo.md).
+    @partial(jax.checkpoint, policy=jax.checkpoint_policies.nothing_saveable, prevent_cse=False)
+    def replay_one(x, rec):
+        return jax.lax.cond(rec[0].any(), jax.checkpoint(one_step), _skip, x, rec)
+
+    def body(x, rec):
+        reveal, proposal = rec[0], rec[1]
+        return jnp.where(reveal, proposal, x), replay_one(x, rec)
+
+    _, stats = jax.lax.scan(body, x0, recs)
+    return _summarise(stats, rollout.reveal.shape[1], cfg)
+
+
+def _planner_scan(graphdef, planner, frozen, rollout: Rollout, cfg: GRPOLossConfig, with_grads: bool):
+    """Forward scan of the replay for a planner-only update: per-iteration stats [S, 7] and (``with_grads``)
+    the gradient w.r.t. the planner of the sum over iterations of each iteration's row-loss sum. The backbone
+    runs once per iteration, outside the head's differentiation: its states do not depend on the planner."""
+    x0, recs = _start(rollout, nnx.merge(graphdef, planner, frozen).cfg.mask_token_id)
+    zeros = jax.tree.map(jnp.zeros_like, planner)
+
+    def terms(pl, hidden, x, rec):
+        stats = _step_stats(nnx.merge(graphdef, pl, frozen), x, rec, rollout, cfg, hidden)
+        return stats[0], stats
+
+    def active(x, rec):
+        hidden = nnx.merge(graphdef, planner, frozen).hidden_states(x, rollout.attention_mask)
+        if not with_grads:
+            return terms(planner, hidden, x, rec)[1], zeros
+        (_, stats), grads = jax.value_and_grad(terms, has_aux=True)(planner, hidden, x, rec)
+        return stats, grads
+
+    def body(carry, rec):
+        x, acc = carry
+        stats, grads = jax.lax.cond(rec[0].any(), active, lambda x, rec: (_skip(x, rec), zeros), x, rec)
+        return (jnp.where(rec[0], rec[1], x), jax.tree.map(jnp.add, acc, grads)), stats
+
+    (_, grads), stats = jax.lax.scan(body, (x0, zeros), recs)
+    return stats, grads
+
+
+def planner_grpo_loss(
+    graphdef: nnx.GraphDef, states: tuple[nnx.State, nnx.State], rollout: Rollout, cfg: GRPOLossConfig
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """:func:`grpo_loss` for ``states = (planner parameters, the rest)``, differentiable in the planner only.
+
+    The loss is a sum of per-iteration terms and, with the backbone frozen, each term's gradient needs only
+    that iteration's backbone states: the gradient is accumulated in the forward scan (a VJP of the head per
+    iteration) and the backward pass just scales it, so the backbone runs once per iteration instead of
+    three times (forward, rematerialised forward, backward through the replay's checkpoint).
+    """
+    planner, frozen = states
+    rows = rollout.reveal.shape[1]
+
+    @jax.custom_vjp
+    def loss(pl, fr, ro):
+        return _summarise(_planner_scan(graphdef, pl, fr, ro, cfg, with_grads=False)[0], rows, cfg)
+
+    def fwd(pl, fr, ro):
+        stats, grads = _planner_scan(graphdef, pl, fr, ro, cfg, with_grads=True)
+        return _summarise(stats, rows, cfg), grads
+
+    def bwd(grads, cotangents):
+        scale = cotangents[0] / rows / cfg.max_completion_length
+        return jax.tree.map(lambda g: g * scale, grads), None, None
+
+    loss.defvjp(fwd, bwd)
+    return loss(planner, frozen, rollout)
+
+
+def make_loss(cfg: GRPOLossConfig, trainable: str = "all"):
     """The GRPO loss in :func:`dultra_jax.training.step.make_train_step`'s ``(graphdef, states, batch, rng)``
-    form (the trainer's step and the memory plan's compile of it)."""
+    form (the trainer's step and the memory plan's compile of it); ``trainable="planner"`` (states = (planner,
+    rest)) takes :func:`planner_grpo_loss`, the same value and gradient at a third of the backbone's cost."""
+    fn = planner_grpo_loss if trainable == "planner" else grpo_loss
 
     def loss(graphdef: nnx.GraphDef, states: tuple, batch: Rollout, rng: jax.Array):
-        return grpo_loss(graphdef, states, batch, cfg)
+        return fn(graphdef, states, batch, cfg)
 
     return loss
 

@@ -46,6 +46,7 @@ from dultra_jax.decoding import generate
 from dultra_jax.model.dultra import DUltra
 from dultra_jax.parallel import gather_rows, initialize_distributed, is_primary, local_rows
 from dultra_jax.training import grpo as grpo_mod
+from dultra_jax.training import objectives
 from dultra_jax.training import samples as samples_mod
 from dultra_jax.training.config import RunConfig
 from dultra_jax.training.planner_pretrain import noise_batch, planner_loss
@@ -356,6 +357,12 @@ class Trainer:
     def _uses_reference(self) -> bool:
         return self.cfg.train.mode == "grpo" and self.cfg.grpo.beta > 0
 
+    def _iteration_batch(self, batch, it: int):
+        """The micro-batches of update ``it`` of a rollout (the GRPO objective decides; other modes: ``batch``)."""
+        if self.cfg.train.mode != "grpo":
+            return batch
+        return objectives.objective(self.cfg.grpo.loss).for_iteration(batch, it)
+
     @property
     def _iterations_per_batch(self) -> int:
         return self.cfg.grpo.num_iterations if self.cfg.train.mode == "grpo" else 1
@@ -495,7 +502,7 @@ class Trainer:
         ro = self._rollout(batch, rng)
         scores = self._score(batch, ro)
         adv = self._advantages(scores)
-        micro, recorded = self._pack(ro, adv)
+        micro, recorded = objectives.objective(self.cfg.grpo.loss).pack(self, ro, adv)
         return micro, self._rollout_stats(ro, scores, adv, recorded)
 
     def _log_samples(self, ro: RolloutResult, scores: Scores, adv: np.ndarray, nfe: np.ndarray,
@@ -531,10 +538,12 @@ class Trainer:
         seeds = np.arange(len(ids)) + jax.process_index() * len(ids) + self.step * rows
         t0 = time.perf_counter()
         # pad_aware always (the mask is an input even when a batch has no padding): one program per shape
+        r = g.rollout
         res = generate(self._rollout_model(), ids, attention_mask=mask, gen_length=g.gen_length,
                        block_length=g.block_length, temperature=g.temperature, rng=rng, return_trajectory=True,
                        row_seeds=seeds, plan=self.rollout_plan, factor=g.factor, pad_aware=True,
-                       planner_temperature=g.planner_temperature)
+                       planner_temperature=g.planner_temperature, strategy=r.strategy, reveal=r.reveal,
+                       threshold=r.threshold, steps=r.steps)
         jax.block_until_ready(res.tokens)
         return RolloutResult(ids=ids, mask=mask, res=res, seconds=time.perf_counter() - t0)
 
@@ -686,7 +695,8 @@ class Trainer:
                               "`dultra eval` (several processes split the problems) on the exported model")
         e = self.cfg.eval
         settings = harness.EvalSettings(strategy=e.strategy, gen_length=e.gen_length, block_length=e.block_length,
-                                        batch_size=e.batch_size)
+                                        batch_size=e.batch_size, reveal=e.reveal,
+                                        planner_temperature=e.planner_temperature)
         task = self.cfg.task.name
         summary = harness.evaluate(
             self._current_model(), self.tokenizer, self.eval_examples[: e.num_examples], settings, task=task,
@@ -746,7 +756,8 @@ class Trainer:
                 if self.step >= cfg.train.max_steps:
                     break
                 t_update = time.perf_counter()
-                self.trainable, self.opt_state, m = self.step_fn(self.trainable, self.frozen, self.opt_state, batch,
+                self.trainable, self.opt_state, m = self.step_fn(self.trainable, self.frozen, self.opt_state,
+                                                                 self._iteration_batch(batch, it),
                                                                  jax.random.fold_in(key, it))
                 m = {k: float(v) for k, v in m.items()}
                 if "rollout_tokens_per_s" in stats:  # the update's replay of the rollout's completion tokens
@@ -837,7 +848,7 @@ def _planner_loss(cfg: RunConfig) -> LossFn:
 
 
 def _grpo_loss(cfg: RunConfig) -> LossFn:
-    return grpo_mod.make_loss(cfg.grpo)  # cfg.grpo is a GRPOLossConfig
+    return objectives.objective(cfg.grpo.loss).loss(cfg.grpo, cfg.train.trainable)  # cfg.grpo: a GRPOLossConfig
 
 
 MODES: dict[str, Mode] = {
