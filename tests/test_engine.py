@@ -86,3 +86,29 @@ def test_engine_refuses_what_it_cannot_do(tiny_model):
         eng.submit([])
     with pytest.raises(ValueError, match="MASK id"):
         eng.submit([tiny_model.cfg.mask_token_id])
+
+
+@pytest.mark.parametrize("cache, kw", [
+    ("dual", dict(strategy="planner", temperature=0.7)),
+    ("prefix", dict(strategy="planner", reveal="topk")),
+    ("dual", dict(strategy="threshold", threshold=0.5, early_stop=True, stop_id=131)),
+    ("prefix", dict(strategy="threshold", threshold=0.5)),
+])
+def test_per_row_cache_rows_equal_each_prompt_alone(tiny_model, cache, kw):
+    """Continuous batching with a per-row KV cache (3 prompts, 2 slots: a refill; one refresh row per iteration,
+    so rows also wait for their refresh): each prompt's tokens, NFE and FLOP-weighted forwards are those of it
+    decoded alone with the same cache (sync, batch 1), with its own row seed."""
+    prompts, seeds = _prompts(3, seed=4), [5, 0, 9]
+    common = dict(gen_length=16, block_length=8, cache=cache, **kw)
+    eng = DecodeEngine(tiny_model, decode_config(**common, refresh_rows=1), slots=2)
+    handles = [eng.submit(p, seed=s) for p, s in zip(prompts, seeds, strict=True)]
+    got = {f.handle: f for f in eng.run()}
+    waited = 0
+    for h, p, s in zip(handles, prompts, seeds, strict=True):
+        ids, mask = pad_prompts([p], tiny_model.cfg.pad_token_id, 16)
+        one = generate(tiny_model, ids, attention_mask=mask, row_seeds=[s], rng=0, pad_aware=True, **common)
+        np.testing.assert_array_equal(got[h].tokens[len(p):], np.asarray(one.generated[0]))
+        assert got[h].nfe == int(one.nfe[0])
+        assert got[h].equivalent_forwards == pytest.approx(float(one.equivalent_forwards[0]), abs=1e-4)
+        waited += got[h].iterations - got[h].nfe
+    assert waited > 0  # both first rows start their first block together: one waits for its refresh

@@ -67,8 +67,6 @@ def generate_many(model: DUltra, prompts, *, slots: int, rng: jax.Array | int | 
         raise ValueError(f"row_seeds has {len(seeds)} seeds for {len(rows)} prompts")
     cfg = loop.decode_config(**generate_kwargs)
     lengths = [len(r) for r in rows]
-    if cfg.cache != "none":  # the cache is refreshed for the whole batch: sync batches (until the per-row cache)
-        return _sync_batches(model, rows, seeds, slots, rng, generate_kwargs)
     engine = DecodeEngine(model, cfg, slots=min(slots, len(rows)), rng=rng,
                           widths=merge_widths(lengths, cfg.gen_length))
     handle_of = {}
@@ -85,27 +83,3 @@ def generate_many(model: DUltra, prompts, *, slots: int, rng: jax.Array | int | 
     return ManyResult(tokens=tokens, nfe=nfe, equivalent_forwards=eq, iterations=engine.iterations,
                       prompt_lengths=np.asarray(lengths, np.int32), widths=widths)
 
-
-def _sync_batches(model, rows, seeds, slots, rng, kwargs) -> ManyResult:
-    """Batches of ``slots`` prompts (shortest first) through :func:`generate`, each at its bucket width."""
-    mcfg = model.cfg
-    lengths = [len(r) for r in rows]
-    order = sorted(range(len(rows)), key=lambda i: lengths[i])
-    tokens: list[np.ndarray | None] = [None] * len(rows)
-    nfe = np.zeros(len(rows), np.int32)
-    eq = np.zeros(len(rows), np.float32)
-    widths = np.zeros(len(rows), np.int32)
-    iterations = 0
-    for s in range(0, len(rows), slots):
-        part = order[s:s + slots]
-        width = bucket_width(max(lengths[i] for i in part))
-        ids, mask = loop.pad_prompts([rows[i] for i in part], loop.pad_id_of(mcfg), width)
-        res = loop.generate(model, ids, rng=rng, row_seeds=[seeds[i] for i in part], pad_aware=True,
-                            attention_mask=mask, **kwargs)
-        gen = np.asarray(res.generated)
-        for j, i in enumerate(part):
-            tokens[i] = np.concatenate([rows[i], gen[j]]).astype(np.int32)
-        nfe[part], eq[part], widths[part] = np.asarray(res.nfe), np.asarray(res.equivalent_forwards), width
-        iterations += int(res.iterations)
-    return ManyResult(tokens=tokens, nfe=nfe, equivalent_forwards=eq, iterations=iterations,
-                      prompt_lengths=np.asarray(lengths, np.int32), widths=widths)

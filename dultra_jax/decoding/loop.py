@@ -9,8 +9,10 @@ update. The iteration state is a named pytree (:class:`LoopState`).
 Schedules: ``sync`` (the default, the original's) keeps one block index for the batch: a row that has
 finished the block waits (unchanged, not counted in its NFE) until all rows have; blocks with no MASK left in
 any row are skipped without a forward. ``per_row`` gives each row its own block index, so a row starts its
-next block as soon as its own is done (no idle rows); each row's result is the same as under ``sync``. A KV
-cache is refreshed for the whole batch at a block's first iteration, so cached decoding stays ``sync``.
+next block as soon as its own is done (no idle rows); each row's result is the same as under ``sync``. With a
+KV cache, ``sync`` refreshes it for the whole batch at a block's first iteration; ``per_row`` refreshes each
+row's cache when that row starts a block (a sub-batch of up to ``refresh_rows`` rows per iteration gets the
+exact forward; every row runs its cached window at its own block: docs/engine.md).
 
 Randomness is per row and per the row's own iteration count (its NFE so far), so a row's result does not
 depend on what else is in the batch: with ``row_seeds`` a batch-1 run reproduces any row of a batch.
@@ -62,6 +64,9 @@ class DecodeConfig:
     max_iterations: int | None = None
     cache: Literal["none", "prefix", "dual"] = "none"
     schedule: Schedule = "sync"
+    # per_row with a cache: rows given their refresh forward per iteration (a row starting a block beyond them
+    # waits an iteration, uncounted); default a quarter of the batch, at least 1
+    refresh_rows: int | None = None
     # host callback(finished [B] bool, first [B] int, end [B] int, generated [B, G] int) called from the compiled
     # loop whenever some row finalises blocks [first, end) (``dultra generate --stream``); compiled per callback
     # object (the loop stays one compiled while_loop: the call is a jax.debug.callback)
@@ -98,11 +103,8 @@ class DecodeConfig:
             raise ValueError(f"unknown cache {self.cache!r}; choose one of {list(kv_cache.CACHE_MODES)}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {self.schedule!r}; choose one of {list(SCHEDULES)}")
-        if self.schedule == "per_row" and self.cache != "none":
-            raise ValueError(
-                f"schedule='per_row' needs cache='none': the {self.cache} cache is refreshed for the whole batch "
-                "at a block's first iteration, so cached decoding keeps schedule='sync'"
-            )
+        if self.refresh_rows is not None and self.refresh_rows <= 0:
+            raise ValueError(f"refresh_rows must be a positive number of rows, got {self.refresh_rows}")
         if self.return_trajectory and self.strategy != "planner":
             raise ValueError("return_trajectory is only defined for the planner strategy (GRPO rollouts)")
 
@@ -451,6 +453,57 @@ def _window_forward(model: DUltra, x, rows: Rows, start: jax.Array | int, width:
     return hidden[:, :bl], plan
 
 
+def _cached_window(model: DUltra, x, rows: Rows, start, blk, cfg: DecodeConfig, mask_index, timestep,
+                   cache: kv_cache.DecodeCache, p: int):
+    """A cached iteration of block ``blk`` (a scalar) starting at column ``start``: dual's window is the block,
+    prefix's everything from it on (one static width per block, chosen with ``lax.switch``)."""
+    g, bl, nb = cfg.gen_length, cfg.block_length, cfg.num_blocks
+    if cfg.cache == "dual":
+        return _window_forward(model, x, rows, start, bl, cfg, mask_index, timestep, cache)
+
+    def branch(i):
+        w_start, width = kv_cache.window_start_width("prefix", p, g, bl, i)
+        return lambda x, cache: _window_forward(model, x, rows, w_start, width, cfg, mask_index, timestep, cache)
+
+    return jax.lax.switch(blk, [branch(i) for i in range(nb)], x, cache)
+
+
+def _per_row_cached(model: DUltra, x, rows: Rows, start, blk, refresh, cfg: DecodeConfig, mask_index, timestep,
+                    cache: kv_cache.DecodeCache, p: int, n_refresh: int):
+    """One per_row iteration with a cache: the rows in ``refresh`` [B] (at most ``n_refresh``) are gathered into a
+    sub-batch, given the exact forward, and their K/V scattered into the cache; every row then runs its own
+    cached window (vmapped over rows, each at its own block), whose result the refreshed rows replace by their
+    exact one. -> (block states [B, bl, D], planner logits [B, bl] or None, the cache)."""
+    b = x.shape[0]
+    idx = jnp.argsort(~refresh, stable=True)[:n_refresh]  # the refreshing rows first, in row order
+    target = jnp.where(refresh[idx], idx, b)  # b: not a refreshing row, dropped by the scatters
+
+    def fresh(cache):
+        sub = Rows(keys=rows.keys[idx], length=rows.length[idx], mask=None if rows.mask is None else rows.mask[idx])
+        h, plan, kv = _full_forward(model, x[idx], sub, start[idx], cfg, mask_index[idx], timestep[idx])
+        cache = jax.tree.map(lambda c, n: c.at[:, target].set(n.astype(c.dtype), mode="drop"), cache, kv)
+        return h, plan, cache
+
+    def skip(cache):
+        shapes = jax.eval_shape(fresh, cache)[:2]
+        return (*jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes), cache)
+
+    h_new, plan_new, cache = jax.lax.cond(refresh.any(), fresh, skip, cache)
+
+    def one_row(x1, keys1, len1, mask1, start1, blk1, mi1, ts1, cache1):
+        rows1 = Rows(keys=keys1[None], length=len1[None], mask=None if mask1 is None else mask1[None])
+        cache1 = jax.tree.map(lambda a: a[:, None], cache1)
+        h, plan = _cached_window(model, x1[None], rows1, start1, blk1, cfg, mi1[None], ts1[None], cache1, p)
+        return h[0], None if plan is None else plan[0]
+
+    h_win, plan_win = jax.vmap(one_row, in_axes=(0, 0, 0, 0, 0, 0, 0, 0, 1))(
+        x, rows.keys, rows.length, rows.mask, start, blk, mask_index, timestep, cache)
+    put = lambda new, win: win.at[target].set(new.astype(win.dtype), mode="drop")  # noqa: E731
+    h_blk = put(h_new, h_win)
+    plan_blk = None if plan_win is None else put(plan_new, plan_win)
+    return h_blk, plan_blk, cache
+
+
 def _cost_table(mcfg, p: int, cfg: DecodeConfig) -> tuple[float, jax.Array]:
     """(cost of an exact iteration, [nb] cost of a cached iteration of each block), in exact iterations of the
     same strategy: 1 and the FLOP fraction of what a window iteration computes (backbone, LM head and, for the
@@ -483,6 +536,7 @@ def _run(graphdef, params, st: LoopState, rows: Rows, uniforms, p: int, cfg: Dec
     stop_ids = jnp.asarray([stop_id if stop_id is not None else -1], jnp.int32)
     full_cost, cached_cost = _cost_table(mcfg, p, cfg)
     row_ids = jnp.arange(b)[:, None]
+    n_refresh = min(b, cfg.refresh_rows or max(1, -(-b // 4)))
 
     def body(carry):
         st, params = carry
@@ -495,9 +549,19 @@ def _run(graphdef, params, st: LoopState, rows: Rows, uniforms, p: int, cfg: Dec
         active = cand.any(-1)
         timestep, mask_index = ps.step_inputs(st.x, cols, mask_id, rows.length)
         cache = st.cache
+        waiting = jnp.zeros((b,), bool)
         if cfg.cache == "none":
             full_forward = jnp.bool_(True)
             h_blk, plan_blk, _ = _full_forward(model, st.x, rows, start, cfg, mask_index, timestep)
+        elif cfg.schedule == "per_row":
+            # each row refreshes its cache when IT starts a block: up to refresh_rows of them per iteration
+            need = (st.step_in_block == 0) & ~_row_done(st, cfg)
+            full_forward = need & (jnp.cumsum(need) <= n_refresh)
+            waiting = need & ~full_forward
+            cand = cand & ~waiting[:, None]
+            active = cand.any(-1)
+            h_blk, plan_blk, cache = _per_row_cached(model, st.x, rows, start, blk, full_forward, cfg, mask_index,
+                                                     timestep, cache, p, n_refresh)
         else:
             # first iteration of a block (sync: the same for every row): exact forward that refreshes the
             # cache; later ones: the window only
@@ -510,16 +574,7 @@ def _run(graphdef, params, st: LoopState, rows: Rows, uniforms, p: int, cfg: Dec
 
             def reuse(ops):
                 x, cache = ops
-                if cfg.cache == "dual":
-                    return (*_window_forward(model, x, rows, s0, bl, cfg, mask_index, timestep, cache), cache)
-
-                def branch(i):
-                    w_start, width = kv_cache.window_start_width("prefix", p, g, bl, i)
-                    return lambda x, cache: _window_forward(model, x, rows, w_start, width, cfg, mask_index,
-                                                            timestep, cache)
-
-                out = jax.lax.switch(blk[0], [branch(i) for i in range(nb)], x, cache)
-                return (*out, cache)
+                return (*_cached_window(model, x, rows, s0, blk[0], cfg, mask_index, timestep, cache, p), cache)
 
             h_blk, plan_blk, cache = jax.lax.cond(full_forward, refresh, reuse, (st.x, st.cache))
         logits = model.lm_logits(h_blk)
@@ -573,7 +628,7 @@ def _run(graphdef, params, st: LoopState, rows: Rows, uniforms, p: int, cfg: Dec
             finished = moved & (st.block < nb)
             jax.lax.cond(finished.any(), lambda: jax.debug.callback(cfg.on_block, finished, st.block, nxt,
                                                                      x_new[:, p:]), lambda: None)
-        new = LoopState(x=x_new, block=nxt, step_in_block=jnp.where(moved, 0, st.step_in_block + 1),
+        new = LoopState(x=x_new, block=nxt, step_in_block=jnp.where(moved, 0, st.step_in_block + ~waiting),
                         block_n=jnp.where(moved, nxt_n, st.block_n), nfe=nfe, eq=eq, it=st.it + 1, traj=traj,
                         cache=cache)
         return new, params
