@@ -9,7 +9,7 @@ cost, not by prompt counts). Each prompt's result equals ``generate(model, [prom
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import jax
 import numpy as np
@@ -34,6 +34,7 @@ class ManyResult:
     iterations: int  # batch iterations (loop forwards) in total, over all buckets
     prompt_lengths: np.ndarray  # [N] int32
     widths: np.ndarray  # [N] int32 the padded prompt width each prompt was decoded at (its length bucket)
+    timing: dict = field(default_factory=dict)  # the engine's segments, segment_s, host_s
 
     def generated(self, i: int) -> np.ndarray:
         """The generated ids of prompt ``i``."""
@@ -81,5 +82,6 @@ def generate_many(model: DUltra, prompts, *, slots: int, rng: jax.Array | int | 
         i = handle_of[f.handle]
         tokens[i], nfe[i], eq[i], widths[i] = f.tokens, f.nfe, f.equivalent_forwards, f.width
     return ManyResult(tokens=tokens, nfe=nfe, equivalent_forwards=eq, iterations=engine.iterations,
-                      prompt_lengths=np.asarray(lengths, np.int32), widths=widths)
+                      prompt_lengths=np.asarray(lengths, np.int32), widths=widths,
+                      timing=dict(segments=engine.segments, segment_s=engine.segment_s, host_s=engine.host_s))
 

@@ -20,6 +20,7 @@ default, or :func:`merge_widths` for a known set of prompts) bound the compiles.
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -128,6 +129,9 @@ class DecodeEngine:
         self._rows: loop.Rows | None = None
         self._host_x: np.ndarray | None = None  # the canvas read back since the last segment (committed())
         self.iterations = 0  # batch iterations run in total
+        self.segments = 0  # compiled segments run
+        self.segment_s = 0.0  # wall time inside segments (dispatch to the status read back)
+        self.host_s = 0.0  # wall time of step() outside segments (admission, harvest, width changes)
         self.widths_used: set[int] = set()
 
     # ------------------------------------------------------------------------------------------ the queue
@@ -185,6 +189,12 @@ class DecodeEngine:
     # ------------------------------------------------------------------------------------------ stepping
     def step(self) -> bool:
         """Admit queued prompts into free slots and run one compiled segment; False when there was nothing to do."""
+        t0 = time.perf_counter()
+        ran = self._step()
+        self.host_s += time.perf_counter() - t0
+        return ran
+
+    def _step(self) -> bool:
         self._drop_cancelled()
         fills = []
         for s in range(self._n):
@@ -210,10 +220,15 @@ class DecodeEngine:
         if fills or self._clear.any():
             self._admit(fills)
         self.widths_used.add(width)
+        t0 = time.perf_counter()
         st, status = _segment(self._graphdef, self._state, self._st, self._rows,
                               jnp.int32(self.iterations + self._segment), width, self.cfg)
         self._st, self._host_x = st, None
         done, nfe, it = _host(status)
+        dt = time.perf_counter() - t0
+        self.segment_s += dt
+        self.host_s -= dt  # step() adds the whole step: the segment is not host time
+        self.segments += 1
         self.iterations = it
         finished = [s for s in range(self._n) if self._slot[s] is not None and done[s]]
         if finished:
