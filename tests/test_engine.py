@@ -112,3 +112,25 @@ def test_per_row_cache_rows_equal_each_prompt_alone(tiny_model, cache, kw):
         assert got[h].equivalent_forwards == pytest.approx(float(one.equivalent_forwards[0]), abs=1e-4)
         waited += got[h].iterations - got[h].nfe
     assert waited > 0  # both first rows start their first block together: one waits for its refresh
+
+
+def test_engine_on_a_mesh_equals_one_device_per_prompt(tiny_model):
+    """Slots split over 4 fake CPU devices (data=4), with the dual cache: each prompt as decoded alone."""
+    import jax
+
+    from dultra_jax.decoding import generate_many
+    from dultra_jax.parallel import ShardingPlan
+
+    if len(jax.devices()) < 4:
+        pytest.skip("needs 4 (fake) devices; tests/conftest.py sets them up")
+    plan = ShardingPlan.create("data=4,fsdp=1,tensor=1", devices=jax.devices()[:4])
+    prompts, seeds = _prompts(3, seed=4), [5, 0, 9]
+    common = dict(gen_length=16, block_length=8, cache="dual", strategy="planner", temperature=0.7)
+    many = generate_many(tiny_model, prompts, slots=2, row_seeds=seeds, plan=plan, **common)  # 2 -> 4 slots
+    for i, (p, s) in enumerate(zip(prompts, seeds, strict=True)):
+        ids, mask = pad_prompts([p], tiny_model.cfg.pad_token_id, 16)
+        one = generate(tiny_model, ids, attention_mask=mask, row_seeds=[s], rng=0, pad_aware=True, **common)
+        np.testing.assert_array_equal(many.generated(i), np.asarray(one.generated[0]))
+        assert int(many.nfe[i]) == int(one.nfe[0])
+    with pytest.raises(ValueError, match="multiple of the mesh's 4 batch shards"):
+        DecodeEngine(tiny_model, decode_config(**common), slots=2, plan=plan)

@@ -20,8 +20,7 @@ from dultra_jax.model.dultra import DUltra
 
 __all__ = ["ManyResult", "bucket_width", "generate_many", "merge_widths"]
 
-_NOT_HERE = ("return_trajectory", "uniforms", "attention_mask", "pad_aware", "plan", "schedule",
-             "on_block")
+_NOT_HERE = ("return_trajectory", "uniforms", "attention_mask", "pad_aware", "schedule", "on_block")
 
 
 @dataclass
@@ -42,13 +41,15 @@ class ManyResult:
 
 
 def generate_many(model: DUltra, prompts, *, slots: int, rng: jax.Array | int | None = None,
-                  row_seeds=None, **generate_kwargs) -> ManyResult:
+                  row_seeds=None, plan=None, **generate_kwargs) -> ManyResult:
     """Decode every prompt of ``prompts`` (a list of 1-D id sequences) through ``slots`` rows.
 
     ``generate_kwargs`` are :func:`dultra_jax.decoding.generate`'s (``gen_length``, ``block_length``,
     ``strategy``, ``temperature``, ``cache``, ``early_stop``, ...), except the per-batch ones (attention is
     padding-aware). ``row_seeds`` [N] key each prompt's randomness (default: its index), so prompt i's result
-    equals ``generate(model, [prompt], row_seeds=[row_seeds[i]], ...)``. Returns a :class:`ManyResult`.
+    equals ``generate(model, [prompt], row_seeds=[row_seeds[i]], ...)``. ``plan`` (a
+    :class:`dultra_jax.parallel.ShardingPlan`) splits the slots over its data axes (rounded up to a multiple of
+    its batch shards). Returns a :class:`ManyResult`.
     """
     bad = sorted(set(generate_kwargs) & set(_NOT_HERE))
     if bad:
@@ -68,7 +69,10 @@ def generate_many(model: DUltra, prompts, *, slots: int, rng: jax.Array | int | 
         raise ValueError(f"row_seeds has {len(seeds)} seeds for {len(rows)} prompts")
     cfg = loop.decode_config(**generate_kwargs)
     lengths = [len(r) for r in rows]
-    engine = DecodeEngine(model, cfg, slots=min(slots, len(rows)), rng=rng,
+    n_slots = min(slots, len(rows))
+    if plan is not None:
+        n_slots = -(-n_slots // plan.batch_shards) * plan.batch_shards
+    engine = DecodeEngine(model, cfg, slots=n_slots, rng=rng, plan=plan,
                           widths=merge_widths(lengths, cfg.gen_length))
     handle_of = {}
     for i in sorted(range(len(rows)), key=lambda i: lengths[i]):

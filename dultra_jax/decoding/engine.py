@@ -19,6 +19,7 @@ default, or :func:`merge_widths` for a known set of prompts) bound the compiles.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from collections import deque
@@ -114,6 +115,8 @@ class DecodeEngine:
         self.plan = plan
         self._graphdef, state = nnx.split(model)
         self._state = plan.shard_state(state) if plan is not None else state
+        if plan is not None and slots % plan.batch_shards:
+            raise ValueError(f"slots ({slots}) must be a multiple of the mesh's {plan.batch_shards} batch shards")
         self._key = jax.random.key(0 if rng is None else rng) if rng is None or isinstance(rng, int) else rng
         self._widths = None if widths is None else sorted(int(w) for w in widths)
         self._segment = int(segment)
@@ -190,7 +193,8 @@ class DecodeEngine:
     def step(self) -> bool:
         """Admit queued prompts into free slots and run one compiled segment; False when there was nothing to do."""
         t0 = time.perf_counter()
-        ran = self._step()
+        with self.plan.context() if self.plan is not None else contextlib.nullcontext():
+            ran = self._step()
         self.host_s += time.perf_counter() - t0
         return ran
 
@@ -276,8 +280,9 @@ class DecodeEngine:
         ids = np.full((n, width + g), loop.pad_id_of(self.mcfg), np.int32)
         mask = np.ones((n, width + g), np.int32)
         seeds = np.zeros(n, np.int32)
-        self._st, self._rows = _empty(self._graphdef, self._state, jnp.asarray(ids), jnp.asarray(mask), self._key,
-                                      jnp.asarray(seeds), width, self.cfg)
+        put = self.plan.shard_batch if self.plan is not None else jnp.asarray  # slots split over the data axes
+        self._st, self._rows = _empty(self._graphdef, self._state, put(ids), put(mask), self._key, put(seeds),
+                                      width, self.cfg)
         self._width = width
 
     def _admit(self, fills: list[int]) -> None:
