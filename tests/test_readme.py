@@ -26,3 +26,14 @@ def test_generated_blocks_are_current(section):
     block = text[start:text.index(tables.END, start)]
     assert block == tables.render(section), (
         f"README.md's {section!r} block is stale: run python benchmarks/results_tables.py --write README.md")
+
+
+def test_engine_page_block_is_current():
+    tables = _tables()
+    text = (ROOT / "docs" / "engine.md").read_text()
+    begin = tables.BEGIN.format("engine")
+    assert begin in text, "docs/engine.md has no generated block for section 'engine'"
+    start = text.index(begin) + len(begin)
+    block = text[start:text.index(tables.END, start)]
+    assert block == tables.render("engine"), (
+        "docs/engine.md's engine block is stale: run python benchmarks/results_tables.py --write docs/engine.md")
