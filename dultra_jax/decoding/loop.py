@@ -34,6 +34,7 @@ from flax import nnx
 from dultra_jax.decoding import kv_cache, rules
 from dultra_jax.decoding import planner_step as ps
 from dultra_jax.decoding.cost import iteration_cost
+from dultra_jax.decoding.reveal import BlockStep, rule_of
 from dultra_jax.model.dultra import DUltra
 from dultra_jax.model.layers import positions_and_mask
 
@@ -527,7 +528,7 @@ def _run(graphdef, params, st: LoopState, rows: Rows, uniforms, p: int, cfg: Dec
     mcfg = graphdef_config(graphdef, params)
     mask_id = mcfg.mask_token_id
     b, length = st.x.shape
-    g, bl, nb = cfg.gen_length, cfg.block_length, cfg.num_blocks
+    bl, nb = cfg.block_length, cfg.num_blocks
     cap = cfg.iteration_cap
     exclude = mask_id if cfg.excludes_mask else None
     stop_id = cfg.stop_id if cfg.stop_id is not None else mcfg.eos_token_id
@@ -537,6 +538,7 @@ def _run(graphdef, params, st: LoopState, rows: Rows, uniforms, p: int, cfg: Dec
     full_cost, cached_cost = _cost_table(mcfg, p, cfg)
     row_ids = jnp.arange(b)[:, None]
     n_refresh = min(b, cfg.refresh_rows or max(1, -(-b // 4)))
+    reveal_rule = rule_of(cfg, p, uniforms)
 
     def body(carry):
         st, params = carry
@@ -584,27 +586,9 @@ def _run(graphdef, params, st: LoopState, rows: Rows, uniforms, p: int, cfg: Dec
             x0, flogits = rules.propose_tokens(logits, cfg.temperature, exclude, gumbel_keys)
         else:
             x0, flogits = rules.propose_tokens(logits, 0.0, exclude, None)
-        step_logps = None
-        if cfg.strategy == "planner":
-            prob = ps.step_probs(plan_blk, cand, cfg.planner_temperature, cfg.factor)
-            if uniforms is not None:
-                u = ps.take_block(uniforms[jnp.minimum(st.it, uniforms.shape[0] - 1)], cols)
-            else:
-                u_keys = jax.vmap(lambda k: jax.random.fold_in(k, 0))(step_keys)
-                u_gen = jax.vmap(lambda k: jax.random.uniform(k, (g,), jnp.float32))(u_keys)
-                u = ps.take_block(u_gen, cols - p)
-            reveal = rules.reveal_planner(prob, cand, cfg.reveal, u)
-            if cfg.return_trajectory:
-                step_logps = ps.step_logps(prob, cand, reveal, flogits, x0)
-        else:
-            conf = rules.token_confidence(flogits, x0)
-            if cfg.strategy == "threshold":
-                reveal = rules.reveal_threshold(conf, cand, cfg.threshold)
-            elif cfg.strategy == "factor":
-                reveal = rules.reveal_factor(conf, cand, cfg.factor, cfg.factor_rule == "corrected")
-            else:
-                count = rules.fixed_count(st.block_n, st.step_in_block, cfg.steps_per_block)
-                reveal = rules.reveal_fixed(conf, cand, count)
+        reveal, step_logps = reveal_rule(BlockStep(
+            proposals=x0, logits=flogits, cand=cand, plan=plan_blk, keys=step_keys, cols=cols, it=st.it,
+            block_n=st.block_n, step_in_block=st.step_in_block))
         new_blk = jnp.where(reveal, x0, x_blk)
         x_new = st.x.at[row_ids, cols].set(new_blk)
         if cfg.early_stop:
