@@ -26,7 +26,8 @@ def _alone(model, prompt, seed, **kw):
 def test_engine_requests_equal_each_prompt_alone_with_cancel_and_streaming(tiny_model):
     prompts = _prompts(5)
     before = _segment._cache_size()
-    eng = DecodeEngine(tiny_model, decode_config(**KW), slots=2, segment=3)
+    # max_iterations=16 is the planner's own cap at G=16 (same results): a config no other test compiles
+    eng = DecodeEngine(tiny_model, decode_config(**KW, max_iterations=16), slots=2, segment=3)
     handles = [eng.submit(p, seed=10 + i) for i, p in enumerate(prompts)]
     assert (eng.queued, eng.busy, eng.slots) == (5, 0, 2)
     eng.cancel(handles[3])  # queued: leaves at once
@@ -55,13 +56,14 @@ def test_engine_requests_equal_each_prompt_alone_with_cancel_and_streaming(tiny_
         seen = prefixes.get(h, np.zeros(0, np.int32))
         np.testing.assert_array_equal(seen, tokens[len(prompts[i]):][:len(seen)])
     assert any(len(c) > 0 for c in prefixes.values())  # something streamed before its request finished
-    # all prompts fit the 16 width: one compiled segment (none if an earlier test compiled it already)
-    assert eng.widths_used == {16} and 0 <= _segment._cache_size() - before <= 1
+    # all prompts fit the 16 width: one compiled segment for 5 prompts, 2 slots and many steps
+    assert eng.widths_used == {16} and _segment._cache_size() - before == 1
 
 
 def test_engine_cancels_a_running_request_and_widens_for_long_prompts(tiny_model):
     short, long_ = _prompts(3, seed=1), _prompts(1, seed=2, lo=20, hi=21)
-    eng = DecodeEngine(tiny_model, decode_config(**KW), slots=2, segment=2)
+    before = _segment._cache_size()
+    eng = DecodeEngine(tiny_model, decode_config(**KW, max_iterations=17), slots=2, segment=2)
     hs = [eng.submit(p) for p in short]
     assert eng.step()  # two running, bounded segment of 2 iterations
     eng.cancel(hs[0])
@@ -70,6 +72,7 @@ def test_engine_cancels_a_running_request_and_widens_for_long_prompts(tiny_model
     got = {f.handle: f for f in out}
     assert got[hs[0]].cancelled and 0 < got[hs[0]].nfe <= 2
     assert got[hl].width == 24 and eng.widths_used == {16, 24}
+    assert _segment._cache_size() - before == 2  # one compile per width, not per step or admission
     for h, p in ((hs[1], short[1]), (hs[2], short[2]), (hl, long_[0])):
         tokens, nfe = _alone(tiny_model, p, h, **KW)
         np.testing.assert_array_equal(got[h].tokens, tokens)
