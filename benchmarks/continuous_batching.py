@@ -56,6 +56,7 @@ def main() -> None:
     ap.add_argument("--gen-len", type=int, default=128)
     ap.add_argument("--block", type=int, default=32)
     ap.add_argument("--slots", default="8,32")
+    ap.add_argument("--cache", default="none,dual", help="cache modes to run (none | prefix | dual), comma-separated")
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--dtype", default=None, help="default fp32 on CPU, bf16 on GPU")
     ap.add_argument("--out", default=None)
@@ -71,13 +72,14 @@ def main() -> None:
     for n in rng.integers(args.min_len, args.max_len + 1, size=args.prompts):
         r = rng.integers(0, min(cfg.vocab_size, 32000), size=n)
         prompts.append(np.where(np.isin(r, special), 1, r).astype(np.int32))
-    kw = dict(gen_length=args.gen_len, block_length=args.block, strategy="planner", reveal="bernoulli",
-              temperature=args.temperature, rng=0)
+    base = dict(gen_length=args.gen_len, block_length=args.block, strategy="planner", reveal="bernoulli",
+                temperature=args.temperature, rng=0)
     rows = []
-    for slots in [int(s) for s in args.slots.split(",")]:
+    for cache, slots in [(c, int(s)) for c in args.cache.split(",") for s in args.slots.split(",")]:
+        kw = dict(base, cache=cache)
         out = {}
-        for name, run in (("generate_many", lambda s=slots: generate_many(model, prompts, slots=s, **kw)),
-                          ("batched_generate", lambda s=slots: batched(model, prompts, s, kw))):
+        for name, run in (("generate_many", lambda s=slots, kw=kw: generate_many(model, prompts, slots=s, **kw)),
+                          ("batched_generate", lambda s=slots, kw=kw: batched(model, prompts, s, kw))):
             run()  # compile every bucket's loop
             t0 = time.perf_counter()
             res = run()
@@ -85,12 +87,16 @@ def main() -> None:
         wall_m, many = out["generate_many"]
         wall_b, (tok_b, nfe_b, it_b) = out["batched_generate"]
         same = all(np.array_equal(a, b) for a, b in zip(many.tokens, tok_b, strict=True))
+        timing = many.timing
         rows.append({
-            "slots": slots, "generate_many_iterations": many.iterations, "batched_iterations": it_b,
+            "cache": cache, "slots": slots, "generate_many_iterations": many.iterations, "batched_iterations": it_b,
             "iterations_ratio": round(it_b / many.iterations, 3), "generate_many_wall_s": round(wall_m, 3),
             "batched_wall_s": round(wall_b, 3), "wall_ratio": round(wall_b / wall_m, 3),
             "mean_nfe": float(np.mean(many.nfe)), "max_nfe": int(np.max(many.nfe)),
             "same_tokens_and_nfe": bool(same and np.array_equal(many.nfe, nfe_b)),
+            "segments": timing["segments"], "segment_ms": round(1e3 * timing["segment_s"] / timing["segments"], 2),
+            "host_ms_per_segment": round(1e3 * timing["host_s"] / timing["segments"], 3),
+            "host_fraction": round(timing["host_s"] / timing["segment_s"], 4),
         })
     result = {
         "benchmark": "continuous_batching", "device": device_name(), "jax": jax.__version__, "commit": commit(),
@@ -98,18 +104,21 @@ def main() -> None:
         "prompt_lengths": [args.min_len, args.max_len], "gen_len": args.gen_len, "block": args.block,
         "strategy": "planner (bernoulli)", "rows": rows,
         "note": ("random weights: the NFE spread across rows is a random planner's. Iterations are loop forwards "
-                 "of the batch; wall time is one warm run of each on "
+                 "of the batch; host_fraction is the engine's host time between compiled segments over its time "
+                 "in them; "
+                 "wall time is one warm run of each on "
                  + ("a GPU" if on_gpu else "a CPU machine shared with other jobs (its speed drifts)")),
     }
     print(f"{result['device']}  {args.model} {result['dtype']}  {args.prompts} prompts of {args.min_len}-"
           f"{args.max_len} tokens, G={args.gen_len} block={args.block}, planner (Bernoulli)")
-    print(f"{'slots':>5} {'many iters':>10} {'batched':>8} {'ratio':>6} {'many s':>7} {'batched s':>9} {'ratio':>6} "
-          f"{'same':>5}")
+    print(f"{'cache':>6} {'slots':>5} {'many iters':>10} {'batched':>8} {'ratio':>6} {'many s':>7} {'batched s':>9} "
+          f"{'ratio':>6} {'same':>5} {'host/seg':>8}")
     for r in rows:
-        print(f"{r['slots']:5d} {r['generate_many_iterations']:10d} {r['batched_iterations']:8d} "
+        print(f"{r['cache']:>6} {r['slots']:5d} {r['generate_many_iterations']:10d} {r['batched_iterations']:8d} "
               f"{r['iterations_ratio']:5.2f}x {r['generate_many_wall_s']:7.2f} {r['batched_wall_s']:9.2f} "
-              f"{r['wall_ratio']:5.2f}x {r['same_tokens_and_nfe']!s:>5}")
-    out = Path(args.out) if args.out else RESULTS / f"continuous_batching_{args.model}_{jax.default_backend()}.json"
+              f"{r['wall_ratio']:5.2f}x {r['same_tokens_and_nfe']!s:>5} {100 * r['host_fraction']:7.2f}%")
+    name = "continuous_batching" if args.cache == "none" else "engine_continuous_cache"  # docs/engine.md's table
+    out = Path(args.out) if args.out else RESULTS / f"{name}_{args.model}_{jax.default_backend()}.json"
     write_json(out, result)
     print(f"wrote {out}")
 

@@ -76,6 +76,25 @@ def continuous_tables() -> list[str]:
     return parts
 
 
+def engine_tables() -> list[str]:
+    """The engine's continuous batching with a KV cache (docs/engine.md): iterations, wall time, host time."""
+    parts = []
+    for name in sorted(RESULTS.glob("engine_continuous_cache_*.json")):
+        d = json.loads(name.read_text())
+        rows = [[r["cache"], r["slots"], r["generate_many_iterations"], r["batched_iterations"],
+                 f"{r['iterations_ratio']:.2f}x", f"{r['generate_many_wall_s']:.2f}", f"{r['batched_wall_s']:.2f}",
+                 f"{r['wall_ratio']:.2f}x", "yes" if r["same_tokens_and_nfe"] else "NO", r["segments"],
+                 f"{r['segment_ms']:.1f}", f"{r['host_ms_per_segment']:.2f}", f"{100 * r['host_fraction']:.2f}%"]
+                for r in d["rows"]]
+        parts.append(f"`{name.name}` (commit {d['commit']}): {d['device']}, {d['model']} {d['dtype']}, {d['prompts']} "
+                     f"prompts of {d['prompt_lengths'][0]}-{d['prompt_lengths'][1]} tokens, G={d['gen_len']} "
+                     f"block={d['block']}, {d['strategy']}. {d['note']}.\n\n"
+                     + _table(["cache", "slots", "engine iterations", "sync batches iterations", "fewer iterations",
+                               "engine s", "sync batches s", "wall ratio", "same tokens and NFE", "segments",
+                               "ms / segment", "host ms / segment", "host / segment time"], rows))
+    return parts
+
+
 def forward_tables() -> list[str]:
     rows = []
     for name in sorted(RESULTS.glob("forward_*.json")):
@@ -432,6 +451,7 @@ SECTIONS = {
                 ("Replay memory vs recorded iterations", replay_memory_table),
                 ("Memory plan of the shipped configs", memory_plan_tables),
                 ("Planned vs measured memory", memory_check_table)],
+    "engine": [("Continuous batching with the KV cache", engine_tables)],
     "humaneval": [("HumanEval scoring rule: canonical solutions", humaneval_sanitizer_table)],
     "grpo": [("GRPO step and the replay gradient's cost on the CPU", grpo_step_tables)],  # docs/diffu-grpo.md
     "demo": [("The demo's trade-off", demo_sweep_tables)],

@@ -240,7 +240,7 @@ def test_continuous_batching_with_early_stop_and_a_cache(tiny_model, dec):
     base = _gen(tiny_model, dec, strategy="fixed", steps=32)
     stop = int(np.asarray(base.generated)[0, 3])  # a token the model emits early: treat it as end-of-text
     prompts = [dec["prompt"][0], dec["prompt"][1][:5], dec["prompt"][0][2:]]
-    for extra in (dict(early_stop=True, stop_id=stop), dict(cache="dual")):
+    for extra in (dict(early_stop=True, stop_id=stop),):  # caches: tests/test_engine.py
         common = dict(gen_length=dec["gen_length"], block_length=dec["block_length"], strategy="fixed", steps=32,
                       **extra)
         many = generate_many(tiny_model, prompts, slots=2, **common)

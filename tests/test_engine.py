@@ -26,7 +26,8 @@ def _alone(model, prompt, seed, **kw):
 def test_engine_requests_equal_each_prompt_alone_with_cancel_and_streaming(tiny_model):
     prompts = _prompts(5)
     before = _segment._cache_size()
-    eng = DecodeEngine(tiny_model, decode_config(**KW), slots=2, segment=3)
+    # max_iterations=16 is the planner's own cap at G=16 (same results): a config no other test compiles
+    eng = DecodeEngine(tiny_model, decode_config(**KW, max_iterations=16), slots=2, segment=3)
     handles = [eng.submit(p, seed=10 + i) for i, p in enumerate(prompts)]
     assert (eng.queued, eng.busy, eng.slots) == (5, 0, 2)
     eng.cancel(handles[3])  # queued: leaves at once
@@ -55,13 +56,14 @@ def test_engine_requests_equal_each_prompt_alone_with_cancel_and_streaming(tiny_
         seen = prefixes.get(h, np.zeros(0, np.int32))
         np.testing.assert_array_equal(seen, tokens[len(prompts[i]):][:len(seen)])
     assert any(len(c) > 0 for c in prefixes.values())  # something streamed before its request finished
-    # all prompts fit the 16 width: one compiled segment (none if an earlier test compiled it already)
-    assert eng.widths_used == {16} and 0 <= _segment._cache_size() - before <= 1
+    # all prompts fit the 16 width: one compiled segment for 5 prompts, 2 slots and many steps
+    assert eng.widths_used == {16} and _segment._cache_size() - before == 1
 
 
 def test_engine_cancels_a_running_request_and_widens_for_long_prompts(tiny_model):
     short, long_ = _prompts(3, seed=1), _prompts(1, seed=2, lo=20, hi=21)
-    eng = DecodeEngine(tiny_model, decode_config(**KW), slots=2, segment=2)
+    before = _segment._cache_size()
+    eng = DecodeEngine(tiny_model, decode_config(**KW, max_iterations=17), slots=2, segment=2)
     hs = [eng.submit(p) for p in short]
     assert eng.step()  # two running, bounded segment of 2 iterations
     eng.cancel(hs[0])
@@ -70,6 +72,7 @@ def test_engine_cancels_a_running_request_and_widens_for_long_prompts(tiny_model
     got = {f.handle: f for f in out}
     assert got[hs[0]].cancelled and 0 < got[hs[0]].nfe <= 2
     assert got[hl].width == 24 and eng.widths_used == {16, 24}
+    assert _segment._cache_size() - before == 2  # one compile per width, not per step or admission
     for h, p in ((hs[1], short[1]), (hs[2], short[2]), (hl, long_[0])):
         tokens, nfe = _alone(tiny_model, p, h, **KW)
         np.testing.assert_array_equal(got[h].tokens, tokens)
@@ -86,3 +89,51 @@ def test_engine_refuses_what_it_cannot_do(tiny_model):
         eng.submit([])
     with pytest.raises(ValueError, match="MASK id"):
         eng.submit([tiny_model.cfg.mask_token_id])
+
+
+@pytest.mark.parametrize("cache, kw", [
+    ("dual", dict(strategy="planner", temperature=0.7)),
+    ("prefix", dict(strategy="planner", reveal="topk")),
+    ("dual", dict(strategy="threshold", threshold=0.5, early_stop=True, stop_id=131)),
+    ("prefix", dict(strategy="threshold", threshold=0.5)),
+])
+def test_per_row_cache_rows_equal_each_prompt_alone(tiny_model, cache, kw):
+    """Continuous batching with a per-row KV cache (3 prompts, 2 slots: a refill; one refresh row per iteration,
+    so rows also wait for their refresh): each prompt's tokens, NFE and FLOP-weighted forwards are those of it
+    decoded alone with the same cache (sync, batch 1), with its own row seed."""
+    prompts, seeds = _prompts(3, seed=4), [5, 0, 9]
+    common = dict(gen_length=16, block_length=8, cache=cache, **kw)
+    eng = DecodeEngine(tiny_model, decode_config(**common, refresh_rows=1), slots=2)
+    handles = [eng.submit(p, seed=s) for p, s in zip(prompts, seeds, strict=True)]
+    got = {f.handle: f for f in eng.run()}
+    waited = 0
+    for h, p, s in zip(handles, prompts, seeds, strict=True):
+        ids, mask = pad_prompts([p], tiny_model.cfg.pad_token_id, 16)
+        one = generate(tiny_model, ids, attention_mask=mask, row_seeds=[s], rng=0, pad_aware=True, **common)
+        np.testing.assert_array_equal(got[h].tokens[len(p):], np.asarray(one.generated[0]))
+        assert got[h].nfe == int(one.nfe[0])
+        assert got[h].equivalent_forwards == pytest.approx(float(one.equivalent_forwards[0]), abs=1e-4)
+        waited += got[h].iterations - got[h].nfe
+    assert waited > 0  # both first rows start their first block together: one waits for its refresh
+
+
+def test_engine_on_a_mesh_equals_one_device_per_prompt(tiny_model):
+    """Slots split over 4 fake CPU devices (data=4), with the dual cache: each prompt as decoded alone."""
+    import jax
+
+    from dultra_jax.decoding import generate_many
+    from dultra_jax.parallel import ShardingPlan
+
+    if len(jax.devices()) < 4:
+        pytest.skip("needs 4 (fake) devices; tests/conftest.py sets them up")
+    plan = ShardingPlan.create("data=4,fsdp=1,tensor=1", devices=jax.devices()[:4])
+    prompts, seeds = _prompts(3, seed=4), [5, 0, 9]
+    common = dict(gen_length=16, block_length=8, cache="dual", strategy="planner", temperature=0.7)
+    many = generate_many(tiny_model, prompts, slots=2, row_seeds=seeds, plan=plan, **common)  # 2 -> 4 slots
+    for i, (p, s) in enumerate(zip(prompts, seeds, strict=True)):
+        ids, mask = pad_prompts([p], tiny_model.cfg.pad_token_id, 16)
+        one = generate(tiny_model, ids, attention_mask=mask, row_seeds=[s], rng=0, pad_aware=True, **common)
+        np.testing.assert_array_equal(many.generated(i), np.asarray(one.generated[0]))
+        assert int(many.nfe[i]) == int(one.nfe[0])
+    with pytest.raises(ValueError, match="multiple of the mesh's 4 batch shards"):
+        DecodeEngine(tiny_model, decode_config(**common), slots=2, plan=plan)

@@ -21,8 +21,8 @@ from dultra_jax.eval.harness import evaluate, read_samples
 
 FIX = Path(__file__).parent / "fixtures"
 REPO = Path(__file__).resolve().parents[1]
-# sync batches: a mesh run uses them, so the single-device reference does too (continuous batching gives the
-# same rows, tests/test_eval.py::test_batching_does_not_change_results)
+# sync batches, in the reference and the mesh runs alike (continuous batching gives the same rows,
+# tests/test_eval.py::test_batching_does_not_change_results; on a mesh too, tests/test_engine.py)
 SETTINGS = EvalSettings(gen_length=16, block_length=8, batch_size=2, pad_multiple=64, batching="batched")
 SEEDS = (0, 1)
 N = 5
@@ -164,7 +164,7 @@ _WORKER = textwrap.dedent("""
     from dultra_jax.parallel import initialize_distributed
     assert initialize_distributed()
     from dultra_jax.eval import EvalSettings, run_eval
-    settings = EvalSettings(gen_length=16, block_length=8, batch_size=2, pad_multiple=64)
+    settings = EvalSettings(gen_length=16, block_length=8, batch_size=2, pad_multiple=64, batching="batched")
     [s] = run_eval(sys.argv[1], "synthetic-addition", settings, seeds=(0, 1), limit=5, out_dir=sys.argv[2],
                    dtype="fp32", progress=False, mesh="data=2")
     print("PROCESSES", s["processes"], "SAMPLES", s["n_samples"])

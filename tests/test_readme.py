@@ -37,3 +37,14 @@ def test_generated_blocks_of_docs_pages_are_current(page, section):
     start = text.index(begin) + len(begin)
     assert text[start:text.index(tables.END, start)] == tables.render(section), (
         f"{page}'s {section!r} block is stale: run python benchmarks/results_tables.py --write {page}")
+
+
+def test_engine_page_block_is_current():
+    tables = _tables()
+    text = (ROOT / "docs" / "engine.md").read_text()
+    begin = tables.BEGIN.format("engine")
+    assert begin in text, "docs/engine.md has no generated block for section 'engine'"
+    start = text.index(begin) + len(begin)
+    block = text[start:text.index(tables.END, start)]
+    assert block == tables.render("engine"), (
+        "docs/engine.md's engine block is stale: run python benchmarks/results_tables.py --write docs/engine.md")

@@ -9,7 +9,7 @@ cost, not by prompt counts). Each prompt's result equals ``generate(model, [prom
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import jax
 import numpy as np
@@ -20,8 +20,7 @@ from dultra_jax.model.dultra import DUltra
 
 __all__ = ["ManyResult", "bucket_width", "generate_many", "merge_widths"]
 
-_NOT_HERE = ("return_trajectory", "uniforms", "attention_mask", "pad_aware", "plan", "schedule",
-             "on_block")
+_NOT_HERE = ("return_trajectory", "uniforms", "attention_mask", "pad_aware", "schedule", "on_block")
 
 
 @dataclass
@@ -34,6 +33,7 @@ class ManyResult:
     iterations: int  # batch iterations (loop forwards) in total, over all buckets
     prompt_lengths: np.ndarray  # [N] int32
     widths: np.ndarray  # [N] int32 the padded prompt width each prompt was decoded at (its length bucket)
+    timing: dict = field(default_factory=dict)  # the engine's segments, segment_s, host_s
 
     def generated(self, i: int) -> np.ndarray:
         """The generated ids of prompt ``i``."""
@@ -41,13 +41,15 @@ class ManyResult:
 
 
 def generate_many(model: DUltra, prompts, *, slots: int, rng: jax.Array | int | None = None,
-                  row_seeds=None, **generate_kwargs) -> ManyResult:
+                  row_seeds=None, plan=None, **generate_kwargs) -> ManyResult:
     """Decode every prompt of ``prompts`` (a list of 1-D id sequences) through ``slots`` rows.
 
     ``generate_kwargs`` are :func:`dultra_jax.decoding.generate`'s (``gen_length``, ``block_length``,
     ``strategy``, ``temperature``, ``cache``, ``early_stop``, ...), except the per-batch ones (attention is
     padding-aware). ``row_seeds`` [N] key each prompt's randomness (default: its index), so prompt i's result
-    equals ``generate(model, [prompt], row_seeds=[row_seeds[i]], ...)``. Returns a :class:`ManyResult`.
+    equals ``generate(model, [prompt], row_seeds=[row_seeds[i]], ...)``. ``plan`` (a
+    :class:`dultra_jax.parallel.ShardingPlan`) splits the slots over its data axes (rounded up to a multiple of
+    its batch shards). Returns a :class:`ManyResult`.
     """
     bad = sorted(set(generate_kwargs) & set(_NOT_HERE))
     if bad:
@@ -67,9 +69,10 @@ def generate_many(model: DUltra, prompts, *, slots: int, rng: jax.Array | int | 
         raise ValueError(f"row_seeds has {len(seeds)} seeds for {len(rows)} prompts")
     cfg = loop.decode_config(**generate_kwargs)
     lengths = [len(r) for r in rows]
-    if cfg.cache != "none":  # the cache is refreshed for the whole batch: sync batches (until the per-row cache)
-        return _sync_batches(model, rows, seeds, slots, rng, generate_kwargs)
-    engine = DecodeEngine(model, cfg, slots=min(slots, len(rows)), rng=rng,
+    n_slots = min(slots, len(rows))
+    if plan is not None:
+        n_slots = -(-n_slots // plan.batch_shards) * plan.batch_shards
+    engine = DecodeEngine(model, cfg, slots=n_slots, rng=rng, plan=plan,
                           widths=merge_widths(lengths, cfg.gen_length))
     handle_of = {}
     for i in sorted(range(len(rows)), key=lambda i: lengths[i]):
@@ -83,29 +86,6 @@ def generate_many(model: DUltra, prompts, *, slots: int, rng: jax.Array | int | 
         i = handle_of[f.handle]
         tokens[i], nfe[i], eq[i], widths[i] = f.tokens, f.nfe, f.equivalent_forwards, f.width
     return ManyResult(tokens=tokens, nfe=nfe, equivalent_forwards=eq, iterations=engine.iterations,
-                      prompt_lengths=np.asarray(lengths, np.int32), widths=widths)
+                      prompt_lengths=np.asarray(lengths, np.int32), widths=widths,
+                      timing=dict(segments=engine.segments, segment_s=engine.segment_s, host_s=engine.host_s))
 
-
-def _sync_batches(model, rows, seeds, slots, rng, kwargs) -> ManyResult:
-    """Batches of ``slots`` prompts (shortest first) through :func:`generate`, each at its bucket width."""
-    mcfg = model.cfg
-    lengths = [len(r) for r in rows]
-    order = sorted(range(len(rows)), key=lambda i: lengths[i])
-    tokens: list[np.ndarray | None] = [None] * len(rows)
-    nfe = np.zeros(len(rows), np.int32)
-    eq = np.zeros(len(rows), np.float32)
-    widths = np.zeros(len(rows), np.int32)
-    iterations = 0
-    for s in range(0, len(rows), slots):
-        part = order[s:s + slots]
-        width = bucket_width(max(lengths[i] for i in part))
-        ids, mask = loop.pad_prompts([rows[i] for i in part], loop.pad_id_of(mcfg), width)
-        res = loop.generate(model, ids, rng=rng, row_seeds=[seeds[i] for i in part], pad_aware=True,
-                            attention_mask=mask, **kwargs)
-        gen = np.asarray(res.generated)
-        for j, i in enumerate(part):
-            tokens[i] = np.concatenate([rows[i], gen[j]]).astype(np.int32)
-        nfe[part], eq[part], widths[part] = np.asarray(res.nfe), np.asarray(res.equivalent_forwards), width
-        iterations += int(res.iterations)
-    return ManyResult(tokens=tokens, nfe=nfe, equivalent_forwards=eq, iterations=iterations,
-                      prompt_lengths=np.asarray(lengths, np.int32), widths=widths)

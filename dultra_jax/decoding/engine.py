@@ -19,7 +19,9 @@ default, or :func:`merge_widths` for a known set of prompts) bound the compiles.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -113,6 +115,8 @@ class DecodeEngine:
         self.plan = plan
         self._graphdef, state = nnx.split(model)
         self._state = plan.shard_state(state) if plan is not None else state
+        if plan is not None and slots % plan.batch_shards:
+            raise ValueError(f"slots ({slots}) must be a multiple of the mesh's {plan.batch_shards} batch shards")
         self._key = jax.random.key(0 if rng is None else rng) if rng is None or isinstance(rng, int) else rng
         self._widths = None if widths is None else sorted(int(w) for w in widths)
         self._segment = int(segment)
@@ -128,6 +132,9 @@ class DecodeEngine:
         self._rows: loop.Rows | None = None
         self._host_x: np.ndarray | None = None  # the canvas read back since the last segment (committed())
         self.iterations = 0  # batch iterations run in total
+        self.segments = 0  # compiled segments run
+        self.segment_s = 0.0  # wall time inside segments (dispatch to the status read back)
+        self.host_s = 0.0  # wall time of step() outside segments (admission, harvest, width changes)
         self.widths_used: set[int] = set()
 
     # ------------------------------------------------------------------------------------------ the queue
@@ -185,6 +192,13 @@ class DecodeEngine:
     # ------------------------------------------------------------------------------------------ stepping
     def step(self) -> bool:
         """Admit queued prompts into free slots and run one compiled segment; False when there was nothing to do."""
+        t0 = time.perf_counter()
+        with self.plan.context() if self.plan is not None else contextlib.nullcontext():
+            ran = self._step()
+        self.host_s += time.perf_counter() - t0
+        return ran
+
+    def _step(self) -> bool:
         self._drop_cancelled()
         fills = []
         for s in range(self._n):
@@ -210,10 +224,15 @@ class DecodeEngine:
         if fills or self._clear.any():
             self._admit(fills)
         self.widths_used.add(width)
+        t0 = time.perf_counter()
         st, status = _segment(self._graphdef, self._state, self._st, self._rows,
                               jnp.int32(self.iterations + self._segment), width, self.cfg)
         self._st, self._host_x = st, None
         done, nfe, it = _host(status)
+        dt = time.perf_counter() - t0
+        self.segment_s += dt
+        self.host_s -= dt  # step() adds the whole step: the segment is not host time
+        self.segments += 1
         self.iterations = it
         finished = [s for s in range(self._n) if self._slot[s] is not None and done[s]]
         if finished:
@@ -261,8 +280,9 @@ class DecodeEngine:
         ids = np.full((n, width + g), loop.pad_id_of(self.mcfg), np.int32)
         mask = np.ones((n, width + g), np.int32)
         seeds = np.zeros(n, np.int32)
-        self._st, self._rows = _empty(self._graphdef, self._state, jnp.asarray(ids), jnp.asarray(mask), self._key,
-                                      jnp.asarray(seeds), width, self.cfg)
+        put = self.plan.shard_batch if self.plan is not None else jnp.asarray  # slots split over the data axes
+        self._st, self._rows = _empty(self._graphdef, self._state, put(ids), put(mask), self._key, put(seeds),
+                                      width, self.cfg)
         self._width = width
 
     def _admit(self, fills: list[int]) -> None:

@@ -15,8 +15,8 @@ The head's cache is stale in the same way and also in its timestep conditioning 
 window keep the timestep of the block's first iteration). The timestep and mask inputs of the head are
 computed from the current canvas exactly as without a cache. Shapes are static: ``dual`` has a fixed window
 of block_length; ``prefix`` has one window size per block, chosen with ``lax.switch`` (one compiled variant per
-block). The cache is refreshed for the whole batch at once, so cached decoding keeps the batch-synchronous
-block schedule.
+block). Under the ``sync`` schedule the cache is refreshed for the whole batch at once; under ``per_row`` each
+row refreshes its own rows of the cache when it starts a block (``loop._per_row_cached``).
 """
 
 from __future__ import annotations

@@ -9,8 +9,10 @@ update. The iteration state is a named pytree (:class:`LoopState`).
 Schedules: ``sync`` (the default, the original's) keeps one block index for the batch: a row that has
 finished the block waits (unchanged, not counted in its NFE) until all rows have; blocks with no MASK left in
 any row are skipped without a forward. ``per_row`` gives each row its own block index, so a row starts its
-next block as soon as its own is done (no idle rows); each row's result is the same as under ``sync``. A KV
-cache is refreshed for the whole batch at a block's first iteration, so cached decoding stays ``sync``.
+next block as soon as its own is done (no idle rows); each row's result is the same as under ``sync``. With a
+KV cache, ``sync`` refreshes it for the whole batch at a block's first iteration; ``per_row`` refreshes each
+row's cache when that row starts a block (a sub-batch of up to ``refresh_rows`` rows per iteration gets the
+exact forward; every row runs its cached window at its own block: docs/engine.md).
 
 Randomness is per row and per the row's own iteration count (its NFE so far), so a row's result does not
 depend on what else is in the batch: with ``row_seeds`` a batch-1 run reproduces any row of a batch.
@@ -32,6 +34,7 @@ from flax import nnx
 from dultra_jax.decoding import kv_cache, rules
 from dultra_jax.decoding import planner_step as ps
 from dultra_jax.decoding.cost import iteration_cost
+from dultra_jax.decoding.reveal import BlockStep, rule_of
 from dultra_jax.model.dultra import DUltra
 from dultra_jax.model.layers import positions_and_mask
 
@@ -62,6 +65,9 @@ class DecodeConfig:
     max_iterations: int | None = None
     cache: Literal["none", "prefix", "dual"] = "none"
     schedule: Schedule = "sync"
+    # per_row with a cache: rows given their refresh forward per iteration (a row starting a block beyond them
+    # waits an iteration, uncounted); default a quarter of the batch, at least 1
+    refresh_rows: int | None = None
     # host callback(finished [B] bool, first [B] int, end [B] int, generated [B, G] int) called from the compiled
     # loop whenever some row finalises blocks [first, end) (``dultra generate --stream``); compiled per callback
     # object (the loop stays one compiled while_loop: the call is a jax.debug.callback)
@@ -98,11 +104,8 @@ class DecodeConfig:
             raise ValueError(f"unknown cache {self.cache!r}; choose one of {list(kv_cache.CACHE_MODES)}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {self.schedule!r}; choose one of {list(SCHEDULES)}")
-        if self.schedule == "per_row" and self.cache != "none":
-            raise ValueError(
-                f"schedule='per_row' needs cache='none': the {self.cache} cache is refreshed for the whole batch "
-                "at a block's first iteration, so cached decoding keeps schedule='sync'"
-            )
+        if self.refresh_rows is not None and self.refresh_rows <= 0:
+            raise ValueError(f"refresh_rows must be a positive number of rows, got {self.refresh_rows}")
 
     @property
     def num_blocks(self) -> int:
@@ -462,6 +465,57 @@ def _window_forward(model: DUltra, x, rows: Rows, start: jax.Array | int, width:
     return hidden[:, :bl], plan
 
 
+def _cached_window(model: DUltra, x, rows: Rows, start, blk, cfg: DecodeConfig, mask_index, timestep,
+                   cache: kv_cache.DecodeCache, p: int):
+    """A cached iteration of block ``blk`` (a scalar) starting at column ``start``: dual's window is the block,
+    prefix's everything from it on (one static width per block, chosen with ``lax.switch``)."""
+    g, bl, nb = cfg.gen_length, cfg.block_length, cfg.num_blocks
+    if cfg.cache == "dual":
+        return _window_forward(model, x, rows, start, bl, cfg, mask_index, timestep, cache)
+
+    def branch(i):
+        w_start, width = kv_cache.window_start_width("prefix", p, g, bl, i)
+        return lambda x, cache: _window_forward(model, x, rows, w_start, width, cfg, mask_index, timestep, cache)
+
+    return jax.lax.switch(blk, [branch(i) for i in range(nb)], x, cache)
+
+
+def _per_row_cached(model: DUltra, x, rows: Rows, start, blk, refresh, cfg: DecodeConfig, mask_index, timestep,
+                    cache: kv_cache.DecodeCache, p: int, n_refresh: int):
+    """One per_row iteration with a cache: the rows in ``refresh`` [B] (at most ``n_refresh``) are gathered into a
+    sub-batch, given the exact forward, and their K/V scattered into the cache; every row then runs its own
+    cached window (vmapped over rows, each at its own block), whose result the refreshed rows replace by their
+    exact one. -> (block states [B, bl, D], planner logits [B, bl] or None, the cache)."""
+    b = x.shape[0]
+    idx = jnp.argsort(~refresh, stable=True)[:n_refresh]  # the refreshing rows first, in row order
+    target = jnp.where(refresh[idx], idx, b)  # b: not a refreshing row, dropped by the scatters
+
+    def fresh(cache):
+        sub = Rows(keys=rows.keys[idx], length=rows.length[idx], mask=None if rows.mask is None else rows.mask[idx])
+        h, plan, kv = _full_forward(model, x[idx], sub, start[idx], cfg, mask_index[idx], timestep[idx])
+        cache = jax.tree.map(lambda c, n: c.at[:, target].set(n.astype(c.dtype), mode="drop"), cache, kv)
+        return h, plan, cache
+
+    def skip(cache):
+        shapes = jax.eval_shape(fresh, cache)[:2]
+        return (*jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes), cache)
+
+    h_new, plan_new, cache = jax.lax.cond(refresh.any(), fresh, skip, cache)
+
+    def one_row(x1, keys1, len1, mask1, start1, blk1, mi1, ts1, cache1):
+        rows1 = Rows(keys=keys1[None], length=len1[None], mask=None if mask1 is None else mask1[None])
+        cache1 = jax.tree.map(lambda a: a[:, None], cache1)
+        h, plan = _cached_window(model, x1[None], rows1, start1, blk1, cfg, mi1[None], ts1[None], cache1, p)
+        return h[0], None if plan is None else plan[0]
+
+    h_win, plan_win = jax.vmap(one_row, in_axes=(0, 0, 0, 0, 0, 0, 0, 0, 1))(
+        x, rows.keys, rows.length, rows.mask, start, blk, mask_index, timestep, cache)
+    put = lambda new, win: win.at[target].set(new.astype(win.dtype), mode="drop")  # noqa: E731
+    h_blk = put(h_new, h_win)
+    plan_blk = None if plan_win is None else put(plan_new, plan_win)
+    return h_blk, plan_blk, cache
+
+
 def _cost_table(mcfg, p: int, cfg: DecodeConfig) -> tuple[float, jax.Array]:
     """(cost of an exact iteration, [nb] cost of a cached iteration of each block), in exact iterations of the
     same strategy: 1 and the FLOP fraction of what a window iteration computes (backbone, LM head and, for the
@@ -485,7 +539,7 @@ def _run(graphdef, params, st: LoopState, rows: Rows, uniforms, p: int, cfg: Dec
     mcfg = graphdef_config(graphdef, params)
     mask_id = mcfg.mask_token_id
     b, length = st.x.shape
-    g, bl, nb = cfg.gen_length, cfg.block_length, cfg.num_blocks
+    bl, nb = cfg.block_length, cfg.num_blocks
     cap = cfg.iteration_cap
     exclude = mask_id if cfg.excludes_mask else None
     stop_id = cfg.stop_id if cfg.stop_id is not None else mcfg.eos_token_id
@@ -494,6 +548,8 @@ def _run(graphdef, params, st: LoopState, rows: Rows, uniforms, p: int, cfg: Dec
     stop_ids = jnp.asarray([stop_id if stop_id is not None else -1], jnp.int32)
     full_cost, cached_cost = _cost_table(mcfg, p, cfg)
     row_ids = jnp.arange(b)[:, None]
+    n_refresh = min(b, cfg.refresh_rows or max(1, -(-b // 4)))
+    reveal_rule = rule_of(cfg, p, uniforms)
 
     def body(carry):
         st, params = carry
@@ -506,9 +562,19 @@ def _run(graphdef, params, st: LoopState, rows: Rows, uniforms, p: int, cfg: Dec
         active = cand.any(-1)
         timestep, mask_index = ps.step_inputs(st.x, cols, mask_id, rows.length)
         cache = st.cache
+        waiting = jnp.zeros((b,), bool)
         if cfg.cache == "none":
             full_forward = jnp.bool_(True)
             h_blk, plan_blk, _ = _full_forward(model, st.x, rows, start, cfg, mask_index, timestep)
+        elif cfg.schedule == "per_row":
+            # each row refreshes its cache when IT starts a block: up to refresh_rows of them per iteration
+            need = (st.step_in_block == 0) & ~_row_done(st, cfg)
+            full_forward = need & (jnp.cumsum(need) <= n_refresh)
+            waiting = need & ~full_forward
+            cand = cand & ~waiting[:, None]
+            active = cand.any(-1)
+            h_blk, plan_blk, cache = _per_row_cached(model, st.x, rows, start, blk, full_forward, cfg, mask_index,
+                                                     timestep, cache, p, n_refresh)
         else:
             # first iteration of a block (sync: the same for every row): exact forward that refreshes the
             # cache; later ones: the window only
@@ -521,16 +587,7 @@ def _run(graphdef, params, st: LoopState, rows: Rows, uniforms, p: int, cfg: Dec
 
             def reuse(ops):
                 x, cache = ops
-                if cfg.cache == "dual":
-                    return (*_window_forward(model, x, rows, s0, bl, cfg, mask_index, timestep, cache), cache)
-
-                def branch(i):
-                    w_start, width = kv_cache.window_start_width("prefix", p, g, bl, i)
-                    return lambda x, cache: _window_forward(model, x, rows, w_start, width, cfg, mask_index,
-                                                            timestep, cache)
-
-                out = jax.lax.switch(blk[0], [branch(i) for i in range(nb)], x, cache)
-                return (*out, cache)
+                return (*_cached_window(model, x, rows, s0, blk[0], cfg, mask_index, timestep, cache, p), cache)
 
             h_blk, plan_blk, cache = jax.lax.cond(full_forward, refresh, reuse, (st.x, st.cache))
         logits = model.lm_logits(h_blk)
@@ -540,27 +597,9 @@ def _run(graphdef, params, st: LoopState, rows: Rows, uniforms, p: int, cfg: Dec
             x0, flogits = rules.propose_tokens(logits, cfg.temperature, exclude, gumbel_keys)
         else:
             x0, flogits = rules.propose_tokens(logits, 0.0, exclude, None)
-        step_logps = None
-        if cfg.strategy == "planner":
-            prob = ps.step_probs(plan_blk, cand, cfg.planner_temperature, cfg.factor)
-            if uniforms is not None:
-                u = ps.take_block(uniforms[jnp.minimum(st.it, uniforms.shape[0] - 1)], cols)
-            else:
-                u_keys = jax.vmap(lambda k: jax.random.fold_in(k, 0))(step_keys)
-                u_gen = jax.vmap(lambda k: jax.random.uniform(k, (g,), jnp.float32))(u_keys)
-                u = ps.take_block(u_gen, cols - p)
-            reveal = rules.reveal_planner(prob, cand, cfg.reveal, u)
-            if cfg.return_trajectory:
-                step_logps = ps.step_logps(prob, cand, reveal, flogits, x0)
-        else:
-            conf = rules.token_confidence(flogits, x0)
-            if cfg.strategy == "threshold":
-                reveal = rules.reveal_threshold(conf, cand, cfg.threshold)
-            elif cfg.strategy == "factor":
-                reveal = rules.reveal_factor(conf, cand, cfg.factor, cfg.factor_rule == "corrected")
-            else:
-                count = rules.fixed_count(st.block_n, st.step_in_block, cfg.steps_per_block)
-                reveal = rules.reveal_fixed(conf, cand, count)
+        reveal, step_logps = reveal_rule(BlockStep(
+            proposals=x0, logits=flogits, cand=cand, plan=plan_blk, keys=step_keys, cols=cols, it=st.it,
+            block_n=st.block_n, step_in_block=st.step_in_block))
         new_blk = jnp.where(reveal, x0, x_blk)
         x_new = st.x.at[row_ids, cols].set(new_blk)
         if cfg.early_stop:
@@ -585,7 +624,7 @@ def _run(graphdef, params, st: LoopState, rows: Rows, uniforms, p: int, cfg: Dec
             finished = moved & (st.block < nb)
             jax.lax.cond(finished.any(), lambda: jax.debug.callback(cfg.on_block, finished, st.block, nxt,
                                                                      x_new[:, p:]), lambda: None)
-        new = LoopState(x=x_new, block=nxt, step_in_block=jnp.where(moved, 0, st.step_in_block + 1),
+        new = LoopState(x=x_new, block=nxt, step_in_block=jnp.where(moved, 0, st.step_in_block + ~waiting),
                         block_n=jnp.where(moved, nxt_n, st.block_n), nfe=nfe, eq=eq, it=st.it + 1, traj=traj,
                         cache=cache)
         return new, params

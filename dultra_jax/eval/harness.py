@@ -76,8 +76,8 @@ class EvalSettings:
     cache: str = "none"
     batch_size: int = 8  # rows per decode call; with continuous batching, the slots
     pad_multiple: int = 64
-    # continuous: decoding.generate_many refills a slot as soon as its prompt is done (single-device runs);
-    # batched: sync batches of generate (always used with a mesh plan, which generate_many does not take)
+    # continuous: decoding.generate_many refills a slot as soon as its prompt is done (on a mesh too);
+    # batched: sync batches of generate
     batching: str = "continuous"
 
     def __post_init__(self) -> None:
@@ -218,7 +218,7 @@ def decode_prompts(model, prompts: Sequence[Sequence[int]], settings: EvalSettin
     rounded up to a multiple of its batch shards. ``on_batch(positions, samples, batch)`` is called as each
     decode call finishes (the harness appends its rows to ``samples.jsonl`` there).
 
-    This is the one function that decodes: with ``settings.batching == "continuous"`` and no plan it runs
+    This is the one function that decodes: with ``settings.batching == "continuous"`` it runs
     :func:`dultra_jax.decoding.generate_many` (:func:`_decode_continuous`), otherwise sync batches of
     ``generate``; callers see the same samples and ``on_batch`` calls either way.
     """
@@ -243,10 +243,10 @@ def decode_prompts(model, prompts: Sequence[Sequence[int]], settings: EvalSettin
         if ln > max_prompt:
             raise EvalError(f"prompt {i} has {ln} tokens: with gen_length {g} it exceeds the model's "
                             f"max_sequence_length {cfg.max_sequence_length}")
-    if settings.batching == "continuous" and plan is None:
+    if settings.batching == "continuous":
         return _decode_continuous(model, prompts, settings, seed=seed, seeds=seeds, exclude=exclude,
                                   progress=progress, desc=desc, max_iterations=max_iterations, compiled=compiled,
-                                  warmup=warmup, on_batch=on_batch)
+                                  warmup=warmup, on_batch=on_batch, plan=plan)
     from dultra_jax.decoding.loop import pad_id_of
 
     pad_id = pad_id_of(cfg)
@@ -295,7 +295,7 @@ def decode_prompts(model, prompts: Sequence[Sequence[int]], settings: EvalSettin
 
 
 def _decode_continuous(model, prompts, settings: EvalSettings, *, seed, seeds, exclude, progress, desc,
-                       max_iterations, compiled, warmup, on_batch) -> DecodeRun:
+                       max_iterations, compiled, warmup, on_batch, plan=None) -> DecodeRun:
     """:func:`decode_prompts` through :func:`dultra_jax.decoding.generate_many` with ``batch_size`` slots, in
     chunks of prompts of similar length (``CONTINUOUS_CHUNK`` x slots), so that finished rows reach
     ``on_batch`` (and ``samples.jsonl``) as each chunk ends. Each prompt's result is the one it gets alone."""
@@ -319,7 +319,7 @@ def _decode_continuous(model, prompts, settings: EvalSettings, *, seed, seeds, e
     for start in tqdm(range(0, n, chunk), desc=desc, disable=not progress, leave=False):
         idx = order[start:start + chunk]
         part = [prompts[i] for i in idx]
-        call = dict(kw, slots=min(slots, len(idx)), row_seeds=seeds[idx].astype(np.int64))
+        call = dict(kw, slots=min(slots, len(idx)), row_seeds=seeds[idx].astype(np.int64), plan=plan)
         try:
             shape = ("continuous", call["slots"], max(lengths[i] for i in idx))
             if warmup and shape not in compiled:  # compile (and run once) untimed, as the batched path does
