@@ -120,11 +120,13 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     import dultra_jax
     from dultra_jax.accounting import account, model_excluded_ids
     from dultra_jax.decoding import generate
+    from dultra_jax.decoding.flags import decode_flag_values
 
     path = resolve_model_path(args.model)
     plan = None
     if args.mesh:
-        from dultra_jax.parallel import ShardingPlan, initialize_distributed
+        from dultra_jax.multihost import initialize_distributed
+        from dultra_jax.parallel import ShardingPlan
 
         initialize_distributed()
         plan = ShardingPlan.create(args.mesh)
@@ -144,10 +146,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     else:
         raise ConfigError("give --prompt TEXT or --prompt-ids IDS")
     printer = _BlockPrinter(tok, args.block_length, sys.stderr if args.json else sys.stdout) if args.stream else None
-    kw = dict(gen_length=args.gen_length, block_length=args.block_length, strategy=args.strategy,
-              reveal=args.reveal, temperature=args.temperature, threshold=args.threshold, factor=args.factor,
-              steps=args.steps, rng=args.seed, early_stop=args.early_stop, cache=args.cache, plan=plan,
-              on_block=printer)
+    kw = dict(decode_flag_values(args), rng=args.seed, plan=plan, on_block=printer)
     try:
         result = generate(model, [ids], **kw)  # compile + run (the printer stays quiet)
         jax.block_until_ready(result.tokens)
@@ -255,15 +254,13 @@ def _cmd_train(args: argparse.Namespace, mode: str | None = None) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     """Decode a task with the original's eval prompts, score it, write samples.jsonl + summary.json per run."""
     from dultra_jax.data.tasks import DataError
+    from dultra_jax.decoding.flags import decode_flag_values
     from dultra_jax.eval import EvalSettings, format_table, run_eval
-    from dultra_jax.parallel import initialize_distributed
+    from dultra_jax.multihost import initialize_distributed
 
     initialize_distributed()  # several processes (JAX_COORDINATOR_ADDRESS, ...) split the problems
-    settings = EvalSettings(
-        strategy=args.strategy, reveal=args.reveal, gen_length=args.gen_length, block_length=args.block_length,
-        temperature=args.temperature, threshold=args.threshold, factor=args.factor, steps=args.steps,
-        cache=args.cache, batch_size=args.batch_size, pad_multiple=args.pad_multiple, batching=args.batching,
-    )
+    settings = EvalSettings.create(**decode_flag_values(args), batch_size=args.batch_size,
+                                   pad_multiple=args.pad_multiple, batching=args.batching)
     out = Path(args.out or f"runs/eval-{args.task}")
     if args.wandb:
         from dultra_jax.wandb_sink import wandb_available
@@ -303,6 +300,9 @@ def _cmd_plot(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from dultra_jax.decoding.flags import add_decode_flags
+    from dultra_jax.tasks import task_names
+
     parser = argparse.ArgumentParser(prog="dultra", description="dUltra in JAX: convert, decode, train, evaluate.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -321,19 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", required=True, help=MODEL_HELP)
     g.add_argument("--prompt", help="user message (chat template of the checkpoint's tokenizer applied)")
     g.add_argument("--prompt-ids", help="prompt token ids, comma or space separated (no tokenizer needed)")
-    g.add_argument("--strategy", default="planner", choices=["planner", "threshold", "factor", "fixed"])
-    g.add_argument("--reveal", default="bernoulli", choices=["bernoulli", "topk"], help="planner decision rule")
-    g.add_argument("--gen-length", type=int, default=256)
-    g.add_argument("--block-length", type=int, default=32)
-    g.add_argument("--temperature", type=float, default=0.0)
-    g.add_argument("--threshold", type=float, default=0.9)
-    g.add_argument("--factor", type=float, default=1.0)
-    g.add_argument("--steps", type=int, default=None, help="total steps of the fixed schedule")
-    g.add_argument("--seed", type=int, default=0)
+    add_decode_flags(g)
+    g.add_argument("--seed", type=int, default=0, help="seed of the planner's reveals and of sampling")
     g.add_argument("--dtype", default="bf16", help="compute dtype: bf16 | fp32")
-    g.add_argument("--early-stop", action="store_true", help="stop a row once it has emitted end-of-text")
-    g.add_argument("--cache", default="none", choices=["none", "prefix", "dual"],
-                   help="block KV cache: none (exact), prefix, dual (approximate, faster)")
     g.add_argument("--json", action="store_true", help="print one JSON object")
     g.add_argument("--mesh", default=None, help='device mesh, e.g. "data=1,fsdp=8,tensor=1" (default: one device)')
     g.add_argument("--stream", action="store_true",
@@ -341,7 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=_cmd_generate)
 
     s = sub.add_parser("score", help="score completions (JSONL: id or index + completion) against a task")
-    s.add_argument("--task", required=True, choices=["gsm8k", "math500", "dapo17", "apps", "humaneval", "mbpp"])
+    s.add_argument("--task", required=True, choices=task_names("score"))
     s.add_argument("--completions-file", required=True, help="JSONL: {\"id\" or \"index\", \"completion\"} per line")
     s.add_argument("--data-file", default=None, help="local JSONL/parquet with the hub's columns (default: the hub)")
     s.add_argument("--split", default=None, help="hub split (default: the evaluation split)")
@@ -353,19 +343,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="evaluate a checkpoint on a task: accuracy, NFE, TPF, throughput per run")
     e.add_argument("--model", required=True, help=MODEL_HELP + " (its tokenizer is used)")
-    e.add_argument("--task", required=True, choices=["gsm8k", "math500", "humaneval", "mbpp", "synthetic-addition"])
+    e.add_argument("--task", required=True, choices=task_names("eval"))
     e.add_argument("--data-file", default=None, help="local JSONL/parquet with the hub's columns (default: the hub)")
     e.add_argument("--split", default=None, help="hub split (default: the evaluation split)")
-    e.add_argument("--strategy", default="planner", choices=["planner", "threshold", "factor", "fixed"])
-    e.add_argument("--reveal", default="bernoulli", choices=["bernoulli", "topk"],
-                   help="planner decision rule (bernoulli = the original's evaluation)")
-    e.add_argument("--gen-length", type=int, default=256)
-    e.add_argument("--block-length", type=int, default=32)
-    e.add_argument("--temperature", type=float, default=0.0)
-    e.add_argument("--threshold", type=float, default=0.9)
-    e.add_argument("--factor", type=float, default=1.0)
-    e.add_argument("--steps", type=int, default=None, help="total steps of the fixed schedule")
-    e.add_argument("--cache", default="none", choices=["none", "prefix", "dual"])
+    add_decode_flags(e)
     e.add_argument("--limit", type=int, default=None, help="first N problems (synthetic task: its size, default 64)")
     e.add_argument("--batch-size", type=int, default=8,
                    help="rows decoded at once: the slots of continuous batching (results do not depend on it)")
@@ -405,7 +386,8 @@ def build_parser() -> argparse.ArgumentParser:
         t.add_argument("--wandb", action="store_true", help=WANDB_HELP + " (= logging.wandb=true)")
         t.set_defaults(func=lambda a, mode=mode: _cmd_train(a, mode))
 
-    d = sub.add_parser("demo", help="the method end to end on the CPU in minutes: SFT, planner pre-training, GRPO")
+    d = sub.add_parser("demo", help="the method end to end on the CPU (tens of minutes on 2 cores): SFT, planner "
+                                    "pre-training, GRPO")
     d.add_argument("--out", default="runs/demo", help="output directory (stages, metrics, summary.json, plot)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--size", default="full", choices=["full", "small"], help="small: the test suite's reduced run")

@@ -613,3 +613,15 @@ def test_sft_noise_follows_the_row_not_the_micro_batch(tiny_model):
                jax.tree.map(lambda a: a.reshape(2, 2, *a.shape[1:]), batch), jax.random.key(1))[2]
     assert float(one["loss"]) == pytest.approx(float(two["loss"]), rel=1e-5)
     assert float(one["masked_tokens"]) == pytest.approx(2 * float(two["masked_tokens"]))
+
+
+@pytest.mark.parametrize("mode", ["sft", "planner"])
+def test_memory_plan_lays_out_the_trainers_own_batch(tmp_path, mode):
+    """benchmarks/memory_plan.py plans sequence_batch_like's batch: the keys, shapes and dtypes the trainer sends."""
+    from dultra_jax.training.trainer import MODES, sequence_batch_like
+
+    t = Trainer(_cfg(tmp_path, f"train.mode={mode}", "train.batch_size=4", "train.micro_batches=2"), tmp_path / mode,
+                progress=False)
+    batch, _ = MODES[mode].make_batch(t, jax.random.key(0))
+    like = sequence_batch_like(mode, 2, t.sequences.shape[1])
+    assert {k: (v.shape, v.dtype) for k, v in batch.items()} == {k: ((2, *a.shape), a.dtype) for k, a in like.items()}
