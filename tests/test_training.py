@@ -618,10 +618,15 @@ def test_sft_noise_follows_the_row_not_the_micro_batch(tiny_model):
 @pytest.mark.parametrize("mode", ["sft", "planner"])
 def test_memory_plan_lays_out_the_trainers_own_batch(tmp_path, mode):
     """benchmarks/memory_plan.py plans sequence_batch_like's batch: the keys, shapes and dtypes the trainer sends."""
-    from dultra_jax.training.trainer import MODES, sequence_batch_like
+    from dultra_jax.config import preset
+    from dultra_jax.tasks import get_task
+    from dultra_jax.training.trainer import MODES, build_tokenizer, load_examples, sequence_batch_like
 
-    t = Trainer(_cfg(tmp_path, f"train.mode={mode}", "train.batch_size=4", "train.micro_batches=2"), tmp_path / mode,
-                progress=False)
+    t = Trainer.__new__(Trainer)  # the data path only: no model to build
+    t.cfg = _cfg(tmp_path, f"train.mode={mode}", "train.batch_size=4", "train.micro_batches=2")
+    t.plan, t.num_processes, t.step, t.tokenizer = None, 1, 0, build_tokenizer(t.cfg)
+    t.mcfg, t.examples = preset("tiny", **get_task(t.cfg.task.name).model_overrides), load_examples(t.cfg, "train")
+    MODES[mode].build_data(t)
     batch, _ = MODES[mode].make_batch(t, jax.random.key(0))
     like = sequence_batch_like(mode, 2, t.sequences.shape[1])
     assert {k: (v.shape, v.dtype) for k, v in batch.items()} == {k: ((2, *a.shape), a.dtype) for k, a in like.items()}
