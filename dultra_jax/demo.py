@@ -67,8 +67,8 @@ def _common(size: DemoSize, seed: int) -> list[str]:
     return [f"model.overrides.{kv}" for kv in size.model] + [
         "model.preset=tiny", "model.overrides.max_sequence_length=128", f"model.seed={seed}",
         "task.name=synthetic-addition", f"task.max_operand={size.max_operand}", f"task.num_eval={size.num_eval}",
-        f"train.seed={seed}", f"sequence.gen_length={GEN_LENGTH}", f"eval.gen_length={GEN_LENGTH}",
-        f"eval.block_length={BLOCK_LENGTH}", f"eval.num_examples={size.num_eval}", "train.keep=1",
+        f"train.seed={seed}", f"sequence.gen_length={GEN_LENGTH}", f"eval.decode.gen_length={GEN_LENGTH}",
+        f"eval.decode.block_length={BLOCK_LENGTH}", f"eval.num_examples={size.num_eval}", "train.keep=1",
     ]
 
 

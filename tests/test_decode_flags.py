@@ -50,3 +50,16 @@ def test_eval_settings_nest_the_decode_config():
         EvalSettings.create(temperature=-1.0)
     with pytest.raises(EvalError, match="sets \\['return_trajectory'\\] itself"):
         EvalSettings(decode=dataclasses.replace(DEFAULT_DECODE, return_trajectory=True))
+
+
+def test_run_config_nests_the_decode_config():
+    from dultra_jax.config import ConfigError
+    from dultra_jax.training.config import load_run_config
+
+    cfg = load_run_config(None, ["eval.decode.strategy=threshold", "eval.decode.threshold=0.5"])
+    assert isinstance(cfg.eval.decode, DecodeConfig)
+    assert (cfg.eval.decode.strategy, cfg.eval.decode.threshold, cfg.eval.decode.gen_length) == ("threshold", 0.5, 16)
+    with pytest.raises(ConfigError, match="eval.decode.*multiple of block_length"):
+        load_run_config(None, ["eval.decode.gen_length=10"])  # checked when the config is read, not mid-run
+    with pytest.raises(ConfigError, match="unknown key.*'gen_length'.*'decode'"):
+        load_run_config(None, ["eval.gen_length=16"])

@@ -215,8 +215,8 @@ def test_training_time_evaluation_equals_dultra_eval_on_the_exported_model(tmp_p
 
     cfg = load_run_config(None, [
         "model.preset=tiny", "model.overrides={d_model: 64, n_layers: 2, mlp_hidden_size: 128}", "task.num_train=64",
-        "task.num_eval=12", "task.max_operand=4", "train.seed=0", "sequence.gen_length=8", "eval.gen_length=8",
-        "eval.block_length=4", "eval.num_examples=12", "eval.batch_size=5", "eval.strategy=threshold",
+        "task.num_eval=12", "task.max_operand=4", "train.seed=0", "sequence.gen_length=8", "eval.decode.gen_length=8",
+        "eval.decode.block_length=4", "eval.num_examples=12", "eval.batch_size=5", "eval.decode.strategy=threshold",
         "train.mode=sft", "train.batch_size=32", "train.max_steps=30", "optim.learning_rate=3e-3",
         "optim.weight_decay=0.0", "train.save_every=1000"])
     trainer = Trainer(cfg, tmp_path / "sft", progress=False)

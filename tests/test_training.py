@@ -223,12 +223,13 @@ def _cfg(tmp_path, *over):
     return load_run_config(None, [
         "model.preset=tiny", "model.overrides={d_model: 64, n_layers: 2, mlp_hidden_size: 128}",
         "task.num_train=64", "task.num_eval=16", "task.max_operand=4", "train.save_every=2", "train.seed=0",
-        "sequence.gen_length=8", "eval.gen_length=8", "eval.block_length=8", "eval.num_examples=16", *over])
+        "sequence.gen_length=8", "eval.decode.gen_length=8", "eval.decode.block_length=8", "eval.num_examples=16",
+        *over])
 
 
 def test_sft_loss_decreases_and_learns_a_toy_task(tmp_path):
     cfg = _cfg(tmp_path, "train.mode=sft", "train.batch_size=32", "train.max_steps=250", "optim.learning_rate=3e-3",
-               "optim.weight_decay=0.0", "train.save_every=1000", "eval.strategy=fixed")
+               "optim.weight_decay=0.0", "train.save_every=1000", "eval.decode.strategy=fixed")
     trainer = Trainer(cfg, tmp_path / "sft", progress=False)
     trainer.run()
     rows = [json.loads(x) for x in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()]

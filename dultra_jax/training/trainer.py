@@ -627,8 +627,7 @@ class Trainer:
             raise ConfigError("training-time evaluation runs in one process: set train.eval_every=0 and run "
                               "`dultra eval` (several processes split the problems) on the exported model")
         e = self.cfg.eval
-        settings = harness.EvalSettings.create(strategy=e.strategy, gen_length=e.gen_length,
-                                               block_length=e.block_length, batch_size=e.batch_size)
+        settings = harness.EvalSettings(decode=e.decode, batch_size=e.batch_size)
         # correct = the task's own scorer (dultra_jax.tasks), as `dultra eval` and `dultra score` count it
         summary = harness.evaluate(
             self._current_model(), self.tokenizer, self.eval_examples[: e.num_examples], settings,
