@@ -8,8 +8,6 @@ Imports only the package and jax/flax/numpy, so the scripts run on a GPU image w
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -18,6 +16,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from dultra_jax.atomic import write_atomic
 from dultra_jax.config import ModelConfig, preset
 from dultra_jax.eval.env import device_name, git_commit
 from dultra_jax.model import DUltra
@@ -37,8 +36,8 @@ STRATEGY_ARGS = {
 }
 
 __all__ = [
-    "CPU_CONFIG", "RANDOM_MODELS", "RESULTS", "STRATEGY_ARGS", "commit", "device_name", "flops_per_iteration",
-    "forward_flops", "matmul_params", "matmul_rate", "median_ms", "model_config", "planner_flops", "random_model",
+    "CPU_CONFIG", "RANDOM_MODELS", "RESULTS", "STRATEGY_ARGS", "commit", "device_name",
+    "matmul_params", "matmul_rate", "median_ms", "model_config", "random_model",
     "random_prompts", "write_json",
 ]
 
@@ -107,40 +106,9 @@ def matmul_params(model: DUltra) -> dict[str, int]:
             "blocks": backbone - lm_head, "backbone_matmul": backbone}
 
 
-def forward_flops(params: dict[str, int], cfg: ModelConfig, batch: int, length: int, logit_positions: int
-                  ) -> float:
-    """Matmul FLOPs of one backbone forward over [batch, length] with LM-head logits at ``logit_positions`` per
-    row, attention scores included (2 * params * tokens + 4 * B * L^2 * D * layers)."""
-    return (2.0 * params["blocks"] * batch * length + 2.0 * params["lm_head"] * batch * logit_positions
-            + 4.0 * batch * length**2 * cfg.d_model * cfg.n_layers)
-
-
-def planner_flops(params: dict[str, int], cfg: ModelConfig, batch: int, length: int) -> float:
-    """The planner head over [batch, length]: its per-position parameters x positions + its layers' attention."""
-    return (2.0 * params["planner_per_position"] * batch * length
-            + 4.0 * batch * length**2 * cfg.d_model * cfg.num_head_layers)
-
-
-def flops_per_iteration(params: dict[str, int], cfg: ModelConfig, batch: int, length: int, block: int,
-                        planner: bool) -> float:
-    """One exact (no-cache) decode iteration: backbone over the canvas, logits on the block, and for the planner
-    its head over the canvas."""
-    flops = forward_flops(params, cfg, batch, length, block)
-    return flops + planner_flops(params, cfg, batch, length) if planner else flops
-
-
 def write_json(path: Path, obj: Any) -> None:
     """Atomic JSON write (temporary file + rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, json.dumps(obj, indent=2) + "\n")
 
 
 def time_decode(model, prompts, kw: dict, repeats: int):

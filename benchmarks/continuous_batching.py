@@ -26,6 +26,7 @@ from _common import RESULTS, commit, device_name, model_config, random_model, wr
 from dultra_jax.checkpoints.hf import parse_dtype
 from dultra_jax.decoding import generate, generate_many
 from dultra_jax.decoding.continuous import bucket_width
+from dultra_jax.decoding.loop import pad_id_of, pad_prompts
 
 
 def batched(model, prompts, slots, kw):
@@ -35,10 +36,7 @@ def batched(model, prompts, slots, kw):
     for s in range(0, len(prompts), slots):
         part = prompts[s:s + slots]
         width = bucket_width(max(len(r) for r in part))
-        ids = np.full((len(part), width), cfg.pad_token_id, np.int32)
-        mask = np.zeros((len(part), width), np.int32)
-        for i, r in enumerate(part):
-            ids[i, width - len(r):], mask[i, width - len(r):] = r, 1
+        ids, mask = pad_prompts(part, pad_id_of(cfg), width)
         res = generate(model, ids, attention_mask=mask, row_seeds=np.arange(s, s + len(part)), pad_aware=True, **kw)
         gen = np.asarray(res.generated)
         tokens += [np.concatenate([r, gen[i]]) for i, r in enumerate(part)]

@@ -33,8 +33,6 @@ from _common import (
     STRATEGY_ARGS,
     commit,
     device_name,
-    flops_per_iteration,
-    matmul_params,
     matmul_rate,
     model_config,
     random_model,
@@ -45,7 +43,7 @@ from flax import nnx
 
 from dultra_jax.checkpoints.hf import parse_dtype
 from dultra_jax.decoding import generate
-from dultra_jax.decoding.cost import head_flops
+from dultra_jax.decoding.cost import iteration_flops
 
 
 def memory_bandwidth(n: int, iters: int = 10) -> float:
@@ -113,7 +111,6 @@ def main() -> None:
     bandwidth = memory_bandwidth(2**28 if on_gpu else 2**24)
     weight_bytes = sum(int(a.size) * a.dtype.itemsize for a in jax.tree.leaves(state))
     floor_ms = 1e3 * weight_bytes / bandwidth  # every weight read once per iteration: the batch-1 floor
-    params = matmul_params(model)
     combos = [(c.strip(), s.strip()) for c in args.cache.split(",") if c.strip()
               for s in args.strategies.split(",") if s.strip()]
     kws = {combo: dict(STRATEGY_ARGS[combo[1]], gen_length=g, block_length=bl, rng=0, cache=combo[0],
@@ -146,9 +143,7 @@ def main() -> None:
         ms_iter = 1e3 * wall / iters
         planner = name.startswith("planner")
         ref_ms = fwd_ms["planner_forward"] if planner else fwd_ms["block_forward"]
-        flops = flops_per_iteration(params, cfg, b, length, bl, planner=False)
-        if planner:  # the restricted head: queries/MLP on the block, keys/values everywhere
-            flops += b * head_flops(cfg, length, length, bl)
+        flops = iteration_flops(cfg, length, bl, planner, b)  # restricted head: queries on the block
         exact = cache == "none"
         nfe = np.asarray(result.nfe)
         decoded = float((np.asarray(result.generated) != cfg.mask_token_id).sum())

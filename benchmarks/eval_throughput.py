@@ -41,7 +41,7 @@ def _child(args: argparse.Namespace) -> None:
     """One measurement in this process (its device count was fixed by XLA_FLAGS before jax started)."""
     from dultra_jax.eval import EvalSettings, run_eval
 
-    settings = EvalSettings(strategy="planner", gen_length=args.gen_length, block_length=args.block_length,
+    settings = EvalSettings.create(strategy="planner", gen_length=args.gen_length, block_length=args.block_length,
                             batch_size=args.batch_size, pad_multiple=64)
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
@@ -150,7 +150,7 @@ def _gpu(args: argparse.Namespace) -> None:
     exclude = model_excluded_ids(cfg)
     rows = []
     for slots in args.slots:
-        s = EvalSettings(strategy="planner", gen_length=256, block_length=32, batch_size=slots, pad_multiple=64)
+        s = EvalSettings.create(strategy="planner", gen_length=256, block_length=32, batch_size=slots, pad_multiple=64)
         run = decode_prompts(model, prompts, s, seed=0, exclude=exclude)
         wall = sum(b["time_s"] for b in run.batches)
         eff = sum(b["effective_tokens"] for b in run.batches)

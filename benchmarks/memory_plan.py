@@ -104,7 +104,7 @@ def model_config(run, *, preset_name: str = "llada-8b", layers: int | None = Non
     (with ``model.overrides``; for a missing ``model.path``, ``preset_name``: the shipped configs point at
     8B checkpoints that exist only on the training node)."""
     from dultra_jax.config import ModelConfig, preset
-    from dultra_jax.data import synthetic
+    from dultra_jax.tasks import get_task
 
     m = run.model
     overrides = dict(m.overrides)
@@ -113,8 +113,7 @@ def model_config(run, *, preset_name: str = "llada-8b", layers: int | None = Non
     elif m.path:
         cfg, source = preset(preset_name, **overrides), f"preset {preset_name} ({m.path} not found here)"
     else:
-        if run.task.name == synthetic.TASK_NAME:
-            overrides = {**synthetic.MODEL_OVERRIDES, **overrides}
+        overrides = {**get_task(run.task.name).model_overrides, **overrides}
         cfg, source = preset(m.preset, **overrides), f"preset {m.preset}"
     if layers is not None and layers != cfg.n_layers:
         cfg = dataclasses.replace(cfg, n_layers=layers)
@@ -222,6 +221,7 @@ def train_step_program(setup: Setup, *, micro_rows: int | None = None, recorded_
     from dultra_jax.model import axes
     from dultra_jax.training.grpo import Rollout
     from dultra_jax.training.step import make_train_step
+    from dultra_jax.training.trainer import sequence_batch_like
 
     jax = _jax()
     run, plan = setup.run, setup.plan
@@ -252,9 +252,10 @@ def train_step_program(setup: Setup, *, micro_rows: int | None = None, recorded_
         )
     else:
         length = setup.prompt_len + run.sequence.gen_length
-        second = ("block_index", np.bool_) if run.train.mode == "planner" else ("answer_mask", np.int32)
-        batch = {"input_ids": _sds((n, micro_rows, length), np.int32, rows3),
-                 second[0]: _sds((n, micro_rows, length), second[1], rows3)}
+        # the trainer's own batch (keys, dtypes), stacked into micro-batches as _split_micro stacks it
+        like = sequence_batch_like(run.train.mode, micro_rows, length)
+        batch = {k: _sds((n, *a.shape), a.dtype, rows3 if a.ndim == 2 else plan.sharding([None, b]))
+                 for k, a in like.items()}
     key = jax.eval_shape(lambda: jax.random.key(0))
     rng = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=plan.replicated)
     info = {"rows_per_device": micro_rows // plan.batch_shards, "micro_batch_rows": micro_rows,

@@ -1,19 +1,22 @@
 """Render the README's results tables (markdown) from the JSON files in benchmarks/results/.
 
-    python benchmarks/results_tables.py --write README.md     # rewrites every generated block of the README
+    python benchmarks/results_tables.py --write-all           # rewrites every generated block of README.md, docs/*.md
     python benchmarks/results_tables.py                       # prints the "Results" block
     python benchmarks/results_tables.py --section demo        # the "Demo" section's numbers
     python benchmarks/results_tables.py --section evaluation  # the "Evaluation" section's numbers
     python benchmarks/results_tables.py --write docs/serving.md  # the serving page's load table
 
-tests/test_readme.py checks that the README's generated blocks equal what this script renders now.
+tests/test_readme.py checks that every generated block of README.md and docs/*.md equals what this script
+renders now.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).parent / "results"
 
 
@@ -461,10 +464,23 @@ SECTIONS = {
 }
 
 
+def demo_time() -> str:
+    """How long `dultra demo` took in the recorded runs (the full-size demo, from the toy acceptance JSON)."""
+    runs = [json.loads(p.read_text()) for p in _toy_files()]
+    if not runs:
+        return ""
+    walls = sorted(d["wall_s"] for d in runs)
+    told = " and ".join(f"{w / 60:.0f} min" for w in walls)
+    return (f"`dultra demo` took {told} in the recorded runs ({', '.join(sorted({d['machine'] for d in runs}))}; "
+            "shared machines), so plan for half an hour on a small CPU.\n")
+
+
 def render(section: str) -> str:
-    """The markdown of one README section's generated block."""
+    """The markdown of one generated block (a section of the README or of a page in docs/)."""
     if section == "summary":
         return "".join(p + "\n" for p in summary_bullets())
+    if section == "demo_time":
+        return demo_time()
     out = []
     for title, fn in SECTIONS[section]:
         parts = fn()
@@ -473,6 +489,7 @@ def render(section: str) -> str:
     return "\n".join(out)
 
 
+BLOCKS = list(dict.fromkeys(["summary", "demo_time", *SECTIONS]))  # every generated block's section name
 BEGIN = "<!-- generated: python benchmarks/results_tables.py --section {} -->\n"
 END = "<!-- end generated -->\n"
 
@@ -482,7 +499,7 @@ def write_readme(path: Path) -> list[str]:
     section, atomically; returns the sections rewritten."""
     text = path.read_text()
     done = []
-    for section in SECTIONS:
+    for section in BLOCKS:
         begin = BEGIN.format(section)
         start = text.find(begin)
         if start < 0:
@@ -492,21 +509,38 @@ def write_readme(path: Path) -> list[str]:
             raise SystemExit(f"{path}: the generated block of section {section!r} has no {END.strip()!r}")
         text = text[:start + len(begin)] + render(section) + text[stop:]
         done.append(section)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    if str(ROOT) not in sys.path:  # run as a script from anywhere: the package's atomic writer
+        sys.path.insert(0, str(ROOT))
+    from dultra_jax.atomic import write_atomic
+
+    write_atomic(path, text)
     return done
+
+
+def documents() -> list[Path]:
+    """The files generated blocks may live in: README.md and every page of docs/."""
+    return [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def write_all() -> dict[str, list[str]]:
+    """Rewrite every generated block of README.md and docs/*.md; returns the sections rewritten per file."""
+    return {str(p.relative_to(ROOT)): done for p in documents() if (done := write_readme(p))}
 
 
 def main(argv: list[str] | None = None) -> None:
     import argparse
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--section", default="results", choices=sorted(SECTIONS),
-                    help="results (the README's Results), demo or evaluation (those sections' numbers)")
-    ap.add_argument("--write", metavar="README", default=None,
+    ap.add_argument("--section", default="results", choices=sorted(BLOCKS), help="the block to print")
+    ap.add_argument("--write", metavar="FILE", default=None,
                     help="rewrite every generated block of this file (all sections) instead of printing one")
+    ap.add_argument("--write-all", action="store_true",
+                    help="rewrite every generated block of README.md and docs/*.md")
     args = ap.parse_args(argv)
+    if args.write_all:
+        for name, done in write_all().items():
+            print(f"{name}: rewrote {', '.join(done)}")
+        return
     if args.write:
         print("rewrote sections:", ", ".join(write_readme(Path(args.write))))
         return

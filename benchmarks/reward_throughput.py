@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+from dultra_jax.atomic import write_atomic
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).parent / "results"
 FIX = ROOT / "tests" / "fixtures"
@@ -135,10 +137,7 @@ def main() -> None:
         "sandbox_humaneval_canonical": sandbox_rows,
         "math_verify_gsm8k": math_rows,
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, out)
+    write_atomic(out, json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")
 
 

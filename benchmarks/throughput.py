@@ -34,13 +34,10 @@ from _common import (
     STRATEGY_ARGS,
     commit,
     device_name,
-    flops_per_iteration,
-    forward_flops,
     matmul_params,
     matmul_rate,
     median_ms,
     model_config,
-    planner_flops,
     random_model,
     random_prompts,
     time_decode,
@@ -50,6 +47,7 @@ from flax import nnx
 
 from dultra_jax import accounting
 from dultra_jax.checkpoints.hf import parse_dtype
+from dultra_jax.decoding.cost import forward_flops, iteration_flops, planner_flops
 
 
 def _ints(text: str, name: str) -> list[int]:
@@ -64,6 +62,11 @@ def _ints(text: str, name: str) -> list[int]:
 
 def _roof(flops: float, rate: float) -> float:
     return flops / rate * 1e3
+
+
+def _sig(x: float) -> float:
+    """4 significant digits: a tiny model's roofline is microseconds, which fixed decimals would round away."""
+    return float(f"{x:.4g}")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -120,16 +123,16 @@ def main(argv: list[str] | None = None) -> dict:
     for b in batches:
         prompts = random_prompts(cfg, b, p)
         canvas = jnp.asarray(np.concatenate([prompts, np.full((b, g), cfg.mask_token_id, np.int32)], axis=1))
-        f_flops = forward_flops(counts, cfg, b, length, length)
-        pl_flops = f_flops + planner_flops(counts, cfg, b, length)
+        f_flops = forward_flops(cfg, length, length, b)
+        pl_flops = f_flops + planner_flops(cfg, length, b)
         fwd_ms = median_ms(full_forward, state, canvas, iters=args.iters)
         plan_ms = median_ms(planner_forward, state, canvas, iters=args.iters)
         forward_rows.append({
             "batch": b, "positions": b * length,
-            "forward_ms": round(fwd_ms, 3), "forward_roofline_ms": round(_roof(f_flops, rate), 3),
-            "forward_fraction_of_roofline": round(_roof(f_flops, rate) / fwd_ms, 3),
-            "forward_planner_ms": round(plan_ms, 3), "forward_planner_roofline_ms": round(_roof(pl_flops, rate), 3),
-            "forward_planner_fraction_of_roofline": round(_roof(pl_flops, rate) / plan_ms, 3),
+            "forward_ms": _sig(fwd_ms), "forward_roofline_ms": _sig(_roof(f_flops, rate)),
+            "forward_fraction_of_roofline": _sig(_roof(f_flops, rate) / fwd_ms),
+            "forward_planner_ms": _sig(plan_ms), "forward_planner_roofline_ms": _sig(_roof(pl_flops, rate)),
+            "forward_planner_fraction_of_roofline": _sig(_roof(pl_flops, rate) / plan_ms),
         })
         for bl in blocks:
             for name in strategies:
@@ -144,16 +147,16 @@ def main(argv: list[str] | None = None) -> dict:
                 effective = counted.effective_tokens
                 ms_iter = 1e3 * wall / iters
                 exact = args.cache == "none"
-                roof_iter = _roof(flops_per_iteration(counts, cfg, b, length, bl, name.startswith("planner")), rate)
+                roof_iter = _roof(iteration_flops(cfg, length, bl, name.startswith("planner"), b), rate)
                 roof_wall = roof_iter * iters / 1e3
                 decode_rows.append({
                     "batch": b, "block": bl, "strategy": name, "cache": args.cache, "iterations": iters,
                     "mean_nfe": float(nfe.mean()),
                     "tpf": counted.tpf,
                     "wall_s": round(wall, 6), "compile_and_first_run_s": round(compile_s, 2),
-                    "ms_per_iteration": round(ms_iter, 3),
-                    "roofline_ms_per_iteration": round(roof_iter, 3) if exact else None,
-                    "fraction_of_roofline": round(roof_iter / ms_iter, 3) if exact else None,
+                    "ms_per_iteration": _sig(ms_iter),
+                    "roofline_ms_per_iteration": _sig(roof_iter) if exact else None,
+                    "fraction_of_roofline": _sig(roof_iter / ms_iter) if exact else None,
                     "positions_decoded": int(decoded.sum()),
                     "positions_per_s": round(float(decoded.sum()) / wall, 1),
                     "roofline_positions_per_s": round(float(decoded.sum()) / roof_wall, 1) if exact else None,

@@ -29,7 +29,17 @@ from dultra_jax import accounting
 from dultra_jax.checkpoints.hf import parse_dtype
 from dultra_jax.data import synthetic
 from dultra_jax.eval import metrics
-from dultra_jax.eval.harness import EvalSettings, decode_prompts, encode_prompts, load_examples, load_tokenizer
+from dultra_jax.eval.harness import (
+    EvalSettings,
+    completion_text,
+    decode_prompts,
+    encode_prompts,
+    known_ids,
+    load_examples,
+    load_tokenizer,
+    score,
+)
+from dultra_jax.tasks import get_task, task_names
 
 # name -> settings overrides (the planner's two decision rules are separate rows)
 STRATEGIES = {
@@ -47,11 +57,12 @@ def _model_and_tokenizer(args, dtype, max_len: int):
         cfg = model_config(args.model)
         if cfg.max_sequence_length < max_len:
             overrides["max_sequence_length"] = max_len
-        if args.task == synthetic.TASK_NAME and args.model == "tiny":
-            overrides.update(synthetic.MODEL_OVERRIDES)
+        task = get_task(args.task)
+        if args.model == "tiny":
+            overrides.update(task.model_overrides)
         model = random_model(model_config(args.model, **overrides), dtype)
-        if args.task == synthetic.TASK_NAME:
-            tok = synthetic.build_tokenizer()
+        if task.build_tokenizer is not None:
+            tok = task.build_tokenizer()
         elif args.tokenizer:
             tok = load_tokenizer(args.tokenizer, args.task)
         else:
@@ -66,9 +77,9 @@ def _model_and_tokenizer(args, dtype, max_len: int):
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help=f"checkpoint directory, or {list(RANDOM_MODELS)} (random)")
-    ap.add_argument("--task", default=synthetic.TASK_NAME,
-                    choices=[synthetic.TASK_NAME, "gsm8k", "math500", "humaneval", "mbpp"])
+    ap.add_argument("--task", default=synthetic.TASK_NAME, choices=task_names("eval"))
     ap.add_argument("--data-file", default=None, help="local file with the hub's columns (real tasks)")
+    ap.add_argument("--score-code", action="store_true", help="run code tasks' programs in the sandbox for accuracy")
     ap.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model's)")
     ap.add_argument("--limit", type=int, default=32, help="problems (the synthetic task's size)")
     ap.add_argument("--strategies", default="planner,planner-topk,threshold,factor", help=f"of {list(STRATEGIES)}")
@@ -94,7 +105,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"--blocks must be comma-separated integers, got {args.blocks!r}") from None
     dtype = parse_dtype(args.dtype or ("bf16" if jax.default_backend() == "gpu" else "fp32"))
     examples = load_examples(args.task, data_file=args.data_file, limit=args.limit)
-    settings = [(name, bl, EvalSettings(**STRATEGIES[name], gen_length=args.gen_len, block_length=bl,
+    settings = [(name, bl, EvalSettings.create(**STRATEGIES[name], gen_length=args.gen_len, block_length=bl,
                                         threshold=args.threshold, factor=args.factor, cache=args.cache,
                                         batch_size=args.batch_size))
                 for bl in blocks for name in names]  # validated before the model is built
@@ -117,12 +128,10 @@ def main(argv: list[str] | None = None) -> dict:
                "tpf": accounting.tpf(eff, nfe), "mean_effective_tokens": float(np.mean(eff)),
                "mean_masks_left": float(np.mean([x["masks_left"] for x in run.samples])),
                "decode_time_s": round(sum(b["time_s"] for b in run.batches), 4)}
-        if args.task == synthetic.TASK_NAME:
-            from dultra_jax.eval.harness import completion_text, known_ids
-
+        if get_task(args.task).kind != "code" or args.score_code:  # the task's own definition of correct
             known = known_ids(tok)
             completions = [completion_text(tok, x["ids"], known) for x in run.samples]
-            row["accuracy"] = float(np.mean(synthetic.exact_answer(completions, examples)))
+            row["accuracy"] = float(np.mean([v["correct"] for v in score(args.task, examples, completions)]))
         rows.append(row)
     result = {
         "benchmark": "tokens_per_forward", "device": device_name(), "jax": jax.__version__, "commit": commit(),

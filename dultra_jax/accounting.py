@@ -1,7 +1,7 @@
 """Speed accounting: which generated ids count, NFE per sample, and TPF, defined once for every caller.
 
 Decoding, evaluation, training statistics and the CLI all import this module, so a number called "TPF" means
-the same thing wherever it is printed (REFERENCE_TRAINING.md §5):
+the same thing wherever it is printed (docs/original.md §4):
 
 - NFE of a sample: backbone forwards in which its row was still decoding (``DecodeResult.nfe``, the batch-1
   count). The loop counts them; this module only reads them.

@@ -118,12 +118,14 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     import dultra_jax
     from dultra_jax.accounting import account, model_excluded_ids
     from dultra_jax.decoding import generate
+    from dultra_jax.decoding.flags import decode_flag_values
     from dultra_jax.text import TextModel
 
     path = resolve_model_path(args.model)
     plan = None
     if args.mesh:
-        from dultra_jax.parallel import ShardingPlan, initialize_distributed
+        from dultra_jax.multihost import initialize_distributed
+        from dultra_jax.parallel import ShardingPlan
 
         initialize_distributed()
         plan = ShardingPlan.create(args.mesh)
@@ -142,10 +144,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     else:
         raise ConfigError("give --prompt TEXT or --prompt-ids IDS")
     printer = _BlockPrinter(tok, args.block_length, sys.stderr if args.json else sys.stdout) if args.stream else None
-    kw = dict(gen_length=args.gen_length, block_length=args.block_length, strategy=args.strategy,
-              reveal=args.reveal, temperature=args.temperature, threshold=args.threshold, factor=args.factor,
-              steps=args.steps, rng=args.seed, early_stop=args.early_stop, cache=args.cache, plan=plan,
-              on_block=printer, planner_temperature=args.planner_temperature)
+    kw = dict(decode_flag_values(args), rng=args.seed, plan=plan, on_block=printer)
     try:
         result = generate(model, [ids], **kw)  # compile + run (the printer stays quiet)
         jax.block_until_ready(result.tokens)
@@ -226,20 +225,19 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 def _text_model(args: argparse.Namespace, *, slots: int = 1):
     """A TextModel of ``--model`` (its tokenizer, or ``--tokenizer``) with the decoding flags as defaults."""
+    from dultra_jax.decoding.flags import decode_flag_values
     from dultra_jax.text import TextModel
 
     plan = None
     if args.mesh:
-        from dultra_jax.parallel import ShardingPlan, initialize_distributed
+        from dultra_jax.multihost import initialize_distributed
+        from dultra_jax.parallel import ShardingPlan
 
         initialize_distributed()
         plan = ShardingPlan.create(args.mesh)
     try:
         text = TextModel.load(args.model, dtype=args.dtype, tokenizer=getattr(args, "tokenizer", None), slots=slots,
-                              seed=args.seed, mesh=plan, gen_length=args.gen_length, block_length=args.block_length,
-                              strategy=args.strategy, reveal=args.reveal, temperature=args.temperature,
-                              threshold=args.threshold, factor=args.factor, steps=args.steps, cache=args.cache,
-                              early_stop=args.early_stop, planner_temperature=args.planner_temperature)
+                              seed=args.seed, mesh=plan, **decode_flag_values(args))
     except ValueError as e:
         raise ConfigError(str(e)) from e
     return text, plan
@@ -295,16 +293,13 @@ def _cmd_train(args: argparse.Namespace, mode: str | None = None) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     """Decode a task with the original's eval prompts, score it, write samples.jsonl + summary.json per run."""
     from dultra_jax.data.tasks import DataError
+    from dultra_jax.decoding.flags import decode_flag_values
     from dultra_jax.eval import EvalSettings, format_table, run_eval
-    from dultra_jax.parallel import initialize_distributed
+    from dultra_jax.multihost import initialize_distributed
 
     initialize_distributed()  # several processes (JAX_COORDINATOR_ADDRESS, ...) split the problems
-    settings = EvalSettings(
-        strategy=args.strategy, reveal=args.reveal, gen_length=args.gen_length, block_length=args.block_length,
-        temperature=args.temperature, threshold=args.threshold, factor=args.factor, steps=args.steps,
-        cache=args.cache, batch_size=args.batch_size, pad_multiple=args.pad_multiple, batching=args.batching,
-        planner_temperature=args.planner_temperature,
-    )
+    settings = EvalSettings.create(**decode_flag_values(args), batch_size=args.batch_size,
+                                   pad_multiple=args.pad_multiple, batching=args.batching)
     out = Path(args.out or f"runs/eval-{args.task}")
     if args.wandb:
         from dultra_jax.wandb_sink import wandb_available
@@ -355,26 +350,20 @@ def _cmd_lm_eval(args: argparse.Namespace) -> int:
 
 
 def _decode_flags(p: argparse.ArgumentParser) -> None:
-    """Decoding defaults shared by generate and serve (a request may override them)."""
-    p.add_argument("--strategy", default="planner", choices=["planner", "threshold", "factor", "fixed"])
-    p.add_argument("--reveal", default="bernoulli", choices=["bernoulli", "topk"], help="planner decision rule")
-    p.add_argument("--gen-length", type=int, default=256)
-    p.add_argument("--block-length", type=int, default=32)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--threshold", type=float, default=0.9)
-    p.add_argument("--factor", type=float, default=1.0)
-    p.add_argument("--planner-temperature", type=float, default=None,
-                   help="planner strategy: reveal probability sigmoid(logit / T) (default: T = 1)")
-    p.add_argument("--steps", type=int, default=None, help="total steps of the fixed schedule")
-    p.add_argument("--seed", type=int, default=0)
+    """Decoding defaults shared by generate and serve (a request may override them): DecodeConfig's flags plus
+    the seed, the compute dtype and the mesh."""
+    from dultra_jax.decoding.flags import add_decode_flags
+
+    add_decode_flags(p)
+    p.add_argument("--seed", type=int, default=0, help="seed of the planner's reveals and of sampling")
     p.add_argument("--dtype", default="bf16", help="compute dtype: bf16 | fp32")
-    p.add_argument("--early-stop", action="store_true", help="stop a row once it has emitted end-of-text")
-    p.add_argument("--cache", default="none", choices=["none", "prefix", "dual"],
-                   help="block KV cache: none (exact), prefix, dual (approximate, faster)")
     p.add_argument("--mesh", default=None, help='device mesh, e.g. "data=1,fsdp=8,tensor=1" (default: one device)')
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from dultra_jax.decoding.flags import add_decode_flags
+    from dultra_jax.tasks import task_names
+
     parser = argparse.ArgumentParser(prog="dultra", description="dUltra in JAX: convert, decode, train, evaluate.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -414,7 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.set_defaults(func=_cmd_serve)
 
     s = sub.add_parser("score", help="score completions (JSONL: id or index + completion) against a task")
-    s.add_argument("--task", required=True, choices=["gsm8k", "math500", "dapo17", "apps", "humaneval", "mbpp"])
+    s.add_argument("--task", required=True, choices=task_names("score"))
     s.add_argument("--completions-file", required=True, help="JSONL: {\"id\" or \"index\", \"completion\"} per line")
     s.add_argument("--data-file", default=None, help="local JSONL/parquet with the hub's columns (default: the hub)")
     s.add_argument("--split", default=None, help="hub split (default: the evaluation split)")
@@ -426,21 +415,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="evaluate a checkpoint on a task: accuracy, NFE, TPF, throughput per run")
     e.add_argument("--model", required=True, help=MODEL_HELP + " (its tokenizer is used)")
-    e.add_argument("--task", required=True, choices=["gsm8k", "math500", "humaneval", "mbpp", "synthetic-addition"])
+    e.add_argument("--task", required=True, choices=task_names("eval"))
     e.add_argument("--data-file", default=None, help="local JSONL/parquet with the hub's columns (default: the hub)")
     e.add_argument("--split", default=None, help="hub split (default: the evaluation split)")
-    e.add_argument("--strategy", default="planner", choices=["planner", "threshold", "factor", "fixed"])
-    e.add_argument("--reveal", default="bernoulli", choices=["bernoulli", "topk"],
-                   help="planner decision rule (bernoulli = the original's evaluation)")
-    e.add_argument("--gen-length", type=int, default=256)
-    e.add_argument("--block-length", type=int, default=32)
-    e.add_argument("--temperature", type=float, default=0.0)
-    e.add_argument("--threshold", type=float, default=0.9)
-    e.add_argument("--factor", type=float, default=1.0)
-    e.add_argument("--planner-temperature", type=float, default=None,
-                   help="planner strategy: reveal probability sigmoid(logit / T) (default: T = 1)")
-    e.add_argument("--steps", type=int, default=None, help="total steps of the fixed schedule")
-    e.add_argument("--cache", default="none", choices=["none", "prefix", "dual"])
+    add_decode_flags(e)
     e.add_argument("--limit", type=int, default=None, help="first N problems (synthetic task: its size, default 64)")
     e.add_argument("--batch-size", type=int, default=8,
                    help="rows decoded at once: the slots of continuous batching (results do not depend on it)")
@@ -486,7 +464,8 @@ def build_parser() -> argparse.ArgumentParser:
         t.add_argument("--wandb", action="store_true", help=WANDB_HELP + " (= logging.wandb=true)")
         t.set_defaults(func=lambda a, mode=mode: _cmd_train(a, mode))
 
-    d = sub.add_parser("demo", help="the method end to end on the CPU in minutes: SFT, planner pre-training, GRPO")
+    d = sub.add_parser("demo", help="the method end to end on the CPU (tens of minutes on 2 cores): SFT, planner "
+                                    "pre-training, GRPO")
     d.add_argument("--out", default="runs/demo", help="output directory (stages, metrics, summary.json, plot)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--size", default="full", choices=["full", "small"], help="small: the test suite's reduced run")

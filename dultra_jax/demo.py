@@ -1,4 +1,5 @@
-"""The end-to-end method on a laptop CPU in minutes: SFT -> planner pre-training -> GRPO with a step penalty.
+"""The end-to-end method on a CPU (tens of minutes on 2 cores; docs/demo.md): SFT -> planner pre-training ->
+GRPO with a step penalty.
 
 A tiny LLaDA learns small additions (built-in char tokenizer and task, nothing downloaded) with masked-diffusion
 SFT; its planner head is pre-trained to imitate the Fast-dLLM factor rule; GRPO with correctness + step-penalty
@@ -47,7 +48,7 @@ SIZES = {
 GEN_LENGTH, BLOCK_LENGTH = 16, 8
 STEP_PENALTY_SCALE = 8.0
 DEFAULT_THRESHOLD, DEFAULT_FACTOR = 0.9, 1.0  # today's single baseline rows
-# The original's GRPO rewards (REFERENCE_TRAINING.md §3): correctness 2.0 x weight 1.0; step penalty weight 0.1 x
+# The original's GRPO rewards (docs/original.md §7): correctness 2.0 x weight 1.0; step penalty weight 0.1 x
 # -(steps with a reveal)/50, i.e. -0.002 per step = 0.001 of a correct answer's reward.
 ORIGINAL_REWARDS = {"correct_reward": 2.0, "step_penalty_weight": 0.1, "step_penalty_scale": 50.0,
                     "penalty_per_step_over_correct": 0.1 / 50.0 / 2.0}
@@ -66,8 +67,8 @@ def _common(size: DemoSize, seed: int) -> list[str]:
     return [f"model.overrides.{kv}" for kv in size.model] + [
         "model.preset=tiny", "model.overrides.max_sequence_length=128", f"model.seed={seed}",
         "task.name=synthetic-addition", f"task.max_operand={size.max_operand}", f"task.num_eval={size.num_eval}",
-        f"train.seed={seed}", f"sequence.gen_length={GEN_LENGTH}", f"eval.gen_length={GEN_LENGTH}",
-        f"eval.block_length={BLOCK_LENGTH}", f"eval.num_examples={size.num_eval}", "train.keep=1",
+        f"train.seed={seed}", f"sequence.gen_length={GEN_LENGTH}", f"eval.decode.gen_length={GEN_LENGTH}",
+        f"eval.decode.block_length={BLOCK_LENGTH}", f"eval.num_examples={size.num_eval}", "train.keep=1",
     ]
 
 
@@ -84,7 +85,7 @@ def _evaluate(trainer: Trainer, label: str, strategy: str, **knob: float) -> dic
     from dultra_jax.eval import harness
 
     e = trainer.cfg.eval
-    settings = harness.EvalSettings(strategy=strategy, gen_length=GEN_LENGTH, block_length=BLOCK_LENGTH,
+    settings = harness.EvalSettings.create(strategy=strategy, gen_length=GEN_LENGTH, block_length=BLOCK_LENGTH,
                                     batch_size=e.batch_size, **knob)
     s = harness.evaluate(trainer._current_model(), trainer.tokenizer, trainer.eval_examples[: e.num_examples],
                          settings, task=trainer.cfg.task.name, progress=False, warmup=False, plan=trainer.plan)

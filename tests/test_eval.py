@@ -116,7 +116,7 @@ def test_batching_does_not_change_results(model):
     exclude = excluded_ids(model.cfg.eos_token_id, model.cfg.pad_token_id, tok)
     runs = {}
     for b, batching in ((1, "batched"), (2, "batched"), ("slots", "continuous")):
-        s = EvalSettings(gen_length=16, block_length=8, batch_size=2 if b == "slots" else b, pad_multiple=1024,
+        s = EvalSettings.create(gen_length=16, block_length=8, batch_size=2 if b == "slots" else b, pad_multiple=1024,
                          batching=batching)
         runs[b] = decode_prompts(model, prompts, s, seed=3, row_seeds=[e.index for e in examples], exclude=exclude)
     for other in (2, "slots"):
@@ -201,9 +201,9 @@ def test_tpf_nfe_arithmetic_on_hand_made_rows():
 # ------------------------------------------------------------------------------------------- errors and plot
 def test_clear_errors(model_dir, tmp_path, capsys):
     with pytest.raises(EvalError, match="multiple of block_length"):
-        EvalSettings(gen_length=10, block_length=4)
+        EvalSettings.create(gen_length=10, block_length=4)
     with pytest.raises(EvalError, match="batch_size"):
-        EvalSettings(batch_size=0)
+        EvalSettings.create(batch_size=0)
     with pytest.raises(EvalError, match="--limit"):
         load_examples("gsm8k", data_file=DATA["gsm8k"], limit=0)
     no_tok = tmp_path / "no-tokenizer"

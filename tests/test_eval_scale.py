@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -23,7 +24,7 @@ FIX = Path(__file__).parent / "fixtures"
 REPO = Path(__file__).resolve().parents[1]
 # sync batches, in the reference and the mesh runs alike (continuous batching gives the same rows,
 # tests/test_eval.py::test_batching_does_not_change_results; on a mesh too, tests/test_engine.py)
-SETTINGS = EvalSettings(gen_length=16, block_length=8, batch_size=2, pad_multiple=64, batching="batched")
+SETTINGS = EvalSettings.create(gen_length=16, block_length=8, batch_size=2, pad_multiple=64, batching="batched")
 SEEDS = (0, 1)
 N = 5
 # what a sample row and a summary must reproduce (timings and provenance aside)
@@ -86,7 +87,7 @@ def test_killed_then_resumed_run_gives_the_uninterrupted_summary(model, referenc
     # killed while writing the 4th row: three whole rows and half a line survive
     (out / "samples.jsonl").write_text("".join(lines[:3]) + lines[3][: len(lines[3]) // 2])
     with pytest.warns(UserWarning, match=r"samples\.jsonl: line 4 is incomplete"):
-        summary = _run(model, out, resume=True, settings=EvalSettings(**{**SETTINGS.to_dict(), "batch_size": 3}))
+        summary = _run(model, out, resume=True, settings=replace(SETTINGS, batch_size=3))
     assert summary["resumed_samples"] == 3
     _same_summary(summary, ref_summary)
     rows = read_samples(out / "samples.jsonl")
@@ -142,7 +143,7 @@ def test_resume_rejects_corrupt_files_and_other_runs(model, reference, tmp_path)
         _run(model, out, resume=True)
     shutil.copy(ref_out / "run.json", out / "run.json")
     with pytest.raises(EvalError, match="different settings"):
-        _run(model, out, resume=True, settings=EvalSettings(**{**SETTINGS.to_dict(), "block_length": 4}))
+        _run(model, out, resume=True, settings=EvalSettings.create(**{**SETTINGS.to_dict(), "block_length": 4}))
 
 
 def test_four_devices_reproduce_the_single_device_run(model, reference, tmp_path):
@@ -161,10 +162,11 @@ _WORKER = textwrap.dedent("""
     import sys
     import jax
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    from dultra_jax.parallel import initialize_distributed
+    from dultra_jax.multihost import initialize_distributed
     assert initialize_distributed()
     from dultra_jax.eval import EvalSettings, run_eval
-    settings = EvalSettings(gen_length=16, block_length=8, batch_size=2, pad_multiple=64, batching="batched")
+    settings = EvalSettings.create(gen_length=16, block_length=8, batch_size=2, pad_multiple=64,
+                                   batching="batched")
     [s] = run_eval(sys.argv[1], "synthetic-addition", settings, seeds=(0, 1), limit=5, out_dir=sys.argv[2],
                    dtype="fp32", progress=False, mesh="data=2")
     print("PROCESSES", s["processes"], "SAMPLES", s["n_samples"])
@@ -214,8 +216,8 @@ def test_training_time_evaluation_equals_dultra_eval_on_the_exported_model(tmp_p
 
     cfg = load_run_config(None, [
         "model.preset=tiny", "model.overrides={d_model: 64, n_layers: 2, mlp_hidden_size: 128}", "task.num_train=64",
-        "task.num_eval=12", "task.max_operand=4", "train.seed=0", "sequence.gen_length=8", "eval.gen_length=8",
-        "eval.block_length=4", "eval.num_examples=12", "eval.batch_size=5", "eval.strategy=threshold",
+        "task.num_eval=12", "task.max_operand=4", "train.seed=0", "sequence.gen_length=8", "eval.decode.gen_length=8",
+        "eval.decode.block_length=4", "eval.num_examples=12", "eval.batch_size=5", "eval.decode.strategy=threshold",
         "train.mode=sft", "train.batch_size=32", "train.max_steps=30", "optim.learning_rate=3e-3",
         "optim.weight_decay=0.0", "train.save_every=1000"])
     trainer = Trainer(cfg, tmp_path / "sft", progress=False)

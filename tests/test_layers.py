@@ -1,4 +1,4 @@
-"""Unit checks of the numerics the original specifies (REFERENCE_MODEL.md §1.2-1.3, §3, §6.1, §6.4)."""
+"""Unit checks of the numerics the original specifies (docs/original.md §1)."""
 
 import jax.numpy as jnp
 import numpy as np

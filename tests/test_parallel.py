@@ -11,6 +11,7 @@ import dultra_jax
 from dultra_jax.checkpoints import save_converted
 from dultra_jax.config import preset
 from dultra_jax.model import DUltra, axes
+from dultra_jax.multihost import distributed_settings, initialize_distributed
 from dultra_jax.parallel import (
     DEFAULT_RULES,
     MeshConfig,
@@ -18,8 +19,6 @@ from dultra_jax.parallel import (
     MissingAxesError,
     ShardingPlan,
     ShardingRuleError,
-    distributed_settings,
-    initialize_distributed,
     make_mesh,
     param_logical_axes,
     shardings_of,

@@ -107,7 +107,7 @@ def test_hf_round_trip_is_bit_exact(real_dir, tmp_path):
 @pytest.mark.gpu
 def test_bf16_and_fp32_agree_on_real_prompts(real_dir, gsm8k_rows):
     """Argmax of the LM head at the MASK positions of real prompts + 256 MASKs: bf16 vs fp32 compute. Near-ties
-    (fp32 top-2 margin < 0.1) are excluded from the strict count, as REFERENCE_MODEL.md §8 allows; the bounds
+    (fp32 top-2 margin < 0.1) are excluded from the strict count, as docs/original.md §10 allows; the bounds
     (99% strict agreement, planner-logit correlation > 0.99) follow its bf16 expectations."""
     import jax.numpy as jnp
 
@@ -152,7 +152,7 @@ def test_gsm8k_50_problems_at_gen256_block32(real_dir, gsm8k_rows, tmp_path):
 
     data = tmp_path / "gsm8k.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in gsm8k_rows[:50]))
-    settings = EvalSettings(gen_length=256, block_length=32, batch_size=8, pad_multiple=64)
+    settings = EvalSettings.create(gen_length=256, block_length=32, batch_size=8, pad_multiple=64)
     [summary] = run_eval(real_dir, "gsm8k", settings, seeds=(0,), data_file=data, limit=50,
                          out_dir=tmp_path / "eval", dtype="bf16", progress=False)
     acc, nfe, tpf = summary["accuracy"], summary["mean_nfe"], summary["tpf"]

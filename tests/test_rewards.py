@@ -1,4 +1,4 @@
-"""Format and speed rewards (hand-checkable cases of REFERENCE_TRAINING.md §7) and the reward registry."""
+"""Format and speed rewards (hand-checkable cases of docs/original.md §7) and the reward registry."""
 
 from pathlib import Path
 

@@ -223,12 +223,13 @@ def _cfg(tmp_path, *over):
     return load_run_config(None, [
         "model.preset=tiny", "model.overrides={d_model: 64, n_layers: 2, mlp_hidden_size: 128}",
         "task.num_train=64", "task.num_eval=16", "task.max_operand=4", "train.save_every=2", "train.seed=0",
-        "sequence.gen_length=8", "eval.gen_length=8", "eval.block_length=8", "eval.num_examples=16", *over])
+        "sequence.gen_length=8", "eval.decode.gen_length=8", "eval.decode.block_length=8", "eval.num_examples=16",
+        *over])
 
 
 def test_sft_loss_decreases_and_learns_a_toy_task(tmp_path):
     cfg = _cfg(tmp_path, "train.mode=sft", "train.batch_size=32", "train.max_steps=250", "optim.learning_rate=3e-3",
-               "optim.weight_decay=0.0", "train.save_every=1000", "eval.strategy=fixed")
+               "optim.weight_decay=0.0", "train.save_every=1000", "eval.decode.strategy=fixed")
     trainer = Trainer(cfg, tmp_path / "sft", progress=False)
     trainer.run()
     rows = [json.loads(x) for x in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()]
@@ -654,3 +655,20 @@ def test_sft_noise_follows_the_row_not_the_micro_batch(tiny_model):
                jax.tree.map(lambda a: a.reshape(2, 2, *a.shape[1:]), batch), jax.random.key(1))[2]
     assert float(one["loss"]) == pytest.approx(float(two["loss"]), rel=1e-5)
     assert float(one["masked_tokens"]) == pytest.approx(2 * float(two["masked_tokens"]))
+
+
+@pytest.mark.parametrize("mode", ["sft", "planner"])
+def test_memory_plan_lays_out_the_trainers_own_batch(tmp_path, mode):
+    """benchmarks/memory_plan.py plans sequence_batch_like's batch: the keys, shapes and dtypes the trainer sends."""
+    from dultra_jax.config import preset
+    from dultra_jax.tasks import get_task
+    from dultra_jax.training.trainer import MODES, build_tokenizer, load_examples, sequence_batch_like
+
+    t = Trainer.__new__(Trainer)  # the data path only: no model to build
+    t.cfg = _cfg(tmp_path, f"train.mode={mode}", "train.batch_size=4", "train.micro_batches=2")
+    t.plan, t.num_processes, t.step, t.tokenizer = None, 1, 0, build_tokenizer(t.cfg)
+    t.mcfg, t.examples = preset("tiny", **get_task(t.cfg.task.name).model_overrides), load_examples(t.cfg, "train")
+    MODES[mode].build_data(t)
+    batch, _ = MODES[mode].make_batch(t, jax.random.key(0))
+    like = sequence_batch_like(mode, 2, t.sequences.shape[1])
+    assert {k: (v.shape, v.dtype) for k, v in batch.items()} == {k: ((2, *a.shape), a.dtype) for k, a in like.items()}

@@ -1,6 +1,6 @@
 """The original's HF safetensors checkpoints <-> our parameters, both ways, one tensor at a time.
 
-Key names and layouts are the original's (REFERENCE_MODEL.md §2): PyTorch ``Linear`` weights are [out, in]
+Key names and layouts are the original's (docs/original.md §2): PyTorch ``Linear`` weights are [out, in]
 and become [in, out] kernels; per-layer tensors ``...blocks.{i}.*`` / ``mask_head.{i}.*`` are stacked on a
 leading layer axis because our blocks run under a scan. Everything is validated from the safetensors
 headers (names, shapes) before a single tensor is read, so a bad checkpoint fails fast with the list of what is

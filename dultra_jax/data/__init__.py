@@ -2,10 +2,10 @@
 
 from dultra_jax.data.pipeline import PromptPipeline, load_iterator_state, save_iterator_state, tokenize_prompts
 from dultra_jax.data.prompts import PROMPT_MODES, STYLES, conversation, render_chat
-from dultra_jax.data.tasks import TASKS, DataError, Example, find_example, load_task, make_example, read_rows
+from dultra_jax.data.tasks import DataError, Example, find_example, load_task, make_example, read_rows
 
 __all__ = [
-    "PROMPT_MODES", "STYLES", "TASKS", "DataError", "Example", "PromptPipeline", "conversation", "find_example",
+    "PROMPT_MODES", "STYLES", "DataError", "Example", "PromptPipeline", "conversation", "find_example",
     "load_iterator_state", "load_task", "make_example", "read_rows", "render_chat", "save_iterator_state",
     "tokenize_prompts",
 ]

@@ -18,14 +18,13 @@ writes it atomically next to a training checkpoint so a resumed run sees exactly
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from dultra_jax.atomic import write_atomic
 from dultra_jax.data.prompts import render_chat
 from dultra_jax.data.tasks import DataError, Example
 
@@ -56,13 +55,11 @@ def _left_pad(rows: Sequence[Sequence[int]], *, pad_id: int, max_len: int | None
     width = max((len(r) for r in rows), default=0)
     rounded = max(1, -(-width // max(1, multiple)) * max(1, multiple))
     width = max(width, min(rounded, max_len)) if max_len else rounded
-    ids = np.full((len(rows), width), pad_id, np.int32)
-    mask = np.zeros((len(rows), width), np.int32)
-    for i, r in enumerate(rows):
-        if r:
-            ids[i, width - len(r):] = r
-            mask[i, width - len(r):] = 1
-    return ids, mask
+    if not rows:
+        return np.zeros((0, width), np.int32), np.zeros((0, width), np.int32)
+    from dultra_jax.decoding.loop import pad_prompts
+
+    return pad_prompts(rows, pad_id, width)
 
 
 class PromptPipeline:
@@ -149,17 +146,7 @@ class PromptPipeline:
 
 def save_iterator_state(iterator, path: str | Path) -> Path:
     """Write ``iterator.get_state()`` as JSON, atomically (temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(_jsonable(iterator.get_state()), f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_atomic(path, json.dumps(_jsonable(iterator.get_state())))
 
 
 def load_iterator_state(iterator, path: str | Path) -> None:

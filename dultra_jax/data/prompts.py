@@ -1,4 +1,4 @@
-"""The original's prompts, verbatim (REFERENCE_TRAINING.md §4, §5), and chat templating with a tokenizer.
+"""The original's prompts, verbatim (docs/original.md §8), and chat templating with a tokenizer.
 
 Two prompt styles:
 

@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dultra_jax.answers import extract_hash_answer, parse_apps_io
 from dultra_jax.data import prompts as P
 
 
@@ -24,30 +23,15 @@ class DataError(ValueError):
 
 @dataclass(frozen=True)
 class TaskSpec:
+    """Where a task's rows live on the hub (its record in :mod:`dultra_jax.tasks` holds this)."""
+
     name: str
     kind: str  # "math" | "code"
     hub_id: str
     hub_config: str | None
     splits: dict[str, str]  # style -> default split
     columns: tuple[str, ...]  # required columns (the hub schema)
-
-
-TASKS: dict[str, TaskSpec] = {
-    "gsm8k": TaskSpec("gsm8k", "math", "openai/gsm8k", "main", {"train": "train", "eval": "test"},
-                      ("question", "answer")),
-    # Training uses ankner/math-500 (split "train"), evaluation HuggingFaceH4/MATH-500; same problems.
-    "math500": TaskSpec("math500", "math", "ankner/math-500", None, {"train": "train", "eval": "test"},
-                        ("problem",)),
-    "dapo17": TaskSpec("dapo17", "math", "open-r1/DAPO-Math-17k-Processed", "en", {"train": "train", "eval": "train"},
-                       ("prompt", "solution")),
-    "apps": TaskSpec("apps", "code", "codeparrot/apps", None, {"train": "train", "eval": "test"},
-                     ("question", "input_output")),
-    "humaneval": TaskSpec("humaneval", "code", "openai/openai_humaneval", None, {"train": "test", "eval": "test"},
-                          ("task_id", "prompt", "test", "entry_point")),
-    "mbpp": TaskSpec("mbpp", "code", "google-research-datasets/mbpp", "full", {"train": "train", "eval": "test"},
-                     ("task_id", "text", "test_list")),
-}
-EVAL_HUB_IDS = {"math500": "HuggingFaceH4/MATH-500"}
+    eval_hub_id: str | None = None  # evaluation reads this copy of the dataset instead
 
 
 @dataclass(frozen=True)
@@ -66,14 +50,21 @@ class Example:
     @property
     def kind(self) -> str:
         """"math" | "code": which teacher and rewards apply (the synthetic addition task is arithmetic)."""
-        return TASKS[self.task].kind if self.task in TASKS else "math"
+        from dultra_jax.tasks import get_task
+
+        kind = get_task(self.task).kind
+        return "math" if kind == "synthetic" else kind
 
 
 def task_spec(name: str) -> TaskSpec:
-    key = name.lower()
-    if key not in TASKS:
-        raise DataError(f"unknown task {name!r}; choose one of {sorted(TASKS)}")
-    return TASKS[key]
+    """The hub spec of a task read from the hub (:mod:`dultra_jax.tasks` is the table)."""
+    from dultra_jax.tasks import get_task, task_names
+
+    spec = get_task(name).hub
+    if spec is None:
+        raise DataError(f"task {name!r} is generated, not read from a dataset; hub tasks: "
+                        f"{[n for n in task_names() if get_task(n).hub is not None]}")
+    return spec
 
 
 # ------------------------------------------------------------------------------------------- reading rows
@@ -105,7 +96,7 @@ def read_rows(
             raise DataError(f"could not read {path} as {fmt}: {type(e).__name__}: {e}") from e
         source = str(path)
     else:
-        hub_id = EVAL_HUB_IDS.get(spec.name, spec.hub_id) if style == "eval" else spec.hub_id
+        hub_id = (spec.eval_hub_id or spec.hub_id) if style == "eval" else spec.hub_id
         split = split or spec.splits[style]
         try:
             ds = datasets.load_dataset(hub_id, spec.hub_config, split=split,
@@ -124,61 +115,17 @@ def read_rows(
 
 
 # ------------------------------------------------------------------------------------------- records
-def _messages(kind: str, style: str, prompt_mode: str, train_user: str, eval_user: str) -> tuple:
-    if style == "train":
-        system = P.math_system_prompt(prompt_mode) if kind == "math" else P.code_system_prompt(prompt_mode)
-        return tuple(P.conversation(system, train_user))
-    return ({"role": "user", "content": eval_user},)
-
-
 def make_example(task: str, index: int, row: dict[str, Any], *, style: str = "train",
                  prompt_mode: str = "thinking") -> Example:
-    """One hub-schema row -> :class:`Example` (prompt in ``style``)."""
-    spec = task_spec(task)
+    """One hub-schema row -> :class:`Example` (prompt in ``style``), by the task's row builder."""
+    from dultra_jax.tasks import get_task
+
+    t = get_task(task)
     if style not in P.STYLES:
         raise DataError(f"unknown prompt style {style!r}; choose one of {P.STYLES}")
-    meta = {k: v for k, v in row.items()}
-    if spec.name == "gsm8k":
-        q = str(row["question"])
-        answer = extract_hash_answer(str(row["answer"]))
-        if answer is None:
-            raise DataError(f"gsm8k row {index}: answer has no '####' final answer")
-        msgs = _messages("math", style, prompt_mode, q, P.math_eval_user_prompt(q))
-        return Example(spec.name, index, f"gsm8k/{index}", q, msgs, answer=answer, metadata=meta)
-    if spec.name in ("math500", "dapo17"):
-        q = str(row["problem"] if spec.name == "math500" else row["prompt"])
-        if spec.name == "math500":
-            # The reward extracts the last \boxed{} of the reference, so `answer` and `solution` agree.
-            answer = row.get("answer") if row.get("answer") not in (None, "") else row.get("solution")
-            if answer in (None, ""):
-                raise DataError(f"math500 row {index}: needs an 'answer' or 'solution' column")
-        else:
-            answer = str(row["solution"]).strip()
-        ident = str(row.get("unique_id") or f"{spec.name}/{index}")
-        msgs = _messages("math", style, prompt_mode, P.math_user_prompt(q), P.math_eval_user_prompt(q))
-        return Example(spec.name, index, ident, q, msgs, answer=str(answer), metadata=meta)
-    if spec.name == "apps":
-        q = str(row["question"])
-        io = parse_apps_io(row.get("input_output"))
-        starter = row.get("starter_code") or ""
-        user = P.apps_user_prompt(q, starter, prompt_mode if style == "train" else "non-thinking")
-        msgs = _messages("code", style, prompt_mode, user, user)
-        tests = {"kind": "apps", "input_output": row.get("input_output"), "fn_name": io["fn_name"]}
-        ident = str(row.get("problem_id", f"apps/{index}"))
-        return Example(spec.name, index, ident, q, msgs, tests=tests, metadata=meta)
-    if spec.name == "humaneval":
-        prompt = str(row["prompt"])
-        user = P.humaneval_instruct_prompt(prompt)
-        msgs = _messages("code", style, prompt_mode, user, user)
-        tests = {"kind": "humaneval", "prompt": prompt, "test": row["test"], "entry_point": row["entry_point"]}
-        return Example(spec.name, index, str(row["task_id"]), prompt, msgs, tests=tests, metadata=meta)
-    if spec.name == "mbpp":
-        text, test_list = str(row["text"]), list(row["test_list"])
-        user = P.mbpp_instruct_prompt(text, test_list)
-        msgs = _messages("code", style, prompt_mode, user, user)
-        tests = {"kind": "mbpp", "test_list": test_list}
-        return Example(spec.name, index, str(row["task_id"]), text, msgs, tests=tests, metadata=meta)
-    raise DataError(f"no record builder for task {spec.name!r}")  # pragma: no cover - TASKS is closed
+    if t.from_row is None:
+        raise DataError(f"task {t.name!r} is generated, it has no dataset rows")
+    return t.from_row(index, row, style, prompt_mode)
 
 
 def load_task(

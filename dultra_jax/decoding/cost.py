@@ -38,3 +38,25 @@ def iteration_cost(cfg: ModelConfig, length: int, window: int, block: int, plann
     if planner:
         flops += head_flops(cfg, length, window if head_window is None else head_window, block)
     return flops / backbone_flops(cfg, length, length)
+
+
+def lm_head_flops(cfg: ModelConfig, positions: int) -> float:
+    """The LM head (hidden -> vocabulary logits) at ``positions`` positions."""
+    return 2.0 * positions * cfg.d_model * cfg.embedding_size
+
+
+def forward_flops(cfg: ModelConfig, length: int, logit_positions: int, batch: int = 1) -> float:
+    """One full backbone forward over [batch, length] with LM-head logits at ``logit_positions`` per row (the
+    benchmarks' roofline; attention scores included)."""
+    return batch * (backbone_flops(cfg, length, length) + lm_head_flops(cfg, logit_positions))
+
+
+def planner_flops(cfg: ModelConfig, length: int, batch: int = 1, block: int | None = None) -> float:
+    """The planner head over [batch, length] (its last layer's queries on ``block`` positions; default all)."""
+    return batch * head_flops(cfg, length, length, length if block is None else block)
+
+
+def iteration_flops(cfg: ModelConfig, length: int, block: int, planner: bool, batch: int = 1) -> float:
+    """One exact (uncached) decode iteration over [batch, length]: the backbone, logits on the block and, for
+    the planner, its head with queries restricted to the block (what :func:`iteration_cost` counts as 1)."""
+    return batch * iteration_cost(cfg, length, length, block, planner) * backbone_flops(cfg, length, length)

@@ -318,7 +318,7 @@ def mesh_decoder(plan, graphdef, state_shardings, cfg: DecodeConfig, *, with_mas
 
 def _rows_sharded(plan, res: DecodeResult) -> DecodeResult:
     """Outputs split over the plan's batch axes like the inputs, never left to the compiler: on several
-    processes each one reads its own rows (``parallel.local_rows``), which a replicated output would not give."""
+    processes each one reads its own rows (``multihost.local_rows``), which a replicated output would not give."""
     def rows(a, axis):
         names = [None] * a.ndim
         names[axis] = "activation_batch"

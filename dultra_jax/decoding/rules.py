@@ -2,7 +2,7 @@
 
 All rules work on one block in block coordinates ([B, bl] arrays) and are pure functions, so the decoding loop
 and the GRPO replay share them. ``cand`` marks the positions that may be revealed: MASK tokens of the current
-block in rows still decoding. Semantics are the original's (REFERENCE_MODEL.md §4a-4b), quirks included
+block in rows still decoding. Semantics are the original's (docs/original.md §3), quirks included
 unless an option says otherwise.
 """
 

@@ -9,13 +9,12 @@ demo's list of rows with ``method``, ``accuracy``, ``nfe``).
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from dultra_jax.eval.harness import EvalError
+from dultra_jax.atomic import write_atomic_with
+from dultra_jax.eval.settings import EvalError
 
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 
@@ -133,13 +132,6 @@ def plot_accuracy_vs_nfe(points: Sequence[dict[str, Any]], out_dir: str | Path, 
     written = []
     for fmt in ("png", "svg"):
         target = out / f"{name}.{fmt}"
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=out)
-        os.close(fd)
-        try:
-            fig.savefig(tmp, format=fmt, dpi=150)
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_atomic_with(target, lambda tmp, fmt=fmt: fig.savefig(tmp, format=fmt, dpi=150))
         written.append(target)
     return written

@@ -1,6 +1,6 @@
 """LLaDA building blocks: RMSNorm, rotate-half RoPE, bidirectional attention, gated MLP, transformer block.
 
-Numerics follow the original (REFERENCE_MODEL.md §1): norm statistics and RoPE in float32 and cast back
+Numerics follow the original (docs/original.md §1): norm statistics and RoPE in float32 and cast back
 before the weight multiply, softmax in float32, everything else in the compute dtype.
 """
 

@@ -1,6 +1,6 @@
 """Code correctness: turn a completion into a program, run it against the task's tests in the sandbox, judge.
 
-Extraction and scoring follow the original (REFERENCE_TRAINING.md §3, §5.2): APPS call-based tests score
+Extraction and scoring follow the original (docs/original.md §7, §9): APPS call-based tests score
 {1.0 all pass, 0.0 a wrong output, -0.05 an execution failure (exception or timeout), 0.0 if that failure is a
 syntax/indentation error}; HumanEval and MBPP pass iff the program with its tests runs to completion (the
 lm-eval-harness programs of the original's evaluation: HumanEval ``prompt + "\\n" + code`` sanitised, then

@@ -1,6 +1,6 @@
 """Distillation reward: mean per-token log-probability of a completion under an autoregressive teacher.
 
-As the original's ``verifier_reward`` (REFERENCE_TRAINING.md §3): the conversation (system + user turns) and
+As the original's ``verifier_reward`` (docs/original.md §7): the conversation (system + user turns) and
 the completion as an assistant turn are rendered with the *teacher's* chat template; the completion string is
 the rendered text after the rendered prompt (so it includes the template's end-of-turn suffix); the reward is
 (1/n) * sum of log p_teacher over the last n tokens of ``tokenize(prompt + completion)``, where

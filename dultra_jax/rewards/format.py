@@ -1,4 +1,4 @@
-"""Format rewards exactly as the original defines them (REFERENCE_TRAINING.md §3); weights live in the registry."""
+"""Format rewards exactly as the original defines them (docs/original.md §7); weights live in the registry."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Math answer extraction and equivalence, as the original extracts and compares (REFERENCE_TRAINING.md §3, §5.1).
+"""Math answer extraction and equivalence, as the original extracts and compares (docs/original.md §7, §9).
 
 This module is imported two ways: as ``dultra_jax.rewards.math`` and, by the verification worker processes, as a
 standalone file (see :mod:`dultra_jax.rewards.procpool`). It therefore imports nothing from the package.

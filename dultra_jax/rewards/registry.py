@@ -1,6 +1,6 @@
 """Reward registry: named reward functions, and per-dataset weighted lists of them read from YAML.
 
-The original's table (REFERENCE_TRAINING.md §3, ``diffu_grpo_train.py:82-146``) is ``configs/rewards.yaml``:
+The original's table (docs/original.md §7) is ``configs/rewards.yaml``:
 each dataset's own rewards, plus the ``thinking`` rewards when ``prompt_mode`` is thinking, plus the
 ``always`` rewards (the step penalty's weight becomes 0 with ``freeze_unmasking_head``). The combined reward
 is ``nansum_k w_k r_k``; a function that cannot score a completion returns None, which counts as NaN.
@@ -131,27 +131,30 @@ def _apps_execution(ctx: RewardContext, opts: dict) -> RewardFn:
 
 
 def _code_tests(ctx: RewardContext, opts: dict) -> RewardFn:
+    """1.0 when the program is correct by its task's own scorer (:mod:`dultra_jax.tasks`), else 0.0."""
+    from dultra_jax.tasks import get_task
+
     def run(inp: RewardInputs) -> list[float | None]:
         out: list[float | None] = [None] * len(inp.completions)
         groups: dict[str, list[int]] = {}
         for i, e in enumerate(inp.examples):
-            groups.setdefault((e.tests or {}).get("kind", "none"), []).append(i)
-        for kind, idx in groups.items():
-            probs = [inp.examples[i].tests for i in idx]
-            comps = [inp.completions[i] for i in idx]
-            if kind == "humaneval":
-                res = ctx.code.score_humaneval(probs, comps)
-            elif kind == "mbpp":
-                res = ctx.code.score_mbpp(probs, comps)
-            elif kind == "apps":
-                res = ctx.code.score_apps(probs, comps)
-            else:
-                raise RewardConfigError(f"code_tests cannot score examples of kind {kind!r}")
-            for i, r in zip(idx, res, strict=True):
-                out[i] = 1.0 if r.passed else 0.0
+            groups.setdefault(e.task, []).append(i)
+        for name, idx in groups.items():
+            task = get_task(name)
+            if task.kind != "code":
+                raise RewardConfigError(f"code_tests cannot score examples of {task.kind} task {name!r}")
+            verdicts = task.score(ctx, [inp.examples[i] for i in idx], [inp.completions[i] for i in idx])
+            for i, v in zip(idx, verdicts, strict=True):
+                out[i] = 1.0 if v["correct"] else 0.0
         return out
 
     return run
+
+
+def _exact_answer(ctx: RewardContext, opts: dict) -> RewardFn:
+    from dultra_jax.data import synthetic
+
+    return lambda inp: synthetic.exact_answer(inp.completions, inp.examples)
 
 
 def _step_penalty(ctx: RewardContext, opts: dict) -> RewardFn:
@@ -210,6 +213,7 @@ REWARDS: dict[str, Callable[[RewardContext, dict], RewardFn]] = {
     "code_fence_format": _texts(fmt.code_fence_format),
     "apps_execution": _apps_execution,
     "code_tests": _code_tests,
+    "exact_answer": _exact_answer,
     "step_penalty": _step_penalty,
     "teacher_logprob": _teacher_logprob,
 }

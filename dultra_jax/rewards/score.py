@@ -4,7 +4,8 @@ Input: a JSONL file, one object per completion, naming its problem by ``id`` (e.
 ``task_id``, an APPS ``problem_id``, a MATH500 ``unique_id``, ``"gsm8k/12"``) or ``index`` (position in the
 dataset), with a ``completion`` string. Code completions may be bare programs or contain a fenced block.
 Output (written atomically): ``samples.jsonl`` (one verdict per input line, in order) and ``summary.json``
-(``accuracy`` = correct / scored, counts by status, and for GSM8K also the evaluation's numeric accuracy).
+(``accuracy`` = correct / scored, counts by status). "Correct" is the task's one definition
+(:attr:`dultra_jax.tasks.Task.score`), the same ``dultra eval`` counts.
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from dultra_jax.atomic import write_atomic
-from dultra_jax.data.tasks import DataError, Example, find_example, load_task, task_spec
-from dultra_jax.rewards import math as math_rewards
+from dultra_jax.data.tasks import DataError, Example, find_example
+from dultra_jax.tasks import Verifiers, get_task
 
 
 def read_completions(path: str | Path) -> list[dict[str, Any]]:
@@ -62,57 +63,29 @@ def score_completions(
 ) -> dict[str, Any]:
     """Score every completion; returns the summary (and writes the files when ``out_dir`` is given)."""
     t0 = time.perf_counter()
-    spec = task_spec(task)
+    t = get_task(task, "score")
     rows = read_completions(completions_file)
     if examples is None:
-        examples = load_task(spec.name, split=split, data_file=data_file, style="eval", apps_difficulties=None,
-                             apps_call_based_only=False, cache_dir=cache_dir)
+        examples = t.examples("eval", split=split, data_file=data_file, cache_dir=cache_dir, apps_difficulties=None,
+                              apps_call_based_only=False)  # every problem of the split is scorable
     problems = [find_example(examples, id=r.get("id"), index=r.get("index") if r.get("id") is None else None)
                 for r in rows]
     completions = [r["completion"] for r in rows]
-    samples: list[dict[str, Any]] = []
-    extra: dict[str, Any] = {}
-    if spec.kind == "math":
-        from dultra_jax.rewards.procpool import MathVerifier
-
-        with MathVerifier(workers=workers, timeout_s=math_timeout_s, mode=math_mode) as verifier:
-            checks = verifier.check(completions, [p.answer for p in problems])
-        for p, c, chk in zip(problems, completions, checks, strict=True):
-            s = {"id": p.id, "index": p.index, "correct": chk["correct"], "reward": 2.0 if chk["correct"] else 0.0,
-                 "status": "correct" if chk["correct"] else ("error" if chk["error"] else "wrong"),
-                 "extracted": chk["extracted"], "reference": chk["reference"], "error": chk["error"]}
-            if spec.name == "gsm8k":
-                s["correct_numeric"] = math_rewards.gsm8k_eval_correct(c, p.answer or "")
-            samples.append(s)
-        if spec.name == "gsm8k":
-            extra["accuracy_numeric"] = sum(s["correct_numeric"] for s in samples) / len(samples)
-    else:
-        from dultra_jax.rewards.code import APPS_TIMEOUT_S, HARNESS_TIMEOUT_S, CodeVerifier
-
-        verifier = CodeVerifier(workers=workers, harness_timeout_s=code_timeout_s or HARNESS_TIMEOUT_S,
-                                apps_timeout_s=code_timeout_s or APPS_TIMEOUT_S)
-        tests = [dict(p.tests or {}) for p in problems]
-        if spec.name == "humaneval":
-            results = verifier.score_humaneval(tests, completions)
-        elif spec.name == "mbpp":
-            results = verifier.score_mbpp(tests, completions)
-        else:
-            results = verifier.score_apps(tests, completions)
-        for p, r in zip(problems, results, strict=True):
-            samples.append({"id": p.id, "index": p.index, "correct": r.passed, "reward": r.reward,
-                            "status": r.status, "error": r.error, "tests_passed": r.tests_passed,
-                            "tests_total": r.tests_total})
+    with Verifiers(workers=workers, math_mode=math_mode, math_timeout_s=math_timeout_s,
+                   code_timeout_s=code_timeout_s) as verifiers:
+        verdicts = t.score(verifiers, problems, completions)
+    samples = [{"id": p.id, "index": p.index, **v} for p, v in zip(problems, verdicts, strict=True)]
     n_correct = sum(bool(s["correct"]) for s in samples)
     summary = {
-        "task": spec.name,
+        "task": t.name,
         "n": len(samples),
         "n_correct": n_correct,
         "accuracy": n_correct / len(samples),
         "n_problems": len({s["id"] for s in samples}),
         "counts": dict(Counter(s["status"] for s in samples)),
-        **extra,
-        "math_mode": math_mode if spec.kind == "math" else None,
-        "data": str(data_file) if data_file else f"{spec.hub_id} (hub)",
+        "correct_means": t.correct_means,
+        "math_mode": math_mode if t.kind == "math" else None,
+        "data": str(data_file) if data_file else f"{t.hub.hub_id} (hub)",
         "completions_file": str(completions_file),
         "duration_s": round(time.perf_counter() - t0, 3),
     }

@@ -12,6 +12,7 @@ from typing import Any
 import yaml
 
 from dultra_jax.config import ConfigError
+from dultra_jax.decoding.loop import DecodeConfig
 from dultra_jax.training.grpo import GRPOLossConfig
 from dultra_jax.training.step import OptimConfig
 
@@ -137,15 +138,19 @@ class GRPOSection(GRPOLossConfig):
                      factor=self.factor, temperature=self.temperature)
 
 
+def _eval_decode() -> DecodeConfig:
+    return DecodeConfig(gen_length=16, block_length=8)
+
+
 @dataclass
 class EvalSection:
+    """Training-time evaluation: how many held-out problems, in batches of how many, decoded how (the one
+    :class:`~dultra_jax.decoding.DecodeConfig`; YAML ``eval.decode.gen_length`` etc., unset fields keep these
+    defaults)."""
+
     num_examples: int = 64
-    gen_length: int = 16
-    block_length: int = 8
-    strategy: str = "planner"
-    reveal: str = "bernoulli"  # planner decision rule: bernoulli | topk
-    planner_temperature: float | None = None  # planner: sigmoid(logit / T) (None = T 1)
     batch_size: int = 32
+    decode: DecodeConfig = field(default_factory=_eval_decode)
 
 
 @dataclass
@@ -175,7 +180,9 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
-def _build(cls, data: dict[str, Any], where: str):
+def _build(cls, data: dict[str, Any], where: str, base=None):
+    """``cls`` from a YAML mapping; with ``base`` (a section whose fields have no defaults of their own, e.g. a
+    DecodeConfig) the mapping replaces the fields of ``base``."""
     if not isinstance(data, dict):
         raise ConfigError(f"config section '{where}' must be a mapping, got {type(data).__name__}")
     names = {f.name: f for f in dataclasses.fields(cls)}
@@ -187,9 +194,11 @@ def _build(cls, data: dict[str, Any], where: str):
     for k, v in data.items():
         sub = _SECTIONS.get((cls, k))
         here = f"{where}.{k}" if where else k
-        kwargs[k] = _build(sub, v, here) if sub is not None else _coerce(v, hints[k], here)
+        merge = _MERGED.get((cls, k))
+        kwargs[k] = (_build(sub, v, here, base=merge() if merge else None) if sub is not None
+                     else _coerce(v, hints[k], here))
     try:
-        return cls(**kwargs)
+        return dataclasses.replace(base, **kwargs) if base is not None else cls(**kwargs)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"bad value in config section '{where or 'root'}': {e}") from e
 
@@ -218,8 +227,10 @@ _SECTIONS = {
     (RunConfig, "model"): ModelSection, (RunConfig, "task"): TaskSection, (RunConfig, "train"): TrainSection,
     (RunConfig, "optim"): OptimConfig, (RunConfig, "sequence"): SequenceSection, (RunConfig, "grpo"): GRPOSection,
     (RunConfig, "eval"): EvalSection, (RunConfig, "logging"): LoggingSection, (RunConfig, "data"): DataSection,
-    (GRPOSection, "rollout"): RolloutSection,
+    (GRPOSection, "rollout"): RolloutSection, (EvalSection, "decode"): DecodeConfig,
 }
+# Nested sections read over their defaults (their dataclass has required fields)
+_MERGED = {(EvalSection, "decode"): _eval_decode}
 
 
 def apply_override(data: dict[str, Any], item: str) -> None:

@@ -4,7 +4,7 @@ The policy of a rollout is the whole decoding trajectory: at every recorded iter
 of the block were revealed (planner Bernoulli decisions) and which tokens they got (backbone). The loss replays
 each iteration from its recorded state (teacher forcing, :func:`dultra_jax.decoding.trajectory.replay_step_logps`),
 forms one *sequence-level* ratio per row and iteration (the sum of per-position log-ratios, as the original),
-clips it PPO-style and sums over iterations (REFERENCE_TRAINING.md §2.3-2.4). The replay is a ``lax.scan``
+clips it PPO-style and sums over iterations (docs/original.md §6). The replay is a ``lax.scan``
 over the parameters as constants whose body is rematerialised, so its memory does not grow with the number of
 recorded iterations S, and an iteration where no row revealed anything is skipped (``lax.cond``). A rollout
 records up to its cap (G) iterations but needs far fewer: :func:`trim_rollout` cuts S on the host to the

@@ -1,6 +1,6 @@
 """Planner pre-training: teach the head to imitate Fast-dLLM's factor rule on the frozen backbone's logits.
 
-The original's collator (REFERENCE_TRAINING.md §1) masks a random span ("block", >= 32 tokens or what fits)
+The original's collator (docs/original.md §5) masks a random span ("block", >= 32 tokens or what fits)
 with ratio t and everything after it; the head sees the frozen backbone's final hidden states, the timestep
 1 - #MASK/N and the block's masked positions, and is trained with BCE (pos_weight = #neg/#pos) towards the
 factor rule's reveal decisions (factor 1, greedy, MASK logit kept, the original's off-by-one included).

@@ -41,10 +41,10 @@ from dultra_jax import accounting
 from dultra_jax.checkpoints.hf import parse_dtype
 from dultra_jax.checkpoints.hub import resolve_model_path
 from dultra_jax.config import ConfigError, preset
-from dultra_jax.data import synthetic
 from dultra_jax.decoding import generate
 from dultra_jax.model.dultra import DUltra
-from dultra_jax.parallel import gather_rows, initialize_distributed, is_primary, local_rows
+from dultra_jax.multihost import gather_rows, initialize_distributed, is_primary, local_rows
+from dultra_jax.tasks import get_task
 from dultra_jax.training import grpo as grpo_mod
 from dultra_jax.training import objectives
 from dultra_jax.training import samples as samples_mod
@@ -84,16 +84,15 @@ def build_model(cfg: RunConfig) -> DUltra:
         import dultra_jax
 
         return dultra_jax.load(m.path, dtype=dtype, param_dtype=param_dtype, remat=m.remat, seed=m.seed)
-    overrides = dict(m.overrides)
-    if cfg.task.name == synthetic.TASK_NAME:
-        overrides = {**synthetic.MODEL_OVERRIDES, **overrides}
+    overrides = {**get_task(cfg.task.name).model_overrides, **m.overrides}
     return DUltra(preset(m.preset, **overrides), dtype=dtype, param_dtype=param_dtype, remat=m.remat,
                   rngs=nnx.Rngs(m.seed))
 
 
 def build_tokenizer(cfg: RunConfig):
-    if cfg.task.name == synthetic.TASK_NAME and cfg.task.tokenizer is None:
-        return synthetic.build_tokenizer()
+    task = get_task(cfg.task.name)
+    if task.build_tokenizer is not None and cfg.task.tokenizer is None:
+        return task.build_tokenizer()
     src = cfg.task.tokenizer or (str(resolve_model_path(cfg.model.path)) if cfg.model.path else None)
     if src is None:
         raise ConfigError("task.tokenizer (or model.path with tokenizer files) is needed for task " + cfg.task.name)
@@ -104,26 +103,18 @@ def build_tokenizer(cfg: RunConfig):
 
 def load_examples(cfg: RunConfig, split: str) -> list:
     t = cfg.task
-    if t.name == synthetic.TASK_NAME:
-        n = t.num_train if split == "train" else t.num_eval
-        return synthetic.addition_examples(n, seed=0 if split == "train" else 1, max_operand=t.max_operand)
-    from dultra_jax.data import load_task
-
+    task = get_task(t.name, "train")
     style = "train" if split == "train" else "eval"
-    return load_task(t.name, split=t.split, data_file=t.data_file, style=style, prompt_mode=t.prompt_mode,
-                     limit=t.limit)
+    if task.hub is None:  # generated: train/eval sizes and the operand range come from the task section
+        return task.examples(style, limit=t.num_train if split == "train" else t.num_eval, max_operand=t.max_operand)
+    return task.examples(style, split=t.split, data_file=t.data_file, prompt_mode=t.prompt_mode, limit=t.limit)
 
 
 def answer_of(example) -> str:
-    """Target text for SFT / planner sequences: the synthetic answer, or the task's worked reference solution
+    """Target text for SFT / planner sequences (the task's :meth:`~dultra_jax.tasks.Task.target_text`): the
+    synthetic answer, or the task's worked reference solution
     (MATH ``solution``, HumanEval ``canonical_solution``, MBPP ``code``, GSM8K's full ``answer``)."""
-    if example.task == synthetic.TASK_NAME:
-        return synthetic.answer_text(example)
-    meta = example.metadata or {}
-    for key in ("solution", "canonical_solution", "code", "answer"):
-        if isinstance(meta.get(key), str) and meta[key].strip():
-            return meta[key]
-    return str(example.answer or "")
+    return get_task(example.task).target_text(example)
 
 
 def encode_sequences(examples, tokenizer, gen_length: int, eos_id: int) -> tuple[np.ndarray, np.ndarray, int]:
@@ -144,6 +135,28 @@ def encode_sequences(examples, tokenizer, gen_length: int, eos_id: int) -> tuple
         ids[i, p:p + len(an)] = an
         mask[i, :p - len(pr)] = 0
     return ids, mask, p
+
+
+def sft_batch(ids: np.ndarray, mask: np.ndarray, answer_mask: np.ndarray, row_seeds: np.ndarray
+              ) -> dict[str, np.ndarray]:
+    """The SFT loss's rows: ids, attention mask, answer mask [B, N] and each row's noise seed [B]."""
+    return {"input_ids": ids, "answer_mask": answer_mask, "attention_mask": mask, "row_seed": row_seeds}
+
+
+def planner_batch(noisy_ids: np.ndarray, block_index: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
+    """The planner loss's rows: noised ids, the noised block [B, N] (bool) and the attention mask."""
+    return {"input_ids": noisy_ids, "block_index": block_index, "attention_mask": mask}
+
+
+def sequence_batch_like(mode: str, rows: int, length: int) -> dict[str, np.ndarray]:
+    """A zero batch of ``rows`` sequences of ``length`` as the ``sft`` / ``planner`` mode builds it (keys,
+    shapes, dtypes): what the memory plan lays out."""
+    ids = np.zeros((rows, length), np.int32)
+    if mode == "sft":
+        return sft_batch(ids, np.ones_like(ids), np.zeros_like(ids), np.zeros(rows, np.int32))
+    if mode == "planner":
+        return planner_batch(ids, np.zeros((rows, length), bool), np.ones_like(ids))
+    raise ValueError(f"mode {mode!r} does not train on sequences (sft, planner)")
 
 
 def _split_micro(tree, n: int, axis: int = 0, plan=None):
@@ -413,10 +426,11 @@ class Trainer:
 
         g = self.cfg.grpo
         frozen_head = self.cfg.train.trainable == "backbone"
-        if self.cfg.task.name == synthetic.TASK_NAME:  # its own rewards; teachers and options from the YAML
+        task = get_task(self.cfg.task.name)
+        if task.reward_weights is not None:  # a task of ours with no rewards.yaml entry: teachers/options from it
             rc = registry.load_reward_config(g.reward_config)
             ctx = registry.RewardContext(rc.get("options"), rc.get("teachers"))
-            weights = {"exact_answer": 1.0, "step_penalty": 0.1, **g.reward_weights}
+            weights = {**task.reward_weights, **g.reward_weights}
         else:
             rs = registry.build_rewards(self.cfg.task.name, g.reward_config, prompt_mode=self.cfg.task.prompt_mode,
                                         freeze_unmasking_head=frozen_head)
@@ -430,13 +444,10 @@ class Trainer:
             ctx.teacher_plan = self.plan
         terms = []
         for name, w in weights.items():
-            if name == "exact_answer":
-                terms.append((name, w, lambda inp: synthetic.exact_answer(inp.completions, inp.examples)))
-            else:
-                opts = ctx.opt(name)
-                if name == "step_penalty":
-                    opts["scale"] = g.step_penalty_scale
-                terms.append((name, w, registry.REWARDS[name](ctx, opts)))
+            opts = ctx.opt(name)
+            if name == "step_penalty":
+                opts["scale"] = g.step_penalty_scale
+            terms.append((name, w, registry.REWARDS[name](ctx, opts)))
         self.rewards = registry.RewardSet(dataset=self.cfg.task.name, terms=terms, context=ctx)
 
     def _next_batch(self):
@@ -476,8 +487,7 @@ class Trainer:
         answer[:, self.prompt_len:] = 1
         # each row's masking noise follows its global position, whatever micro-batch / process holds it
         seeds = (self.step * len(idx) + np.arange(len(idx))[self._my_rows(len(idx))]).astype(np.int32)
-        batch = {"input_ids": ids, "answer_mask": answer, "attention_mask": mask, "row_seed": seeds}
-        return _split_micro(batch, self.cfg.train.micro_batches, plan=self.plan), {}
+        return _split_micro(sft_batch(ids, mask, answer, seeds), self.cfg.train.micro_batches, plan=self.plan), {}
 
     def _planner_batch(self, rng: jax.Array):
         if self.streamed:  # each row's noise from (seed, step, its global position): any process, same noise
@@ -494,7 +504,7 @@ class Trainer:
         noisy, block = noise_batch(self.sequences[idx], np.full(len(idx), self.prompt_len), self.mcfg.mask_token_id,
                                    host_rng, min_block=self.cfg.sequence.min_block)
         mine = self._my_rows(len(idx))
-        batch = {"input_ids": noisy[mine], "block_index": block[mine], "attention_mask": mask}
+        batch = planner_batch(noisy[mine], block[mine], mask)
         return _split_micro(batch, self.cfg.train.micro_batches, plan=self.plan), {}
 
     def _grpo_batch(self, rng: jax.Array):
@@ -694,26 +704,12 @@ class Trainer:
             raise ConfigError("training-time evaluation runs in one process: set train.eval_every=0 and run "
                               "`dultra eval` (several processes split the problems) on the exported model")
         e = self.cfg.eval
-        settings = harness.EvalSettings(strategy=e.strategy, gen_length=e.gen_length, block_length=e.block_length,
-                                        batch_size=e.batch_size, reveal=e.reveal,
-                                        planner_temperature=e.planner_temperature)
-        task = self.cfg.task.name
+        settings = harness.EvalSettings(decode=e.decode, batch_size=e.batch_size)
+        # correct = the task's own scorer (dultra_jax.tasks), as `dultra eval` and `dultra score` count it
         summary = harness.evaluate(
-            self._current_model(), self.tokenizer, self.eval_examples[: e.num_examples], settings, task=task,
-            progress=False, warmup=False, plan=self.plan,
-            scorer=None if task in harness.EVAL_TASKS else self._reward_scorer)
+            self._current_model(), self.tokenizer, self.eval_examples[: e.num_examples], settings,
+            task=self.cfg.task.name, progress=False, warmup=False, plan=self.plan)
         return {"eval_accuracy": summary["accuracy"], "eval_nfe": summary["mean_nfe"], "eval_tpf": summary["tpf"]}
-
-    def _reward_scorer(self, examples, completions) -> list[dict[str, Any]]:
-        """Tasks without an evaluation scorer (training-only sets): correct = the correctness reward is > 0."""
-        from dultra_jax.rewards.registry import RewardInputs
-
-        terms = self.rewards.terms if hasattr(self, "rewards") else []
-        fn = [t for t in terms if t[0] in ("math_correctness", "code_tests", "apps_execution")]
-        if not fn:
-            raise ConfigError(f"task {self.cfg.task.name!r} has no correctness reward to evaluate with")
-        values = fn[0][2](RewardInputs(list(completions), list(examples)))
-        return [{"correct": bool((v or 0) > 0), "status": "reward"} for v in values]
 
     # --------------------------------------------------------------------------------------- loop
     def _on_signal(self, signum, frame) -> None:

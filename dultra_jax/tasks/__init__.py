@@ -1,0 +1,15 @@
+"""Tasks: one :class:`Task` record per task (:data:`TASKS`), and the verifier pools their scorers share."""
+
+from dultra_jax.tasks.table import (
+           SYNTHETIC_DEFAULT_N,
+           TASKS,
+           TOKENIZER_FILES,
+           Task,
+           get_task,
+           task_names,
+           worked_solution,
+)
+from dultra_jax.tasks.verifiers import Verifiers
+
+__all__ = ["SYNTHETIC_DEFAULT_N", "TASKS", "TOKENIZER_FILES", "Task", "Verifiers", "get_task", "task_names",
+           "worked_solution"]
