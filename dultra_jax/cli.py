@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from importlib import resources
@@ -14,9 +15,18 @@ import numpy as np
 from dultra_jax.checkpoints import CheckpointError
 from dultra_jax.checkpoints.hub import resolve_model_path
 from dultra_jax.config import ConfigError
+from dultra_jax.outputs import require_directory_path
 
 TINY_CHECKPOINT = "lladou-tiny"
+DEBUG_ENV = "DULTRA_DEBUG"  # set to 1 for the traceback of an error (= --debug)
 WANDB_HELP = "also log to Weights & Biases (pip install 'dultra-jax[wandb]'; WANDB_MODE=offline works offline)"
+GEN_LENGTH_HELP = "tokens to generate per prompt (a multiple of --block-length; default 256)"
+BLOCK_LENGTH_HELP = "tokens per semi-autoregressive block, decoded left to right (default 32)"
+TEMPERATURE_HELP = "sampling temperature of the token proposals; 0 = greedy (default), must be >= 0"
+THRESHOLD_HELP = ("--strategy threshold: reveal every masked token whose confidence exceeds this, in (0, 1] "
+                  "(default 0.9)")
+FACTOR_HELP = ("> 0; --strategy factor: the Fast-dLLM rule's factor (larger reveals more per step); --strategy "
+               "planner: multiplies the planner's reveal probabilities (default 1.0)")
 MODEL_HELP = ("HF checkpoint directory, converted directory, or hub id org/name[@revision] (HF_HOME / HF_HUB_CACHE / "
               "HF_HUB_OFFLINE honoured; a local directory wins)")
 
@@ -43,6 +53,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     """SFT -> planner pre-training -> GRPO on the built-in task; accuracy/NFE/TPF table, plot, summary.json."""
     from dultra_jax.demo import run_demo
 
+    require_directory_path(args.out)
     run_demo(args.out, seed=args.seed, size=args.size, progress=True)
     print(f"wrote {Path(args.out) / 'summary.json'}")
     return 0
@@ -58,7 +69,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     from dultra_jax.checkpoints import convert
 
     src = embedded_checkpoint()
-    out = Path(args.out)
+    out = require_directory_path(args.out)
     converted = out / "model"
     print(f"[1/3] converting the embedded tiny checkpoint {src.name} -> {converted}")
     convert(src, converted, overwrite=True)
@@ -119,8 +130,14 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
     import dultra_jax
     from dultra_jax.accounting import account, model_excluded_ids
-    from dultra_jax.decoding import generate
+    from dultra_jax.decoding import DecodeConfig, generate
 
+    try:  # the settings first: a bad one is reported before the model is loaded
+        DecodeConfig(gen_length=args.gen_length, block_length=args.block_length, strategy=args.strategy,
+                     reveal=args.reveal, temperature=args.temperature, threshold=args.threshold, factor=args.factor,
+                     steps=args.steps, cache=args.cache)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
     path = resolve_model_path(args.model)
     plan = None
     if args.mesh:
@@ -214,7 +231,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
     try:
         summary = score_completions(
             args.task, args.completions_file, data_file=args.data_file, split=args.split, out_dir=out,
-            math_mode=args.math_mode, workers=args.workers, code_timeout_s=args.timeout,
+            math_mode=args.math_mode, workers=args.workers, code_timeout_s=args.timeout, overwrite=args.overwrite,
         )
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -235,6 +252,11 @@ def _cmd_train(args: argparse.Namespace, mode: str | None = None) -> int:
     if args.wandb:
         overrides.append("logging.wandb=true")
     cfg = load_run_config(args.config, overrides)
+    if args.print_config:  # the resolved config (YAML + overrides + defaults), as a YAML the --config flag reads
+        import yaml
+
+        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+        return 0
     trainer = Trainer(cfg, args.output_dir)
     try:
         last = trainer.run()
@@ -274,7 +296,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         summaries = run_eval(args.model, args.task, settings, seeds=args.seeds, data_file=args.data_file,
                              split=args.split, limit=args.limit, out_dir=out, dtype=args.dtype,
                              factor_sweep=args.factor_sweep, factors=args.factors, workers=args.workers,
-                             resume=args.resume, mesh=args.mesh, max_operand=args.max_operand)
+                             resume=args.resume, mesh=args.mesh, max_operand=args.max_operand,
+                             overwrite=args.overwrite)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -297,6 +320,7 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     """Accuracy against NFE, one labelled point per evaluation summary (PNG + SVG)."""
     from dultra_jax.eval.plot import load_points, plot_accuracy_vs_nfe
 
+    require_directory_path(args.out)
     written = plot_accuracy_vs_nfe(load_points(args.summaries), args.out, title=args.title)
     print("wrote " + " and ".join(str(p) for p in written))
     return 0
@@ -304,6 +328,11 @@ def _cmd_plot(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dultra", description="dUltra in JAX: convert, decode, train, evaluate.")
+    from dultra_jax import __version__
+
+    parser.add_argument("--version", action="version", version=f"dultra {__version__}")
+    parser.add_argument("--debug", action="store_true",
+                        help=f"show the full traceback of an error (or set {DEBUG_ENV}=1)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     c = sub.add_parser("convert", help="convert an original HF checkpoint to ours, or ours back to HF (--to-hf)")
@@ -323,11 +352,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt-ids", help="prompt token ids, comma or space separated (no tokenizer needed)")
     g.add_argument("--strategy", default="planner", choices=["planner", "threshold", "factor", "fixed"])
     g.add_argument("--reveal", default="bernoulli", choices=["bernoulli", "topk"], help="planner decision rule")
-    g.add_argument("--gen-length", type=int, default=256)
-    g.add_argument("--block-length", type=int, default=32)
-    g.add_argument("--temperature", type=float, default=0.0)
-    g.add_argument("--threshold", type=float, default=0.9)
-    g.add_argument("--factor", type=float, default=1.0)
+    g.add_argument("--gen-length", type=int, default=256, help=GEN_LENGTH_HELP)
+    g.add_argument("--block-length", type=int, default=32, help=BLOCK_LENGTH_HELP)
+    g.add_argument("--temperature", type=float, default=0.0, help=TEMPERATURE_HELP)
+    g.add_argument("--threshold", type=float, default=0.9, help=THRESHOLD_HELP)
+    g.add_argument("--factor", type=float, default=1.0, help=FACTOR_HELP)
     g.add_argument("--steps", type=int, default=None, help="total steps of the fixed schedule")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--dtype", default="bf16", help="compute dtype: bf16 | fp32")
@@ -349,6 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--math-mode", default="eval", choices=["eval", "faithful"], help="math equivalence rule")
     s.add_argument("--workers", type=int, default=None, help="parallel verifier/sandbox processes (default: cores)")
     s.add_argument("--timeout", type=float, default=None, help="seconds per program (code) or per APPS test")
+    s.add_argument("--overwrite", action="store_true", help="replace the results already in --out")
     s.set_defaults(func=_cmd_score)
 
     e = sub.add_parser("eval", help="evaluate a checkpoint on a task: accuracy, NFE, TPF, throughput per run")
@@ -359,11 +389,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--strategy", default="planner", choices=["planner", "threshold", "factor", "fixed"])
     e.add_argument("--reveal", default="bernoulli", choices=["bernoulli", "topk"],
                    help="planner decision rule (bernoulli = the original's evaluation)")
-    e.add_argument("--gen-length", type=int, default=256)
-    e.add_argument("--block-length", type=int, default=32)
-    e.add_argument("--temperature", type=float, default=0.0)
-    e.add_argument("--threshold", type=float, default=0.9)
-    e.add_argument("--factor", type=float, default=1.0)
+    e.add_argument("--gen-length", type=int, default=256, help=GEN_LENGTH_HELP)
+    e.add_argument("--block-length", type=int, default=32, help=BLOCK_LENGTH_HELP)
+    e.add_argument("--temperature", type=float, default=0.0, help=TEMPERATURE_HELP)
+    e.add_argument("--threshold", type=float, default=0.9, help=THRESHOLD_HELP)
+    e.add_argument("--factor", type=float, default=1.0, help=FACTOR_HELP)
     e.add_argument("--steps", type=int, default=None, help="total steps of the fixed schedule")
     e.add_argument("--cache", default="none", choices=["none", "prefix", "dual"])
     e.add_argument("--limit", type=int, default=None, help="first N problems (synthetic task: its size, default 64)")
@@ -382,9 +412,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", default=None, help="output directory (default: runs/eval-TASK)")
     e.add_argument("--wandb", action="store_true", help=WANDB_HELP)
     e.add_argument("--max-operand", type=int, default=None,
-                   help="synthetic-addition only: operands in [0, N] (the trainer's task.max_operand; default 20)")
+                   help="synthetic-addition only: operands in [0, N] (default: the task.max_operand a trained "
+                        "model recorded, else 20)")
     e.add_argument("--resume", action="store_true",
                    help="keep the (seed, problem) rows already in OUT/samples.jsonl and decode only the rest")
+    e.add_argument("--overwrite", action="store_true",
+                   help="replace the results already in --out (without it, and without --resume, they are refused)")
     e.add_argument("--mesh", default=None,
                    help='split each batch over this process\'s devices, e.g. "data=8" (default: one device)')
     e.set_defaults(func=_cmd_eval)
@@ -403,6 +436,8 @@ def build_parser() -> argparse.ArgumentParser:
         t.add_argument("--output-dir", required=True, help="checkpoints, metrics.jsonl and the final model go here")
         t.add_argument("overrides", nargs="*", help="dotted overrides such as train.max_steps=6")
         t.add_argument("--wandb", action="store_true", help=WANDB_HELP + " (= logging.wandb=true)")
+        t.add_argument("--print-config", action="store_true",
+                       help="print the resolved config (file + overrides + defaults) as YAML and exit")
         t.set_defaults(func=lambda a, mode=mode: _cmd_train(a, mode))
 
     d = sub.add_parser("demo", help="the method end to end on the CPU in minutes: SFT, planner pre-training, GRPO")
@@ -420,12 +455,59 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _non_utf8_argument(argv: list[str]) -> str | None:
+    """The first argument that is not valid UTF-8 (the OS hands those over with surrogate escapes)."""
+    for a in argv:
+        try:
+            a.encode("utf-8")
+        except UnicodeEncodeError:
+            return a.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    return None
+
+
+# Errors raised with a message written for the user (the modules are imported lazily, so matched by name).
+OUR_ERRORS = ("DataError", "EvalError", "MeshError", "MissingAxesError", "RewardConfigError", "ShardingRuleError",
+              "TrainingAborted")
+
+
+def _one_line(e: BaseException) -> str:
+    """An error as the one line a user sees: what is wrong (and, where we know it, how to fix it)."""
+    if isinstance(e, (CheckpointError, ConfigError)) or type(e).__name__ in OUR_ERRORS:
+        return f"error: {e}"
+    if isinstance(e, UnicodeDecodeError):
+        return (f"error: input is not UTF-8 text ({e.reason} at byte {e.start}); save the file as UTF-8 "
+                "(run with --debug to see which read failed)")
+    if isinstance(e, (IsADirectoryError, NotADirectoryError, FileExistsError, FileNotFoundError, PermissionError)):
+        name = e.filename if e.filename is not None else ""
+        return f"error: {name}: {e.strerror}; check the path (a file where a directory is needed, or vice versa)"
+    if isinstance(e, OSError):
+        return f"error: {e.filename or ''}: {e.strerror or e}"
+    return (f"error: internal error {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+            f"(rerun with --debug or {DEBUG_ENV}=1 for the traceback, and report it)")
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    bad = _non_utf8_argument(argv)
+    if bad is not None:
+        print(f"error: argument {bad!r} is not valid UTF-8; pass text in UTF-8 (check the terminal's locale)",
+              file=sys.stderr)
+        return 2
+    args = parser.parse_args(argv)
+    debug = args.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     try:
         return args.func(args)
-    except (CheckpointError, ConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        where = getattr(args, "out", None) or getattr(args, "output_dir", None)
+        kept = f"; what was written to {where} is kept" if where else ""
+        resume = " (continue with --resume)" if args.command == "eval" else ""
+        print(f"interrupted{kept}{resume}", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if debug:
+            raise
+        print(_one_line(e), file=sys.stderr)
         return 2
 
 

@@ -225,9 +225,15 @@ def test_existing_output_needs_overwrite(tmp_path, tiny_dir, golden):
     with pytest.raises(CheckpointError, match="already exists; pass --overwrite"):
         convert(tiny_dir, out)
     assert (out / "keep.txt").read_text() == "mine"
-    assert main(["convert", str(tiny_dir), str(out), "--overwrite"]) == 0
-    assert not (out / "keep.txt").exists()
-    np.testing.assert_allclose(_logits(dultra_jax.load(out), golden), golden["fwd_logits"], atol=1e-4, rtol=0)
+    # --overwrite replaces only a checkpoint directory: this one is not ours, so it is kept
+    assert main(["convert", str(tiny_dir), str(out), "--overwrite"]) == 2
+    assert (out / "keep.txt").read_text() == "mine"
+    ours = tmp_path / "ours"
+    convert(tiny_dir, ours)
+    (ours / "stale.txt").write_text("left from before")
+    assert main(["convert", str(tiny_dir), str(ours), "--overwrite"]) == 0
+    assert not (ours / "stale.txt").exists()
+    np.testing.assert_allclose(_logits(dultra_jax.load(ours), golden), golden["fwd_logits"], atol=1e-4, rtol=0)
 
 
 def test_failure_mid_write_leaves_nothing(tmp_path, tiny_dir, monkeypatch):

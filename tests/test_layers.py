@@ -20,12 +20,15 @@ def _rope_reference(t, theta):
     return t * np.cos(ang)[None, :, None] + rot * np.sin(ang)[None, :, None]
 
 
-def test_rope_matches_the_spec():
+@pytest.mark.parametrize("theta", [10000.0, 500000.0])
+def test_rope_matches_the_spec(theta):
     t = np.random.default_rng(0).normal(size=(2, 37, 4, 16))
     pos, _ = positions_and_mask(2, 37, None)
-    cos, sin = rope_tables(pos, 16, 500000.0)
+    cos, sin = rope_tables(pos, 16, theta)
     out = apply_rope(jnp.asarray(t, jnp.float32), cos, sin)
-    np.testing.assert_allclose(np.asarray(out), _rope_reference(t, 500000.0), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(out), _rope_reference(t, theta), atol=1e-5)
+    other = 500000.0 if theta == 10000.0 else 10000.0  # theta is really used: the other one differs
+    assert np.max(np.abs(np.asarray(out) - _rope_reference(t, other))) > 1e-2
 
 
 def test_rope_theta_matters_at_long_positions():

@@ -18,14 +18,13 @@ writes it atomically next to a training checkpoint so a resumed run sees exactly
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from dultra_jax.atomic import write_atomic
 from dultra_jax.data.prompts import render_chat
 from dultra_jax.data.tasks import DataError, Example
 
@@ -150,15 +149,7 @@ class PromptPipeline:
 def save_iterator_state(iterator, path: str | Path) -> Path:
     """Write ``iterator.get_state()`` as JSON, atomically (temp file + rename)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(_jsonable(iterator.get_state()), f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, json.dumps(_jsonable(iterator.get_state())))
     return path
 
 

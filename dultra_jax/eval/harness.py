@@ -38,12 +38,14 @@ import numpy as np
 
 from dultra_jax import accounting
 from dultra_jax.atomic import write_atomic
-from dultra_jax.checkpoints.hub import resolve_model_path
+from dultra_jax.checkpoints.hub import parse_hub_id, resolve_model_path
+from dultra_jax.checkpoints.store import recorded_task
 from dultra_jax.config import ConfigError
 from dultra_jax.data import synthetic
 from dultra_jax.data.tasks import Example
 from dultra_jax.eval import metrics
 from dultra_jax.eval.env import device_name, git_commit, git_dirty
+from dultra_jax.outputs import check_results_dir
 
 EVAL_TASKS = ("gsm8k", "math500", "humaneval", "mbpp", synthetic.TASK_NAME)
 SWEEP_FACTORS = (0.5, 0.8, 1.0, 1.2, 1.5)
@@ -465,7 +467,7 @@ def read_samples(path: str | Path) -> list[dict[str, Any]]:
                 warnings.warn(f"{path}: line {k} is incomplete or malformed ({e}); ignoring it", stacklevel=2)
                 break
             raise EvalError(f"{path}: line {k} is malformed ({e}); the file is corrupt (not just cut off), "
-                            "remove the line or start the evaluation afresh without --resume") from e
+                            "remove the line, or replace the run with --overwrite (its rows are lost)") from e
         rows.append(row)
     return rows
 
@@ -572,9 +574,7 @@ def evaluate(model, tokenizer, examples: Sequence[Example], settings: EvalSettin
     pid, nproc = jax.process_index(), jax.process_count()
     mine = list(range(pid, len(examples), nproc))  # this process's share of the problems
     # batch size does not change any result (rows are keyed by their problem), so a resume may use another
-    run_info = {"task": task, "settings": {k: v for k, v in settings.to_dict().items() if k != "batch_size"},
-                "n_problems": len(examples), "problem_ids": ids,
-                "seeds": seeds, "processes": nproc}
+    run_info = {**_run_info(task, settings, examples), "seeds": seeds, "processes": nproc}
     out = Path(out_dir) if out_dir is not None else None
     log = None
     done: list[dict[str, Any]] = []
@@ -664,17 +664,41 @@ def evaluate(model, tokenizer, examples: Sequence[Example], settings: EvalSettin
     return summary
 
 
+def _run_info(task: str, settings: EvalSettings, examples: Sequence[Example]) -> dict[str, Any]:
+    """What a run is, for --resume: the task, the settings (batch size aside: it changes no result), the problems."""
+    return {"task": task, "settings": {k: v for k, v in settings.to_dict().items() if k != "batch_size"},
+            "n_problems": len(examples), "problem_ids": [str(e.id) for e in examples]}
+
+
 def _check_resumable(path: Path, info: dict[str, Any]) -> None:
     if not path.is_file():
         return
     try:
-        old = json.loads(path.read_text())
+        old = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise EvalError(f"--resume: {path} is unreadable ({e})") from e
-    diff = [k for k in _RUN_KEYS if old.get(k) != info[k]]
+    diff = run_differences(old if isinstance(old, dict) else {}, info)
     if diff:
-        raise EvalError(f"--resume: {path.parent} holds a run with different {', '.join(diff)}; use another --out "
-                        "or drop --resume to start afresh")
+        raise EvalError(f"--resume: {path.parent} holds a run with different settings ({'; '.join(diff)}); pass "
+                        "the same settings to continue it, or choose another --out")
+
+
+def run_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """What differs between a recorded run and this one, as 'name: was X, now Y' items (settings by name)."""
+    out = []
+    for key in _RUN_KEYS:
+        a, b = old.get(key), new.get(key)
+        if a == b:
+            continue
+        if key == "settings" and isinstance(a, dict) and isinstance(b, dict):
+            out += [f"{k}: was {a.get(k)!r}, now {b.get(k)!r}" for k in sorted(a.keys() | b.keys())
+                    if a.get(k) != b.get(k)]
+        elif key == "problem_ids":
+            if old.get("n_problems") == new.get("n_problems"):
+                out.append("the problems (same count, other ids: another --data-file, --split or --max-operand?)")
+        else:
+            out.append(f"{key}: was {a!r}, now {b!r}")
+    return out
 
 
 def summarize(rows: Sequence[dict[str, Any]], settings: EvalSettings, *, task: str, seeds: Sequence[int],
@@ -774,19 +798,35 @@ def run_eval(model_path: str | Path | None, task: str, settings: EvalSettings, *
              out_dir: str | Path = "runs/eval", dtype: str = "bf16", factor_sweep: bool = False,
              factors: Sequence[float] = SWEEP_FACTORS, workers: int | None = None, progress: bool = True,
              model=None, cache_dir: str | Path | None = None, resume: bool = False, mesh: str | None = None,
-             plan=None, max_operand: int | None = None) -> list[dict[str, Any]]:
+             plan=None, max_operand: int | None = None, overwrite: bool = False) -> list[dict[str, Any]]:
     """``dultra eval``: load the model and task, run one evaluation (or the factor sweep), write the files.
 
     One run writes ``out_dir/summary.json`` and ``out_dir/samples.jsonl``; the sweep writes them under
     ``out_dir/<strategy>-f<factor>/`` and an index ``out_dir/sweep.json``. Returns the summaries. ``resume``
     continues the runs found there; ``mesh`` (e.g. ``"data=8"``) or ``plan`` splits the batches over this
     process's devices (:func:`local_plan`); several JAX processes split the problems (see :func:`evaluate`).
+    Results already in ``out_dir`` are refused unless ``resume`` or ``overwrite``. A model exported by the
+    trainer records its task settings; the synthetic task's ``max_operand`` defaults to the recorded one.
     """
     seeds = _check_seeds(seeds)
+    out = Path(out_dir)
+    runs = sweep_settings(settings, factors) if factor_sweep else [("", settings)]
+    for name, _ in runs:
+        check_results_dir(out / name if name else out, (SAMPLES_FILE, "summary.json"), resume=resume,
+                          overwrite=overwrite, resume_marker=RUN_FILE)
+    if factor_sweep:
+        check_results_dir(out, ("sweep.json",), resume=resume, overwrite=overwrite)
+    if model is None and model_path is not None and parse_hub_id(str(model_path)) is None:
+        resolve_model_path(model_path)  # a missing local model is reported before any work
+    if task == synthetic.TASK_NAME and max_operand is None and model_path is not None:
+        max_operand = recorded_task(model_path).get("max_operand")
     if plan is None and mesh is not None:
         plan = local_plan(mesh)
     examples = load_examples(task, data_file=data_file, split=split, limit=limit, cache_dir=cache_dir,
                              max_operand=max_operand)
+    if resume:  # refuse a mismatched resume before anything is loaded
+        for name, s in runs:
+            _check_resumable((out / name if name else out) / RUN_FILE, _run_info(task, s, examples))
     tokenizer = load_tokenizer(model_path, task)
     if model is None:
         if model_path is None:
@@ -796,8 +836,6 @@ def run_eval(model_path: str | Path | None, task: str, settings: EvalSettings, *
         model = dultra_jax.load(model_path, dtype=dtype)
     meta = {"model": str(model_path) if model_path is not None else "(in memory)", "dtype": str(dtype),
             "data": str(data_file) if data_file else ("generated" if task == synthetic.TASK_NAME else "hub")}
-    out = Path(out_dir)
-    runs = sweep_settings(settings, factors) if factor_sweep else [("", settings)]
     summaries = []
     for name, s in runs:
         target = out / name if name else out

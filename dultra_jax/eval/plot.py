@@ -9,12 +9,11 @@ demo's list of rows with ``method``, ``accuracy``, ``nfe``).
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from dultra_jax.atomic import atomic_path
 from dultra_jax.eval.harness import EvalError
 
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
@@ -38,7 +37,9 @@ def load_points(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
     points = []
     for f in files:
         try:
-            data = json.loads(f.read_text())
+            data = json.loads(f.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as e:
+            raise EvalError(f"--summaries: {f} is not UTF-8 text ({e.reason} at byte {e.start})") from e
         except (OSError, json.JSONDecodeError) as e:
             raise EvalError(f"--summaries: {f} is not readable JSON: {e}") from e
         points += _points(data, f)
@@ -133,13 +134,7 @@ def plot_accuracy_vs_nfe(points: Sequence[dict[str, Any]], out_dir: str | Path, 
     written = []
     for fmt in ("png", "svg"):
         target = out / f"{name}.{fmt}"
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=out)
-        os.close(fd)
-        try:
+        with atomic_path(target) as tmp:
             fig.savefig(tmp, format=fmt, dpi=150)
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
         written.append(target)
     return written

@@ -41,6 +41,19 @@ class TaskSection:
     max_prompt_length: int = 512
     pad_to_multiple: int = 64  # GRPO prompts are left-padded to a multiple of this: one compile per padded length
 
+    def __post_init__(self) -> None:
+        from dultra_jax.data import synthetic
+        from dultra_jax.data.prompts import PROMPT_MODES
+        from dultra_jax.data.tasks import TASKS
+
+        known = [synthetic.TASK_NAME, *TASKS]
+        _require(self.name in known, f"unknown task {self.name!r}; choose one of {known}")
+        _require(self.prompt_mode.lower() in PROMPT_MODES, f"prompt_mode must be one of {list(PROMPT_MODES)}, got "
+                 f"{self.prompt_mode!r}")
+        for name in ("num_train", "num_eval", "max_operand", "max_prompt_length", "pad_to_multiple"):
+            _positive(self, name)
+        _require(self.limit is None or self.limit >= 1, f"limit must be >= 1 (or null), got {self.limit}")
+
 
 @dataclass
 class TrainSection:
@@ -61,6 +74,23 @@ class TrainSection:
     # fsdp (replicated_bf16: no all-gather per decoding iteration; refreshed after every update)
     rollout_weights: str = "sharded"
 
+    def __post_init__(self) -> None:
+        _require(self.mode in ("sft", "planner", "grpo"), f"mode must be sft, planner or grpo, got {self.mode!r}")
+        for name in ("batch_size", "micro_batches", "save_every", "keep", "log_every", "max_bad_steps"):
+            _positive(self, name)
+        _require(self.max_steps >= 0 and self.eval_every >= 0,
+                 f"max_steps ({self.max_steps}) and eval_every ({self.eval_every}) must be >= 0")
+        _require(self.batch_size % self.micro_batches == 0, f"batch_size ({self.batch_size}) must be a multiple "
+                 f"of micro_batches ({self.micro_batches})")
+        _require(self.trainable in ("all", "planner", "backbone"),
+                 f"trainable must be all, planner or backbone, got {self.trainable!r}")
+        _require(self.rollout_weights in ("sharded", "replicated_bf16"),
+                 f"rollout_weights must be sharded or replicated_bf16, got {self.rollout_weights!r}")
+        if self.mesh is not None:
+            from dultra_jax.parallel import MeshConfig
+
+            MeshConfig.parse(self.mesh)  # MeshError (a ValueError) names the bad item
+
 
 @dataclass
 class SequenceSection:
@@ -70,6 +100,12 @@ class SequenceSection:
     min_block: int = 32  # planner collator's minimum block
     factor: float = 1.0  # planner targets: Fast-dLLM factor
     label_smoothing: float = 0.0  # SFT
+
+    def __post_init__(self) -> None:
+        _positive(self, "gen_length")
+        _positive(self, "min_block")
+        _require(self.factor > 0, f"factor must be > 0, got {self.factor}")
+        _require(0 <= self.label_smoothing < 1, f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
 
 
 @dataclass(frozen=True)
@@ -93,8 +129,19 @@ class GRPOSection(GRPOLossConfig):
     def __post_init__(self) -> None:
         if self.max_completion_length is None:
             object.__setattr__(self, "max_completion_length", self.gen_length)
-        if self.num_iterations < 1:
-            raise ValueError(f"num_iterations must be >= 1, got {self.num_iterations}")
+        for name in ("num_iterations", "gen_length", "block_length", "max_completion_length"):
+            _positive(self, name)
+        _require(self.num_generations >= 2, f"num_generations must be >= 2 (advantages compare a prompt's "
+                 f"generations with each other), got {self.num_generations}")
+        _require(self.gen_length % self.block_length == 0, f"gen_length ({self.gen_length}) must be a multiple of "
+                 f"block_length ({self.block_length})")
+        _require(self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}")
+        _require(self.planner_temperature is None or self.planner_temperature > 0,
+                 f"planner_temperature must be > 0 (or null), got {self.planner_temperature}")
+        _require(self.scale_rewards in ("none", "group", "batch"),
+                 f"scale_rewards must be none, group or batch, got {self.scale_rewards!r}")
+        _require(self.ref_sync_every >= 0 and self.beta >= 0,
+                 f"ref_sync_every ({self.ref_sync_every}) and beta ({self.beta}) must be >= 0")
 
 
 @dataclass
@@ -104,6 +151,13 @@ class EvalSection:
     block_length: int = 8
     strategy: str = "planner"
     batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        from dultra_jax.decoding import DecodeConfig
+
+        _positive(self, "num_examples")
+        _positive(self, "batch_size")
+        DecodeConfig(gen_length=self.gen_length, block_length=self.block_length, strategy=self.strategy)
 
 
 @dataclass
@@ -128,6 +182,16 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+def _positive(obj: Any, name: str) -> None:
+    value = getattr(obj, name)
+    _require(value >= 1, f"{name} must be >= 1, got {value}")
 
 
 def _build(cls, data: dict[str, Any], where: str):
@@ -201,20 +265,11 @@ def load_run_config(path: str | Path | None, overrides: list[str] | None = None)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from e
         except yaml.YAMLError as e:
             raise ConfigError(f"{path} is not valid YAML: {e}") from e
     for item in overrides or []:
         apply_override(data, item)
-    cfg = _build(RunConfig, data, "")
-    if cfg.train.mode not in ("sft", "planner", "grpo"):
-        raise ConfigError(f"train.mode must be sft, planner or grpo, got {cfg.train.mode!r}")
-    if cfg.train.batch_size % cfg.train.micro_batches:
-        raise ConfigError(f"train.batch_size ({cfg.train.batch_size}) must be a multiple of train.micro_batches "
-                          f"({cfg.train.micro_batches})")
-    if cfg.train.rollout_weights not in ("sharded", "replicated_bf16"):
-        raise ConfigError(f"train.rollout_weights must be sharded or replicated_bf16, got "
-                          f"{cfg.train.rollout_weights!r}")
-    if cfg.task.pad_to_multiple < 1:
-        raise ConfigError(f"task.pad_to_multiple must be >= 1, got {cfg.task.pad_to_multiple}")
-    return cfg
+    return _build(RunConfig, data, "")
