@@ -120,7 +120,10 @@ def _load_tokenizer(path: Path):
     if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         return None
     from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    if os.environ.get("TRANSFORMERS_VERBOSITY") == "error":  # main() sets it unless the user did
+        hf_logging.set_verbosity_error()
     return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
 
 
@@ -488,6 +491,9 @@ def _one_line(e: BaseException) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    # transformers' advice ("PyTorch was not found", "a model of type llada ...") does not apply to a tokenizer-only
+    # use; errors still show. Set TRANSFORMERS_VERBOSITY to see its warnings.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     parser = build_parser()
     bad = _non_utf8_argument(argv)
     if bad is not None:

@@ -242,3 +242,5 @@ def test_files_get_the_umask_mode(tmp_path, converted_dir):
     for p in [converted_dir, *converted_dir.rglob("*")]:
         want = (0o777 if p.is_dir() else 0o666) & ~umask()
         assert stat.S_IMODE(p.stat().st_mode) == want, p
+
+
