@@ -214,13 +214,10 @@ def test_generate_keeps_the_model_usable(tiny_model, dec, golden):
     assert isinstance(nnx.split(tiny_model)[0], nnx.GraphDef)
 
 
-def test_decoding_on_a_mesh_equals_one_device(tiny_model):
-    import jax
+def test_decoding_on_a_mesh_equals_one_device(tiny_model, cpu8):
 
     from dultra_jax.parallel import ShardingPlan
 
-    if len(jax.devices()) < 8:
-        pytest.skip("needs 8 (fake) devices; tests/conftest.py sets them up")
     rng = np.random.default_rng(5)
     prompts = [rng.integers(0, 290, size=n) for n in (9, 5, 7, 9)]
     kw = dict(gen_length=16, block_length=8, strategy="planner", temperature=0.5, rng=1, return_trajectory=True)
