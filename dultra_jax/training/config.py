@@ -47,12 +47,12 @@ class TaskSection:
         from dultra_jax.data.tasks import TASKS
 
         known = [synthetic.TASK_NAME, *TASKS]
-        _require(self.name in known, f"unknown task {self.name!r}; choose one of {known}")
-        _require(self.prompt_mode.lower() in PROMPT_MODES, f"prompt_mode must be one of {list(PROMPT_MODES)}, got "
+        _require(self.name in known, f"task.name: unknown task {self.name!r}; choose one of {known}")
+        _require(self.prompt_mode.lower() in PROMPT_MODES, f"task.prompt_mode must be one of {list(PROMPT_MODES)}, got "
                  f"{self.prompt_mode!r}")
         for name in ("num_train", "num_eval", "max_operand", "max_prompt_length", "pad_to_multiple"):
             _positive(self, name)
-        _require(self.limit is None or self.limit >= 1, f"limit must be >= 1 (or null), got {self.limit}")
+        _require(self.limit is None or self.limit >= 1, f"task.limit must be >= 1 (or null), got {self.limit}")
 
 
 @dataclass
@@ -75,21 +75,24 @@ class TrainSection:
     rollout_weights: str = "sharded"
 
     def __post_init__(self) -> None:
-        _require(self.mode in ("sft", "planner", "grpo"), f"mode must be sft, planner or grpo, got {self.mode!r}")
+        _require(self.mode in ("sft", "planner", "grpo"), f"train.mode must be sft, planner or grpo, got {self.mode!r}")
         for name in ("batch_size", "micro_batches", "save_every", "keep", "log_every", "max_bad_steps"):
             _positive(self, name)
         _require(self.max_steps >= 0 and self.eval_every >= 0,
-                 f"max_steps ({self.max_steps}) and eval_every ({self.eval_every}) must be >= 0")
-        _require(self.batch_size % self.micro_batches == 0, f"batch_size ({self.batch_size}) must be a multiple "
-                 f"of micro_batches ({self.micro_batches})")
+                 f"train.max_steps ({self.max_steps}) and train.eval_every ({self.eval_every}) must be >= 0")
+        _require(self.batch_size % self.micro_batches == 0, f"train.batch_size ({self.batch_size}) must be a "
+                 f"multiple of train.micro_batches ({self.micro_batches})")
         _require(self.trainable in ("all", "planner", "backbone"),
-                 f"trainable must be all, planner or backbone, got {self.trainable!r}")
+                 f"train.trainable must be all, planner or backbone, got {self.trainable!r}")
         _require(self.rollout_weights in ("sharded", "replicated_bf16"),
-                 f"rollout_weights must be sharded or replicated_bf16, got {self.rollout_weights!r}")
+                 f"train.rollout_weights must be sharded or replicated_bf16, got {self.rollout_weights!r}")
         if self.mesh is not None:
             from dultra_jax.parallel import MeshConfig
 
-            MeshConfig.parse(self.mesh)  # MeshError (a ValueError) names the bad item
+            try:
+                MeshConfig.parse(self.mesh)
+            except ValueError as e:
+                raise ValueError(f"train.mesh: {e}") from e
 
 
 @dataclass
@@ -104,8 +107,9 @@ class SequenceSection:
     def __post_init__(self) -> None:
         _positive(self, "gen_length")
         _positive(self, "min_block")
-        _require(self.factor > 0, f"factor must be > 0, got {self.factor}")
-        _require(0 <= self.label_smoothing < 1, f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        _require(self.factor > 0, f"sequence.factor must be > 0, got {self.factor}")
+        _require(0 <= self.label_smoothing < 1,
+                 f"sequence.label_smoothing must be in [0, 1), got {self.label_smoothing}")
 
 
 @dataclass(frozen=True)
@@ -131,17 +135,17 @@ class GRPOSection(GRPOLossConfig):
             object.__setattr__(self, "max_completion_length", self.gen_length)
         for name in ("num_iterations", "gen_length", "block_length", "max_completion_length"):
             _positive(self, name)
-        _require(self.num_generations >= 2, f"num_generations must be >= 2 (advantages compare a prompt's "
+        _require(self.num_generations >= 2, f"grpo.num_generations must be >= 2 (advantages compare a prompt's "
                  f"generations with each other), got {self.num_generations}")
-        _require(self.gen_length % self.block_length == 0, f"gen_length ({self.gen_length}) must be a multiple of "
-                 f"block_length ({self.block_length})")
-        _require(self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}")
+        _require(self.gen_length % self.block_length == 0, f"grpo.gen_length ({self.gen_length}) must be a multiple "
+                 f"of grpo.block_length ({self.block_length})")
+        _require(self.temperature >= 0, f"grpo.temperature must be >= 0, got {self.temperature}")
         _require(self.planner_temperature is None or self.planner_temperature > 0,
-                 f"planner_temperature must be > 0 (or null), got {self.planner_temperature}")
+                 f"grpo.planner_temperature must be > 0 (or null), got {self.planner_temperature}")
         _require(self.scale_rewards in ("none", "group", "batch"),
-                 f"scale_rewards must be none, group or batch, got {self.scale_rewards!r}")
+                 f"grpo.scale_rewards must be none, group or batch, got {self.scale_rewards!r}")
         _require(self.ref_sync_every >= 0 and self.beta >= 0,
-                 f"ref_sync_every ({self.ref_sync_every}) and beta ({self.beta}) must be >= 0")
+                 f"grpo.ref_sync_every ({self.ref_sync_every}) and grpo.beta ({self.beta}) must be >= 0")
 
 
 @dataclass
@@ -157,7 +161,10 @@ class EvalSection:
 
         _positive(self, "num_examples")
         _positive(self, "batch_size")
-        DecodeConfig(gen_length=self.gen_length, block_length=self.block_length, strategy=self.strategy)
+        try:
+            DecodeConfig(gen_length=self.gen_length, block_length=self.block_length, strategy=self.strategy)
+        except ValueError as e:
+            raise ValueError(f"eval: {e}") from e
 
 
 @dataclass
@@ -191,7 +198,12 @@ def _require(ok: bool, message: str) -> None:
 
 def _positive(obj: Any, name: str) -> None:
     value = getattr(obj, name)
-    _require(value >= 1, f"{name} must be >= 1, got {value}")
+    _require(value >= 1, f"{_SECTION_OF[type(obj).__name__]}.{name} must be >= 1, got {value}")
+
+
+# section name by dataclass (messages name the dotted key a user writes)
+_SECTION_OF = {"TaskSection": "task", "TrainSection": "train", "SequenceSection": "sequence",
+               "GRPOSection": "grpo", "EvalSection": "eval"}
 
 
 def _build(cls, data: dict[str, Any], where: str):
@@ -210,6 +222,8 @@ def _build(cls, data: dict[str, Any], where: str):
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as e:
+        if where and str(e).startswith((f"{where}.", f"{where}:")):  # the message names the key already
+            raise ConfigError(f"bad config value: {e}") from e
         raise ConfigError(f"bad value in config section '{where or 'root'}': {e}") from e
 
 
