@@ -89,8 +89,10 @@ def test_16bit_input_loads_and_round_trips_bit_exact(tmp_path, tiny_dir, golden,
     for k in a:
         assert c[k].dtype == a[k].dtype and a[k].tobytes() == c[k].tobytes(), k
     # the computation is the fp32 one up to the rounding of the weights
+    # about twice the measured error of rounding the weights (max |logit| 45.2): bf16 0.44 (0.96%), fp16 0.051 (0.11%)
     ref = golden["fwd_logits"]
-    assert np.abs(_logits(m32, golden) - ref).max() < 0.05 * np.abs(ref).max()
+    tolerance = {"bfloat16": 0.02, "float16": 0.0025}[dtype]
+    assert np.abs(_logits(m32, golden) - ref).max() < tolerance * np.abs(ref).max()
 
 
 def test_sharded_input_with_index(tmp_path, tiny_dir, golden, tiny_model):
