@@ -244,3 +244,23 @@ def test_files_get_the_umask_mode(tmp_path, converted_dir):
         assert stat.S_IMODE(p.stat().st_mode) == want, p
 
 
+
+
+def test_sigint_in_training_exits_130_with_one_line(tmp_path, capsys, monkeypatch):
+    """The README's claim: SIGINT (or SIGTERM) during training saves the finished step and exits 128 + signum. The
+    trainer's side (checkpoint, handlers restored) is test_training's SIGTERM test; this is the command's side."""
+    import signal
+
+    from dultra_jax.training import trainer as trainer_mod
+
+    class Interrupted:
+        def __init__(self, cfg, out, **kw):
+            self.primary = True
+
+        def run(self):
+            raise trainer_mod.TrainingInterrupted(signal.SIGINT, 2)
+
+    monkeypatch.setattr(trainer_mod, "Trainer", Interrupted)
+    assert main(["sft", *CFG, "--output-dir", str(tmp_path / "run")]) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "SIGINT after step 2" in err[0] and "resume" in err[0]
