@@ -344,7 +344,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("out", help="output directory (must not exist unless --overwrite)")
     c.add_argument("--to-hf", action="store_true", help="write the original's safetensors format instead")
     c.add_argument("--dtype", default=None, help="bf16|fp16|fp32 (default: keep the stored dtype)")
-    c.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    c.add_argument("--overwrite", action="store_true",
+                   help="replace an existing checkpoint directory (never another directory, nor one containing SRC)")
     c.add_argument("--seed", type=int, default=0, help="seed for a fresh planner head (plain LLaDA input)")
     c.add_argument("--max-shard-gb", type=float, default=5.0, help="safetensors shard size for --to-hf")
     c.set_defaults(func=_cmd_convert)
