@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from importlib import resources
@@ -14,8 +15,10 @@ import numpy as np
 from dultra_jax.checkpoints import CheckpointError
 from dultra_jax.checkpoints.hub import resolve_model_path
 from dultra_jax.config import ConfigError
+from dultra_jax.outputs import require_directory_path
 
 TINY_CHECKPOINT = "lladou-tiny"
+DEBUG_ENV = "DULTRA_DEBUG"  # set to 1 for the traceback of an error (= --debug)
 WANDB_HELP = "also log to Weights & Biases (pip install 'dultra-jax[wandb]'; WANDB_MODE=offline works offline)"
 MODEL_HELP = ("HF checkpoint directory, converted directory, or hub id org/name[@revision] (HF_HOME / HF_HUB_CACHE / "
               "HF_HUB_OFFLINE honoured; a local directory wins)")
@@ -43,6 +46,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     """SFT -> planner pre-training -> GRPO on the built-in task; accuracy/NFE/TPF table, plot, summary.json."""
     from dultra_jax.demo import run_demo
 
+    require_directory_path(args.out)
     run_demo(args.out, seed=args.seed, size=args.size, progress=True)
     print(f"wrote {Path(args.out) / 'summary.json'}")
     return 0
@@ -58,7 +62,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     from dultra_jax.checkpoints import convert
 
     src = embedded_checkpoint()
-    out = Path(args.out)
+    out = require_directory_path(args.out)
     converted = out / "model"
     print(f"[1/3] converting the embedded tiny checkpoint {src.name} -> {converted}")
     convert(src, converted, overwrite=True)
@@ -106,8 +110,12 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 def _load_tokenizer(path: Path):
     """The checkpoint's own tokenizer (offline), or None when the directory has no tokenizer files."""
+    from transformers.utils import logging as hf_logging
+
     from dultra_jax.checkpoints.tokenizer import has_tokenizer, load_tokenizer
 
+    if os.environ.get("TRANSFORMERS_VERBOSITY") == "error":  # main() sets it unless the user did
+        hf_logging.set_verbosity_error()
     return load_tokenizer(path) if has_tokenizer(path) else None
 
 
@@ -117,10 +125,14 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
     import dultra_jax
     from dultra_jax.accounting import account, model_excluded_ids
-    from dultra_jax.decoding import generate
+    from dultra_jax.decoding import DecodeConfig, generate
     from dultra_jax.decoding.flags import decode_flag_values
     from dultra_jax.text import TextModel
 
+    try:  # the settings first: a bad one is reported before the model is loaded
+        DecodeConfig(**decode_flag_values(args))
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
     path = resolve_model_path(args.model)
     plan = None
     if args.mesh:
@@ -252,7 +264,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
     try:
         summary = score_completions(
             args.task, args.completions_file, data_file=args.data_file, split=args.split, out_dir=out,
-            math_mode=args.math_mode, workers=args.workers, code_timeout_s=args.timeout,
+            math_mode=args.math_mode, workers=args.workers, code_timeout_s=args.timeout, overwrite=args.overwrite,
         )
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -273,6 +285,11 @@ def _cmd_train(args: argparse.Namespace, mode: str | None = None) -> int:
     if args.wandb:
         overrides.append("logging.wandb=true")
     cfg = load_run_config(args.config, overrides)
+    if args.print_config:  # the resolved config (YAML + overrides + defaults), as a YAML the --config flag reads
+        import yaml
+
+        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+        return 0
     trainer = Trainer(cfg, args.output_dir)
     try:
         last = trainer.run()
@@ -310,7 +327,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         summaries = run_eval(args.model, args.task, settings, seeds=args.seeds, data_file=args.data_file,
                              split=args.split, limit=args.limit, out_dir=out, dtype=args.dtype,
                              factor_sweep=args.factor_sweep, factors=args.factors, workers=args.workers,
-                             resume=args.resume, mesh=args.mesh, max_operand=args.max_operand)
+                             resume=args.resume, mesh=args.mesh, max_operand=args.max_operand,
+                             overwrite=args.overwrite)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -333,6 +351,7 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     """Accuracy against NFE, one labelled point per evaluation summary (PNG + SVG)."""
     from dultra_jax.eval.plot import load_points, plot_accuracy_vs_nfe
 
+    require_directory_path(args.out)
     written = plot_accuracy_vs_nfe(load_points(args.summaries), args.out, title=args.title)
     print("wrote " + " and ".join(str(p) for p in written))
     return 0
@@ -365,6 +384,11 @@ def build_parser() -> argparse.ArgumentParser:
     from dultra_jax.tasks import task_names
 
     parser = argparse.ArgumentParser(prog="dultra", description="dUltra in JAX: convert, decode, train, evaluate.")
+    from dultra_jax import __version__
+
+    parser.add_argument("--version", action="version", version=f"dultra {__version__}")
+    parser.add_argument("--debug", action="store_true",
+                        help=f"show the full traceback of an error (or set {DEBUG_ENV}=1)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     c = sub.add_parser("convert", help="convert an original HF checkpoint to ours, or ours back to HF (--to-hf)")
@@ -373,7 +397,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("out", help="output directory (must not exist unless --overwrite)")
     c.add_argument("--to-hf", action="store_true", help="write the original's safetensors format instead")
     c.add_argument("--dtype", default=None, help="bf16|fp16|fp32 (default: keep the stored dtype)")
-    c.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    c.add_argument("--overwrite", action="store_true",
+                   help="replace an existing checkpoint directory (never another directory, nor one containing SRC)")
     c.add_argument("--seed", type=int, default=0, help="seed for a fresh planner head (plain LLaDA input)")
     c.add_argument("--max-shard-gb", type=float, default=5.0, help="safetensors shard size for --to-hf")
     c.set_defaults(func=_cmd_convert)
@@ -411,6 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--math-mode", default="eval", choices=["eval", "faithful"], help="math equivalence rule")
     s.add_argument("--workers", type=int, default=None, help="parallel verifier/sandbox processes (default: cores)")
     s.add_argument("--timeout", type=float, default=None, help="seconds per program (code) or per APPS test")
+    s.add_argument("--overwrite", action="store_true", help="replace the results already in --out")
     s.set_defaults(func=_cmd_score)
 
     e = sub.add_parser("eval", help="evaluate a checkpoint on a task: accuracy, NFE, TPF, throughput per run")
@@ -435,9 +461,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", default=None, help="output directory (default: runs/eval-TASK)")
     e.add_argument("--wandb", action="store_true", help=WANDB_HELP)
     e.add_argument("--max-operand", type=int, default=None,
-                   help="synthetic-addition only: operands in [0, N] (the trainer's task.max_operand; default 20)")
+                   help="synthetic-addition only: operands in [0, N] (default: the task.max_operand a trained "
+                        "model recorded, else 20)")
     e.add_argument("--resume", action="store_true",
                    help="keep the (seed, problem) rows already in OUT/samples.jsonl and decode only the rest")
+    e.add_argument("--overwrite", action="store_true",
+                   help="replace the results already in --out (without it, and without --resume, they are refused)")
     e.add_argument("--mesh", default=None,
                    help='split each batch over this process\'s devices, e.g. "data=8" (default: one device)')
     e.set_defaults(func=_cmd_eval)
@@ -462,6 +491,8 @@ def build_parser() -> argparse.ArgumentParser:
         t.add_argument("--output-dir", required=True, help="checkpoints, metrics.jsonl and the final model go here")
         t.add_argument("overrides", nargs="*", help="dotted overrides such as train.max_steps=6")
         t.add_argument("--wandb", action="store_true", help=WANDB_HELP + " (= logging.wandb=true)")
+        t.add_argument("--print-config", action="store_true",
+                       help="print the resolved config (file + overrides + defaults) as YAML and exit")
         t.set_defaults(func=lambda a, mode=mode: _cmd_train(a, mode))
 
     d = sub.add_parser("demo", help="the method end to end on the CPU (tens of minutes on 2 cores): SFT, planner "
@@ -480,16 +511,64 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _non_utf8_argument(argv: list[str]) -> str | None:
+    """The first argument that is not valid UTF-8 (the OS hands those over with surrogate escapes)."""
+    for a in argv:
+        try:
+            a.encode("utf-8")
+        except UnicodeEncodeError:
+            return a.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    return None
+
+
+# Errors raised with a message written for the user (the modules are imported lazily, so matched by name).
+OUR_ERRORS = ("DataError", "EvalError", "MeshError", "MissingAxesError", "RewardConfigError", "ShardingRuleError",
+              "TrainingAborted")
+
+
+def _one_line(e: BaseException) -> str:
+    """An error as the one line a user sees: what is wrong (and, where we know it, how to fix it)."""
+    if isinstance(e, (CheckpointError, ConfigError)) or type(e).__name__ in OUR_ERRORS:
+        return f"error: {e}"
+    if isinstance(e, UnicodeDecodeError):
+        return (f"error: input is not UTF-8 text ({e.reason} at byte {e.start}); save the file as UTF-8 "
+                "(run with --debug to see which read failed)")
+    if isinstance(e, (IsADirectoryError, NotADirectoryError, FileExistsError, FileNotFoundError, PermissionError)):
+        name = e.filename if e.filename is not None else ""
+        return f"error: {name}: {e.strerror}; check the path (a file where a directory is needed, or vice versa)"
+    if isinstance(e, OSError):
+        return f"error: {e.filename or ''}: {e.strerror or e}"
+    return (f"error: internal error {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+            f"(rerun with --debug or {DEBUG_ENV}=1 for the traceback, and report it)")
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # transformers' advice ("PyTorch was not found", "a model of type llada ...") does not apply to a tokenizer-only
+    # use; errors still show. Set TRANSFORMERS_VERBOSITY to see its warnings.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    bad = _non_utf8_argument(argv)
+    if bad is not None:
+        print(f"error: argument {bad!r} is not valid UTF-8; pass text in UTF-8 (check the terminal's locale)",
+              file=sys.stderr)
+        return 2
     if argv[:1] == ["lm-eval"]:  # everything after it is lm-eval's (argparse cannot pass options through)
-        args = argparse.Namespace(func=_cmd_lm_eval, lm_eval_args=argv[1:])
+        args = argparse.Namespace(func=_cmd_lm_eval, lm_eval_args=argv[1:], command="lm-eval", debug=False)
     else:
         args = build_parser().parse_args(argv)
+    debug = args.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     try:
         return args.func(args)
-    except (CheckpointError, ConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        where = getattr(args, "out", None) or getattr(args, "output_dir", None)
+        kept = f"; what was written to {where} is kept" if where else ""
+        resume = " (continue with --resume)" if args.command == "eval" else ""
+        print(f"interrupted{kept}{resume}", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if debug:
+            raise
+        print(_one_line(e), file=sys.stderr)
         return 2
 
 

@@ -20,6 +20,19 @@ def tiny_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def cpu8():
+    """The 8 fake CPU devices the sharding tests run on. Missing devices fail the test (a skip would hide it): they
+    are missing when XLA_FLAGS already set another device count before this file could set 8."""
+    import jax
+
+    devices = jax.devices("cpu")
+    if len(devices) < 8:
+        pytest.fail(f"needs 8 CPU devices, found {len(devices)}: XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r} sets "
+                    "another count; unset it or set --xla_force_host_platform_device_count=8", pytrace=False)
+    return devices[:8]
+
+
+@pytest.fixture(scope="session")
 def golden() -> dict[str, np.ndarray]:
     with np.load(TINY / "golden.npz") as g:
         return {k: g[k] for k in g.files}

@@ -8,7 +8,6 @@ seconds; the full-depth numbers are in benchmarks/results/memory_plan_*.json.
 import sys
 from pathlib import Path
 
-import jax
 import pytest
 
 from dultra_jax.config import ConfigError
@@ -62,10 +61,8 @@ def _program_key(run):
             m.param_dtype, m.remat, shape)
 
 
-def test_8xh200_configs_fit_with_the_margin():
-    devices = jax.devices("cpu")
-    if len(devices) < 8:
-        pytest.skip("needs 8 CPU devices (tests/conftest.py sets them)")
+def test_8xh200_configs_fit_with_the_margin(cpu8):
+    devices = cpu8
     planned: dict = {}
     for path in H200_CONFIGS:
         run = load_run_config(path)

@@ -89,8 +89,10 @@ def test_16bit_input_loads_and_round_trips_bit_exact(tmp_path, tiny_dir, golden,
     for k in a:
         assert c[k].dtype == a[k].dtype and a[k].tobytes() == c[k].tobytes(), k
     # the computation is the fp32 one up to the rounding of the weights
+    # about twice the measured error of rounding the weights (max |logit| 45.2): bf16 0.44 (0.96%), fp16 0.051 (0.11%)
     ref = golden["fwd_logits"]
-    assert np.abs(_logits(m32, golden) - ref).max() < 0.05 * np.abs(ref).max()
+    tolerance = {"bfloat16": 0.02, "float16": 0.0025}[dtype]
+    assert np.abs(_logits(m32, golden) - ref).max() < tolerance * np.abs(ref).max()
 
 
 def test_sharded_input_with_index(tmp_path, tiny_dir, golden, tiny_model):
@@ -225,9 +227,15 @@ def test_existing_output_needs_overwrite(tmp_path, tiny_dir, golden):
     with pytest.raises(CheckpointError, match="already exists; pass --overwrite"):
         convert(tiny_dir, out)
     assert (out / "keep.txt").read_text() == "mine"
-    assert main(["convert", str(tiny_dir), str(out), "--overwrite"]) == 0
-    assert not (out / "keep.txt").exists()
-    np.testing.assert_allclose(_logits(dultra_jax.load(out), golden), golden["fwd_logits"], atol=1e-4, rtol=0)
+    # --overwrite replaces only a checkpoint directory: this one is not ours, so it is kept
+    assert main(["convert", str(tiny_dir), str(out), "--overwrite"]) == 2
+    assert (out / "keep.txt").read_text() == "mine"
+    ours = tmp_path / "ours"
+    convert(tiny_dir, ours)
+    (ours / "stale.txt").write_text("left from before")
+    assert main(["convert", str(tiny_dir), str(ours), "--overwrite"]) == 0
+    assert not (ours / "stale.txt").exists()
+    np.testing.assert_allclose(_logits(dultra_jax.load(ours), golden), golden["fwd_logits"], atol=1e-4, rtol=0)
 
 
 def test_failure_mid_write_leaves_nothing(tmp_path, tiny_dir, monkeypatch):

@@ -204,8 +204,11 @@ def test_cli_eval_resume_and_mesh_flags(model_dir, tmp_path, capsys):
     assert main([*args, "--mesh", "data=2"]) == 0
     assert main([*args, "--resume"]) == 0
     assert "resumed 2 samples" in capsys.readouterr().out
-    assert main([*args, "--mesh", "data=64"]) == 2
+    assert main([*args]) == 2  # results there: neither --resume nor --overwrite given
+    assert "--resume" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert main([*args, "--mesh", "data=64", "--overwrite"]) == 2
     assert "--mesh data=64" in capsys.readouterr().err
+    assert main([*args, "--overwrite"]) == 0 and "resumed" not in capsys.readouterr().out
 
 
 def test_training_time_evaluation_equals_dultra_eval_on_the_exported_model(tmp_path, capsys):

@@ -126,5 +126,6 @@ def test_bf16_forward_close_to_fp32(tiny_dir, tiny_model, golden):
     assert logits.dtype == jnp.bfloat16
     ref = golden["fwd_logits"]
     err = np.abs(np.asarray(logits, np.float32) - ref)
-    assert err.max() < 0.1 * np.abs(ref).max()
-    assert (np.asarray(logits, np.float32).argmax(-1) == ref.argmax(-1)).mean() > 0.9
+    # about twice what bf16 gives here (measured: max error 0.84 = 1.9% of max |logit| 45.2; argmax agrees on 98.6%)
+    assert err.max() < 0.04 * np.abs(ref).max()
+    assert (np.asarray(logits, np.float32).argmax(-1) == ref.argmax(-1)).mean() > 0.97

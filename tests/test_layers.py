@@ -20,12 +20,15 @@ def _rope_reference(t, theta):
     return t * np.cos(ang)[None, :, None] + rot * np.sin(ang)[None, :, None]
 
 
-def test_rope_matches_the_spec():
+@pytest.mark.parametrize("theta", [10000.0, 500000.0])
+def test_rope_matches_the_spec(theta):
     t = np.random.default_rng(0).normal(size=(2, 37, 4, 16))
     pos, _ = positions_and_mask(2, 37, None)
-    cos, sin = rope_tables(pos, 16, 500000.0)
+    cos, sin = rope_tables(pos, 16, theta)
     out = apply_rope(jnp.asarray(t, jnp.float32), cos, sin)
-    np.testing.assert_allclose(np.asarray(out), _rope_reference(t, 500000.0), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(out), _rope_reference(t, theta), atol=1e-5)
+    other = 500000.0 if theta == 10000.0 else 10000.0  # theta is really used: the other one differs
+    assert np.max(np.abs(np.asarray(out) - _rope_reference(t, other))) > 1e-2
 
 
 def test_rope_theta_matters_at_long_positions():
@@ -58,12 +61,36 @@ def test_positions_count_real_tokens_only():
     assert mask.shape == (2, 1, 1, 5)
 
 
-def test_gqa_config_runs():
-    cfg = preset("tiny", n_kv_heads=2)
-    m = DUltra(cfg)
-    assert m.backbone.blocks.layers.k.kernel[...].shape == (2, 64, 32)
-    logits, hidden = m(jnp.zeros((1, 9), jnp.int32))
-    assert logits.shape == (1, 9, 300) and bool(jnp.all(jnp.isfinite(logits)))
+def test_gqa_equals_attention_with_each_kv_head_repeated_for_its_group():
+    """Independent reference: grouped-query attention is multi-head attention whose K/V heads are repeated for
+    their group (query head h reads kv head h // (n_heads / n_kv_heads), the original's repeat_kv)."""
+    from flax import nnx
+
+    gqa = DUltra(preset("tiny", n_kv_heads=2), rngs=nnx.Rngs(3))
+    mha = DUltra(preset("tiny"), rngs=nnx.Rngs(4))
+    assert gqa.backbone.blocks.layers.k.kernel[...].shape == (2, 64, 32)
+    state = nnx.to_pure_dict(nnx.state(gqa, nnx.Param))
+    for name in ("k", "v"):
+        w = np.asarray(state["backbone"]["blocks"]["layers"][name]["kernel"])  # [L, D, n_kv * hd]
+        layers, d, _ = w.shape
+        state["backbone"]["blocks"]["layers"][name]["kernel"] = jnp.asarray(
+            np.repeat(w.reshape(layers, d, 2, 16), 2, axis=2).reshape(layers, d, 64))
+    target = nnx.state(mha, nnx.Param)
+    nnx.replace_by_pure_dict(target, state)
+    nnx.update(mha, target)
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, 299, size=(2, 9)), jnp.int32)
+    logits, hidden = gqa(ids)
+    ref_logits, ref_hidden = mha(ids)
+    assert logits.shape == (2, 9, 300)
+    np.testing.assert_allclose(np.asarray(hidden), np.asarray(ref_hidden), atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(ref_logits), atol=1e-5, rtol=1e-5)
+    # and the grouping matters: pairing the heads the other way (h % n_kv) computes something else
+    other = np.tile(np.asarray(state["backbone"]["blocks"]["layers"]["k"]["kernel"]).reshape(2, 64, 4, 16)[:, :, ::2],
+                    (1, 1, 2, 1)).reshape(2, 64, 64)
+    target = nnx.state(mha, nnx.Param)
+    target["backbone"]["blocks"]["layers"]["k"]["kernel"].value = jnp.asarray(other)
+    nnx.update(mha, target)
+    assert np.max(np.abs(np.asarray(mha(ids)[1]) - np.asarray(hidden))) > 1e-3
 
 
 def test_block_embeddings_need_current_block():

@@ -6,7 +6,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import jax
 import pytest
 
 from dultra_jax.training.config import load_run_config
@@ -16,14 +15,6 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 import memory_plan as mp  # noqa: E402
 
 TINY = REPO / "configs" / "tiny_cpu.yaml"
-
-
-@pytest.fixture(scope="module")
-def cpu8():
-    devices = jax.devices("cpu")
-    if len(devices) < 8:
-        pytest.skip("needs 8 CPU devices: XLA_FLAGS=--xla_force_host_platform_device_count=8 before JAX starts")
-    return devices[:8]
 
 
 @pytest.fixture(scope="module")

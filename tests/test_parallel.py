@@ -25,14 +25,6 @@ from dultra_jax.parallel import (
 )
 
 
-@pytest.fixture(scope="module")
-def cpu8():
-    devices = jax.devices("cpu")
-    if len(devices) < 8:
-        pytest.skip("needs 8 CPU devices: XLA_FLAGS=--xla_force_host_platform_device_count=8 before JAX starts")
-    return devices[:8]
-
-
 def _host(tree):
     return [np.asarray(x) for x in jax.tree.leaves(tree)]
 

@@ -215,7 +215,9 @@ def test_adversarial_programs_are_contained(tmp_path, listener, monkeypatch, iso
     assert {n: r.reward for n, r in scores.items()} == {n: 0.0 for n in scores}
     assert scores["infinite_loop"].status == "timeout"
     assert scores["exit_before_tests"].status in ("exit", "no_result")
-    assert elapsed < 60
+    # the whole batch is bounded by the configured limit: every program cut at its wall clock (+ the kill), in
+    # rounds of the sandbox's 2 workers
+    assert elapsed < -(-len(attacks) // 2) * (LIMIT_S + 2.0 + 3.0)
 
 
 def test_output_cap_and_memory_limit():

@@ -151,14 +151,11 @@ def test_teacher_reward_minus_student_logprobs(scorer):
         scorer.rewards([PROMPT], ["It is 4."], [[-0.5]])
 
 
-def test_teacher_sharded_by_the_same_rules_equals_one_device(teacher, golden):
-    import jax
+def test_teacher_sharded_by_the_same_rules_equals_one_device(teacher, golden, cpu8):
 
     from dultra_jax.parallel import ShardingPlan
     from dultra_jax.teacher import shard_teacher
 
-    if len(jax.devices()) < 8:
-        pytest.skip("needs 8 (fake) devices; tests/conftest.py sets them up")
     plan = ShardingPlan.create("data=2,fsdp=2,tensor=2")
     sharded = shard_teacher(load_qwen2(TINY, dtype="fp32"), plan)
     specs = {p: v[...].sharding.spec for p, v in nnx.to_flat_state(nnx.state(sharded, nnx.Param))}

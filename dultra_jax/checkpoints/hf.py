@@ -26,10 +26,12 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 from tqdm.auto import tqdm
 
+from dultra_jax.atomic import apply_umask
 from dultra_jax.checkpoints.errors import CheckpointError
 from dultra_jax.config import ConfigError, ModelConfig
 from dultra_jax.model.dultra import DUltra
 from dultra_jax.model.planner_head import PlannerHead
+from dultra_jax.outputs import check_replaceable
 
 log = logging.getLogger(__name__)
 
@@ -400,6 +402,7 @@ class atomic_directory:
     def __enter__(self) -> Path:
         if self.target.exists() and not self.overwrite:
             raise CheckpointError(f"output directory {self.target} already exists; pass --overwrite to replace it")
+        check_replaceable(self.target)  # --overwrite deletes only a checkpoint directory
         self.target.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = self.target.parent / f".{self.target.name}.tmp-{os.getpid()}"
         shutil.rmtree(self.tmp, ignore_errors=True)
@@ -410,6 +413,7 @@ class atomic_directory:
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
             return False
+        apply_umask(self.tmp)
         old = None
         if self.target.exists():
             old = self.target.parent / f".{self.target.name}.old-{os.getpid()}"

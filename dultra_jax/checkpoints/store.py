@@ -22,6 +22,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from dultra_jax.atomic import apply_umask
 from dultra_jax.checkpoints.errors import CheckpointError
 from dultra_jax.checkpoints.hf import (
     _TORCH_DTYPE_NAMES,
@@ -35,6 +36,7 @@ from dultra_jax.checkpoints.hf import (
 from dultra_jax.checkpoints.hub import resolve_model_path
 from dultra_jax.config import ModelConfig
 from dultra_jax.model.dultra import DUltra
+from dultra_jax.outputs import check_replaceable
 
 if TYPE_CHECKING:
     from jax.sharding import Mesh
@@ -58,12 +60,14 @@ def save_converted(
     overwrite: bool = False,
     copy_from: str | Path | None = None,
     source_dtype: str | None = None,
+    task: dict | None = None,
 ) -> Path:
     """Write ``model`` as a converted directory, atomically (nothing is left behind on failure).
 
     A sharded model is written shard by shard (orbax); the directory can be restored onto any mesh. On several
     processes every process must call this (each writes the shards it holds, into a shared file system);
-    process 0 writes the small files and renames the finished directory into place.
+    process 0 writes the small files and renames the finished directory into place. ``task`` (the settings of
+    the task it was trained on) is recorded for ``dultra eval`` (:func:`recorded_task`).
     """
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     param_dtype = jnp.dtype(model.backbone.embed.embedding[...].dtype).name
@@ -80,6 +84,8 @@ def save_converted(
         (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2, sort_keys=True))
         meta = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "param_dtype": param_dtype,
                 "source_dtype": hf_cfg.get("torch_dtype")}
+        if task:
+            meta["task"] = task
         (tmp / FORMAT_FILE).write_text(json.dumps(meta, indent=2))
         if copy_from is not None:
             copy_tokenizer_files(copy_from, tmp)
@@ -103,6 +109,7 @@ def _save_on_all_processes(target: Path, write, *, overwrite: bool) -> None:
     primary = jax.process_index() == 0
     if target.exists() and not overwrite:
         raise CheckpointError(f"output directory {target} already exists; pass --overwrite to replace it")
+    check_replaceable(target)
     tmp = target.parent / f".{target.name}.tmp-multiprocess"
     if primary:
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -113,6 +120,7 @@ def _save_on_all_processes(target: Path, write, *, overwrite: bool) -> None:
         write(tmp, primary)
         multihost_utils.sync_global_devices(f"save_converted:written:{target}")
         if primary:
+            apply_umask(tmp)
             old = target.parent / f".{target.name}.old-{os.getpid()}"
             if target.exists():
                 os.replace(target, old)
@@ -164,10 +172,19 @@ def load_converted(
     return nnx.merge(graphdef, abs_state)
 
 
+def recorded_task(path: str | Path) -> dict:
+    """The task settings a trained model was exported with (``{}`` for other checkpoints, or a hub id)."""
+    path = Path(path)
+    if not (path / FORMAT_FILE).is_file():
+        return {}
+    task = _read_meta(path).get("task")
+    return task if isinstance(task, dict) else {}
+
+
 def _read_meta(path: Path) -> dict:
     try:
-        meta = json.loads((path / FORMAT_FILE).read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        meta = json.loads((path / FORMAT_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
         raise CheckpointError(f"{path / FORMAT_FILE} is unreadable: {e}") from e
     if meta.get("format") != FORMAT_NAME or meta.get("version", 0) > FORMAT_VERSION:
         raise CheckpointError(
@@ -256,6 +273,7 @@ def convert(
         raise CheckpointError(f"output directory {out} already exists; pass --overwrite to replace it")
     if src.resolve() == out.resolve():
         raise CheckpointError("source and output directories are the same; choose another output directory")
+    check_replaceable(out, source=src)
     dtype = parse_dtype(dtype)
     if is_converted(src):
         source_dtype = _read_meta(src).get("source_dtype")

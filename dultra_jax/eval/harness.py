@@ -38,6 +38,9 @@ import numpy as np
 
 from dultra_jax import accounting
 from dultra_jax.atomic import write_atomic
+from dultra_jax.checkpoints.hub import parse_hub_id, resolve_model_path
+from dultra_jax.checkpoints.store import recorded_task
+from dultra_jax.data import synthetic
 from dultra_jax.data.tasks import Example
 from dultra_jax.eval.decode import CONTINUOUS_CHUNK, DecodeRun, decode_prompts
 from dultra_jax.eval.inputs import (
@@ -60,6 +63,7 @@ from dultra_jax.eval.record import (
     _dumps,
     _gather_rows,
     _json_default,
+    _run_info,
     format_table,
     read_samples,
     summarize,
@@ -73,6 +77,7 @@ from dultra_jax.eval.settings import (
     EvalSettings,
     sweep_settings,
 )
+from dultra_jax.outputs import check_results_dir
 
 __all__ = [
     "BATCHING", "CONTINUOUS_CHUNK", "EVAL_TASKS", "RUN_FILE", "SAMPLES_FILE", "SHARD_GLOB", "SWEEP_FACTORS",
@@ -145,9 +150,7 @@ def evaluate(model, tokenizer, examples: Sequence[Example], settings: EvalSettin
     pid, nproc = jax.process_index(), jax.process_count()
     mine = list(range(pid, len(examples), nproc))  # this process's share of the problems
     # batch size does not change any result (rows are keyed by their problem), so a resume may use another
-    run_info = {"task": task, "settings": {k: v for k, v in settings.to_dict().items() if k != "batch_size"},
-                "n_problems": len(examples), "problem_ids": ids,
-                "seeds": seeds, "processes": nproc}
+    run_info = {**_run_info(task, settings, examples), "seeds": seeds, "processes": nproc}
     out = Path(out_dir) if out_dir is not None else None
     log = None
     done: list[dict[str, Any]] = []
@@ -265,19 +268,35 @@ def run_eval(model_path: str | Path | None, task: str, settings: EvalSettings, *
              out_dir: str | Path = "runs/eval", dtype: str = "bf16", factor_sweep: bool = False,
              factors: Sequence[float] = SWEEP_FACTORS, workers: int | None = None, progress: bool = True,
              model=None, cache_dir: str | Path | None = None, resume: bool = False, mesh: str | None = None,
-             plan=None, max_operand: int | None = None) -> list[dict[str, Any]]:
+             plan=None, max_operand: int | None = None, overwrite: bool = False) -> list[dict[str, Any]]:
     """``dultra eval``: load the model and task, run one evaluation (or the factor sweep), write the files.
 
     One run writes ``out_dir/summary.json`` and ``out_dir/samples.jsonl``; the sweep writes them under
     ``out_dir/<strategy>-f<factor>/`` and an index ``out_dir/sweep.json``. Returns the summaries. ``resume``
     continues the runs found there; ``mesh`` (e.g. ``"data=8"``) or ``plan`` splits the batches over this
     process's devices (:func:`local_plan`); several JAX processes split the problems (see :func:`evaluate`).
+    Results already in ``out_dir`` are refused unless ``resume`` or ``overwrite``. A model exported by the
+    trainer records its task settings; the synthetic task's ``max_operand`` defaults to the recorded one.
     """
     seeds = _check_seeds(seeds)
+    out = Path(out_dir)
+    runs = sweep_settings(settings, factors) if factor_sweep else [("", settings)]
+    for name, _ in runs:
+        check_results_dir(out / name if name else out, (SAMPLES_FILE, "summary.json"), resume=resume,
+                          overwrite=overwrite, resume_marker=RUN_FILE)
+    if factor_sweep:
+        check_results_dir(out, ("sweep.json",), resume=resume, overwrite=overwrite)
+    if model is None and model_path is not None and parse_hub_id(str(model_path)) is None:
+        resolve_model_path(model_path)  # a missing local model is reported before any work
+    if task == synthetic.TASK_NAME and max_operand is None and model_path is not None:
+        max_operand = recorded_task(model_path).get("max_operand")
     if plan is None and mesh is not None:
         plan = local_plan(mesh)
     examples = load_examples(task, data_file=data_file, split=split, limit=limit, cache_dir=cache_dir,
                              max_operand=max_operand)
+    if resume:  # refuse a mismatched resume before anything is loaded
+        for name, s in runs:
+            _check_resumable((out / name if name else out) / RUN_FILE, _run_info(task, s, examples))
     tokenizer = load_tokenizer(model_path, task)
     if model is None:
         if model_path is None:
@@ -287,8 +306,6 @@ def run_eval(model_path: str | Path | None, task: str, settings: EvalSettings, *
         model = dultra_jax.load(model_path, dtype=dtype)
     meta = {"model": str(model_path) if model_path is not None else "(in memory)", "dtype": str(dtype),
             "data": str(data_file) if data_file else ("generated" if eval_task(task).hub is None else "hub")}
-    out = Path(out_dir)
-    runs = sweep_settings(settings, factors) if factor_sweep else [("", settings)]
     summaries = []
     for name, s in runs:
         target = out / name if name else out

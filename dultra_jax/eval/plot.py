@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from dultra_jax.atomic import write_atomic_with
+from dultra_jax.atomic import atomic_path
 from dultra_jax.eval.settings import EvalError
 
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
@@ -37,7 +37,9 @@ def load_points(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
     points = []
     for f in files:
         try:
-            data = json.loads(f.read_text())
+            data = json.loads(f.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as e:
+            raise EvalError(f"--summaries: {f} is not UTF-8 text ({e.reason} at byte {e.start})") from e
         except (OSError, json.JSONDecodeError) as e:
             raise EvalError(f"--summaries: {f} is not readable JSON: {e}") from e
         points += _points(data, f)
@@ -132,6 +134,7 @@ def plot_accuracy_vs_nfe(points: Sequence[dict[str, Any]], out_dir: str | Path, 
     written = []
     for fmt in ("png", "svg"):
         target = out / f"{name}.{fmt}"
-        write_atomic_with(target, lambda tmp, fmt=fmt: fig.savefig(tmp, format=fmt, dpi=150))
+        with atomic_path(target) as tmp:
+            fig.savefig(tmp, format=fmt, dpi=150)
         written.append(target)
     return written

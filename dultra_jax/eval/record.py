@@ -49,7 +49,7 @@ def read_samples(path: str | Path) -> list[dict[str, Any]]:
                 warnings.warn(f"{path}: line {k} is incomplete or malformed ({e}); ignoring it", stacklevel=2)
                 break
             raise EvalError(f"{path}: line {k} is malformed ({e}); the file is corrupt (not just cut off), "
-                            "remove the line or start the evaluation afresh without --resume") from e
+                            "remove the line, or replace the run with --overwrite (its rows are lost)") from e
         rows.append(row)
     return rows
 
@@ -83,17 +83,41 @@ def _gather_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return gather_objects(rows, default=_json_default)
 
 
+def _run_info(task: str, settings, examples) -> dict[str, Any]:
+    """What a run is, for --resume: the task, the settings (batch size aside: it changes no result), the problems."""
+    return {"task": task, "settings": {k: v for k, v in settings.to_dict().items() if k != "batch_size"},
+            "n_problems": len(examples), "problem_ids": [str(e.id) for e in examples]}
+
+
 def _check_resumable(path: Path, info: dict[str, Any]) -> None:
     if not path.is_file():
         return
     try:
-        old = json.loads(path.read_text())
+        old = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise EvalError(f"--resume: {path} is unreadable ({e})") from e
-    diff = [k for k in _RUN_KEYS if old.get(k) != info[k]]
+    diff = run_differences(old if isinstance(old, dict) else {}, info)
     if diff:
-        raise EvalError(f"--resume: {path.parent} holds a run with different {', '.join(diff)}; use another --out "
-                        "or drop --resume to start afresh")
+        raise EvalError(f"--resume: {path.parent} holds a run with different settings ({'; '.join(diff)}); pass "
+                        "the same settings to continue it, or choose another --out")
+
+
+def run_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """What differs between a recorded run and this one, as 'name: was X, now Y' items (settings by name)."""
+    out = []
+    for key in _RUN_KEYS:
+        a, b = old.get(key), new.get(key)
+        if a == b:
+            continue
+        if key == "settings" and isinstance(a, dict) and isinstance(b, dict):
+            out += [f"{k}: was {a.get(k)!r}, now {b.get(k)!r}" for k in sorted(a.keys() | b.keys())
+                    if a.get(k) != b.get(k)]
+        elif key == "problem_ids":
+            if old.get("n_problems") == new.get("n_problems"):
+                out.append("the problems (same count, other ids: another --data-file, --split or --max-operand?)")
+        else:
+            out.append(f"{key}: was {a!r}, now {b!r}")
+    return out
 
 
 def summarize(rows: Sequence[dict[str, Any]], settings: EvalSettings, *, task: str, seeds: Sequence[int],

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,8 @@ import numpy as np
 from dultra_jax.rewards import format as fmt
 from dultra_jax.rewards.speed import STEP_SCALE, step_penalty
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "rewards.yaml"
+# Shipped inside the package (works after a non-editable install); configs/rewards.yaml links to it.
+DEFAULT_CONFIG = Path(str(resources.files("dultra_jax.rewards") / "rewards.yaml"))
 
 
 class RewardConfigError(ValueError):
@@ -254,14 +256,17 @@ class RewardSet:
 
 
 def load_reward_config(path: str | Path | None = None) -> dict[str, Any]:
-    """Read and validate a rewards YAML (default ``configs/rewards.yaml``)."""
+    """Read and validate a rewards YAML (default: the package's ``rewards.yaml``, linked as
+    ``configs/rewards.yaml``)."""
     import yaml
 
     path = Path(path) if path is not None else DEFAULT_CONFIG
     if not path.is_file():
         raise RewardConfigError(f"reward config not found: {path}")
     try:
-        cfg = yaml.safe_load(path.read_text()) or {}
+        cfg = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise RewardConfigError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from e
     except yaml.YAMLError as e:
         raise RewardConfigError(f"{path} is not valid YAML: {e}") from e
     validate_reward_config(cfg, source=str(path))

@@ -18,6 +18,7 @@ from typing import Any
 
 from dultra_jax.atomic import write_atomic
 from dultra_jax.data.tasks import DataError, Example, find_example
+from dultra_jax.outputs import check_results_dir
 from dultra_jax.tasks import Verifiers, get_task
 
 
@@ -27,19 +28,22 @@ def read_completions(path: str | Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise DataError(f"completions file not found: {path}")
     rows = []
-    with path.open() as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: not valid JSON: {e}") from e
-            if not isinstance(row, dict) or not isinstance(row.get("completion"), str):
-                raise DataError(f"{path}:{lineno}: needs a 'completion' string field")
-            if row.get("id") is None and row.get("index") is None:
-                raise DataError(f"{path}:{lineno}: needs an 'id' or 'index' field naming the problem")
-            rows.append(row)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from e
+    for lineno, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{lineno}: not valid JSON: {e}") from e
+        if not isinstance(row, dict) or not isinstance(row.get("completion"), str):
+            raise DataError(f"{path}:{lineno}: needs a 'completion' string field")
+        if row.get("id") is None and row.get("index") is None:
+            raise DataError(f"{path}:{lineno}: needs an 'id' or 'index' field naming the problem")
+        rows.append(row)
     if not rows:
         raise DataError(f"{path} has no completions")
     return rows
@@ -54,6 +58,7 @@ def score_completions(
     data_file: str | Path | None = None,
     split: str | None = None,
     out_dir: str | Path | None = None,
+    overwrite: bool = False,
     math_mode: str = "eval",
     workers: int | None = None,
     math_timeout_s: float = 10.0,
@@ -61,7 +66,10 @@ def score_completions(
     cache_dir: str | Path | None = None,
     examples: list[Example] | None = None,
 ) -> dict[str, Any]:
-    """Score every completion; returns the summary (and writes the files when ``out_dir`` is given)."""
+    """Score every completion; returns the summary (and writes the files when ``out_dir`` is given; results
+    already there are refused unless ``overwrite``)."""
+    if out_dir is not None:
+        check_results_dir(out_dir, ("samples.jsonl", "summary.json"), overwrite=overwrite)
     t0 = time.perf_counter()
     t = get_task(task, "score")
     rows = read_completions(completions_file)

@@ -42,6 +42,18 @@ class TaskSection:
     max_prompt_length: int = 512
     pad_to_multiple: int = 64  # GRPO prompts are left-padded to a multiple of this: one compile per padded length
 
+    def __post_init__(self) -> None:
+        from dultra_jax.data.prompts import PROMPT_MODES
+        from dultra_jax.tasks import task_names
+
+        known = task_names("train")
+        _require(self.name in known, f"task.name: unknown task {self.name!r}; choose one of {known}")
+        _require(self.prompt_mode.lower() in PROMPT_MODES, f"task.prompt_mode must be one of {list(PROMPT_MODES)}, got "
+                 f"{self.prompt_mode!r}")
+        for name in ("num_train", "num_eval", "max_operand", "max_prompt_length", "pad_to_multiple"):
+            _positive(self, name)
+        _require(self.limit is None or self.limit >= 1, f"task.limit must be >= 1 (or null), got {self.limit}")
+
 
 @dataclass
 class TrainSection:
@@ -61,6 +73,26 @@ class TrainSection:
     # GRPO rollouts: decode with the training weights as sharded (sharded), or with a bf16 copy replicated over
     # fsdp (replicated_bf16: no all-gather per decoding iteration; refreshed after every update)
     rollout_weights: str = "sharded"
+
+    def __post_init__(self) -> None:
+        _require(self.mode in ("sft", "planner", "grpo"), f"train.mode must be sft, planner or grpo, got {self.mode!r}")
+        for name in ("batch_size", "micro_batches", "save_every", "keep", "log_every", "max_bad_steps"):
+            _positive(self, name)
+        _require(self.max_steps >= 0 and self.eval_every >= 0,
+                 f"train.max_steps ({self.max_steps}) and train.eval_every ({self.eval_every}) must be >= 0")
+        _require(self.batch_size % self.micro_batches == 0, f"train.batch_size ({self.batch_size}) must be a "
+                 f"multiple of train.micro_batches ({self.micro_batches})")
+        _require(self.trainable in ("all", "planner", "backbone"),
+                 f"train.trainable must be all, planner or backbone, got {self.trainable!r}")
+        _require(self.rollout_weights in ("sharded", "replicated_bf16"),
+                 f"train.rollout_weights must be sharded or replicated_bf16, got {self.rollout_weights!r}")
+        if self.mesh is not None:
+            from dultra_jax.parallel import MeshConfig
+
+            try:
+                MeshConfig.parse(self.mesh)
+            except ValueError as e:
+                raise ValueError(f"train.mesh: {e}") from e
 
 
 @dataclass
@@ -82,6 +114,13 @@ class SequenceSection:
     min_block: int = 32  # planner collator's minimum block
     factor: float = 1.0  # planner targets: Fast-dLLM factor
     label_smoothing: float = 0.0  # SFT
+
+    def __post_init__(self) -> None:
+        _positive(self, "gen_length")
+        _positive(self, "min_block")
+        _require(self.factor > 0, f"sequence.factor must be > 0, got {self.factor}")
+        _require(0 <= self.label_smoothing < 1,
+                 f"sequence.label_smoothing must be in [0, 1), got {self.label_smoothing}")
 
 
 @dataclass(frozen=True)
@@ -122,20 +161,32 @@ class GRPOSection(GRPOLossConfig):
 
         if self.max_completion_length is None:
             object.__setattr__(self, "max_completion_length", self.gen_length)
-        if self.num_iterations < 1:
-            raise ValueError(f"num_iterations must be >= 1, got {self.num_iterations}")
-        if self.loss not in OBJECTIVES:
-            raise ValueError(f"unknown grpo.loss {self.loss!r}; choose one of {sorted(OBJECTIVES)}")
-        if OBJECTIVES[self.loss].replays_trajectory and self.rollout.strategy != "planner":
-            raise ValueError(f"grpo.loss={self.loss} replays the planner's decisions: it needs "
-                             f"grpo.rollout.strategy=planner (got {self.rollout.strategy!r}); or use diffu_grpo")
-        if not 0.0 <= self.p_mask_prompt <= 1.0:
-            raise ValueError(f"p_mask_prompt must be in [0, 1], got {self.p_mask_prompt}")
+        for name in ("num_iterations", "gen_length", "block_length", "max_completion_length"):
+            _positive(self, name)
+        _require(self.num_generations >= 2, f"grpo.num_generations must be >= 2 (advantages compare a prompt's "
+                 f"generations with each other), got {self.num_generations}")
+        _require(self.gen_length % self.block_length == 0, f"grpo.gen_length ({self.gen_length}) must be a multiple "
+                 f"of grpo.block_length ({self.block_length})")
+        _require(self.temperature >= 0, f"grpo.temperature must be >= 0, got {self.temperature}")
+        _require(self.planner_temperature is None or self.planner_temperature > 0,
+                 f"grpo.planner_temperature must be > 0 (or null), got {self.planner_temperature}")
+        _require(self.scale_rewards in ("none", "group", "batch"),
+                 f"grpo.scale_rewards must be none, group or batch, got {self.scale_rewards!r}")
+        _require(self.ref_sync_every >= 0 and self.beta >= 0,
+                 f"grpo.ref_sync_every ({self.ref_sync_every}) and grpo.beta ({self.beta}) must be >= 0")
+        _require(self.loss in OBJECTIVES, f"grpo.loss must be one of {sorted(OBJECTIVES)}, got {self.loss!r}")
+        _require(not (OBJECTIVES[self.loss].replays_trajectory and self.rollout.strategy != "planner"),
+                 f"grpo.loss={self.loss} replays the planner's decisions: it needs grpo.rollout.strategy=planner "
+                 f"(got {self.rollout.strategy!r}); or use grpo.loss=diffu_grpo")
+        _require(0.0 <= self.p_mask_prompt <= 1.0, f"grpo.p_mask_prompt must be in [0, 1], got {self.p_mask_prompt}")
         from dultra_jax.decoding import DecodeConfig
 
-        DecodeConfig(gen_length=self.gen_length, block_length=self.block_length, strategy=self.rollout.strategy,
-                     reveal=self.rollout.reveal, threshold=self.rollout.threshold, steps=self.rollout.steps,
-                     factor=self.factor, temperature=self.temperature)
+        try:
+            DecodeConfig(gen_length=self.gen_length, block_length=self.block_length, strategy=self.rollout.strategy,
+                         reveal=self.rollout.reveal, threshold=self.rollout.threshold, steps=self.rollout.steps,
+                         factor=self.factor, temperature=self.temperature)
+        except ValueError as e:
+            raise ValueError(f"grpo.rollout: {e}") from e
 
 
 def _eval_decode() -> DecodeConfig:
@@ -151,6 +202,14 @@ class EvalSection:
     num_examples: int = 64
     batch_size: int = 32
     decode: DecodeConfig = field(default_factory=_eval_decode)
+
+    def __post_init__(self) -> None:
+        from dultra_jax.decoding import DecodeConfig
+
+        _positive(self, "num_examples")
+        _positive(self, "batch_size")
+        if not isinstance(self.decode, DecodeConfig):
+            raise ValueError(f"eval.decode must be a mapping of decoding settings, got {self.decode!r}")
 
 
 @dataclass
@@ -180,6 +239,21 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+def _positive(obj: Any, name: str) -> None:
+    value = getattr(obj, name)
+    _require(value >= 1, f"{_SECTION_OF[type(obj).__name__]}.{name} must be >= 1, got {value}")
+
+
+# section name by dataclass (messages name the dotted key a user writes)
+_SECTION_OF = {"TaskSection": "task", "TrainSection": "train", "SequenceSection": "sequence",
+               "GRPOSection": "grpo", "EvalSection": "eval", "DataSection": "data", "LoggingSection": "logging"}
+
+
 def _build(cls, data: dict[str, Any], where: str, base=None):
     """``cls`` from a YAML mapping; with ``base`` (a section whose fields have no defaults of their own, e.g. a
     DecodeConfig) the mapping replaces the fields of ``base``."""
@@ -200,6 +274,8 @@ def _build(cls, data: dict[str, Any], where: str, base=None):
     try:
         return dataclasses.replace(base, **kwargs) if base is not None else cls(**kwargs)
     except (TypeError, ValueError) as e:
+        if where and str(e).startswith((f"{where}.", f"{where}:")):  # the message names the key already
+            raise ConfigError(f"bad config value: {e}") from e
         raise ConfigError(f"bad value in config section '{where or 'root'}': {e}") from e
 
 
@@ -258,20 +334,14 @@ def load_run_config(path: str | Path | None, overrides: list[str] | None = None)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from e
         except yaml.YAMLError as e:
             raise ConfigError(f"{path} is not valid YAML: {e}") from e
     for item in overrides or []:
         apply_override(data, item)
     cfg = _build(RunConfig, data, "")
-    if cfg.train.mode not in ("sft", "planner", "grpo"):
-        raise ConfigError(f"train.mode must be sft, planner or grpo, got {cfg.train.mode!r}")
-    if cfg.train.batch_size % cfg.train.micro_batches:
-        raise ConfigError(f"train.batch_size ({cfg.train.batch_size}) must be a multiple of train.micro_batches "
-                          f"({cfg.train.micro_batches})")
-    if cfg.train.rollout_weights not in ("sharded", "replicated_bf16"):
-        raise ConfigError(f"train.rollout_weights must be sharded or replicated_bf16, got "
-                          f"{cfg.train.rollout_weights!r}")
     if cfg.data.source != "task":
         from dultra_jax.data.sources import SOURCES
 
@@ -282,6 +352,4 @@ def load_run_config(path: str | Path | None, overrides: list[str] | None = None)
                               "prompts: set data.source=task")
     if cfg.logging.samples_every < 0 or cfg.logging.samples_per_step < 0:
         raise ConfigError("logging.samples_every and logging.samples_per_step must be >= 0")
-    if cfg.task.pad_to_multiple < 1:
-        raise ConfigError(f"task.pad_to_multiple must be >= 1, got {cfg.task.pad_to_multiple}")
     return cfg

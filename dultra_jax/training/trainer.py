@@ -40,10 +40,11 @@ from tqdm.auto import tqdm
 from dultra_jax import accounting
 from dultra_jax.checkpoints.hf import parse_dtype
 from dultra_jax.checkpoints.hub import resolve_model_path
-from dultra_jax.config import ConfigError, preset
+from dultra_jax.config import ConfigError, ModelConfig, preset
 from dultra_jax.decoding import generate
 from dultra_jax.model.dultra import DUltra
 from dultra_jax.multihost import gather_rows, initialize_distributed, is_primary, local_rows
+from dultra_jax.outputs import check_run_dir
 from dultra_jax.tasks import get_task
 from dultra_jax.training import grpo as grpo_mod
 from dultra_jax.training import objectives
@@ -84,9 +85,24 @@ def build_model(cfg: RunConfig) -> DUltra:
         import dultra_jax
 
         return dultra_jax.load(m.path, dtype=dtype, param_dtype=param_dtype, remat=m.remat, seed=m.seed)
+    return DUltra(model_config(cfg), dtype=dtype, param_dtype=param_dtype, remat=m.remat, rngs=nnx.Rngs(m.seed))
+
+
+def model_config(cfg: RunConfig) -> ModelConfig:
+    """The model's config without building it (checked against the run config before anything is compiled)."""
+    m = cfg.model
+    if m.path:
+        return ModelConfig.from_json_file(resolve_model_path(m.path) / "config.json")
     overrides = {**get_task(cfg.task.name).model_overrides, **m.overrides}
-    return DUltra(preset(m.preset, **overrides), dtype=dtype, param_dtype=param_dtype, remat=m.remat,
-                  rngs=nnx.Rngs(m.seed))
+    return preset(m.preset, **overrides)
+
+
+def check_fits(cfg: RunConfig, mcfg: ModelConfig) -> None:
+    """Run settings the model's shape rules out, refused before anything is built."""
+    if cfg.train.mode == "grpo" and mcfg.max_sequence_length - cfg.grpo.gen_length < 1:
+        raise ConfigError(f"grpo.gen_length ({cfg.grpo.gen_length}) leaves no room for a prompt in the model's "
+                          f"max_sequence_length ({mcfg.max_sequence_length}); lower grpo.gen_length or raise "
+                          "model.overrides.max_sequence_length (configs/tiny_cpu.yaml sets both)")
 
 
 def build_tokenizer(cfg: RunConfig):
@@ -317,6 +333,8 @@ class Trainer:
         if self.num_processes > 1 and not cfg.train.mesh:
             raise ConfigError(f"{self.num_processes} processes need train.mesh (e.g. "
                               "train.mesh=data=1,fsdp=-1,tensor=1) so that they run one program over all devices")
+        check_run_dir(self.out)
+        check_fits(cfg, model_config(cfg))
         if self.primary:
             self.out.mkdir(parents=True, exist_ok=True)
         self.progress = progress and self.primary
@@ -802,7 +820,11 @@ class Trainer:
         from dultra_jax.checkpoints import save_converted
 
         target = Path(directory) if directory else self.out / "model"
-        save_converted(self._current_model(), target, overwrite=True)
+        t = self.cfg.task
+        task = {"name": t.name, "prompt_mode": t.prompt_mode, "max_prompt_length": t.max_prompt_length}
+        if get_task(t.name).kind == "synthetic":  # its operand range decides what the model can answer
+            task["max_operand"] = t.max_operand
+        save_converted(self._current_model(), target, overwrite=True, task=task)
         if self.primary:
             self.tokenizer.save_pretrained(str(target))
         return target
