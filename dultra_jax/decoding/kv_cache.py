@@ -46,8 +46,8 @@ REFRESH_POLICIES = ("full", "suffix")
 class DecodeCache:
     """The K/V a cached block iteration reads: refreshed at each block's first iteration."""
 
-    # stacked [n_layers, B, P+G, n_kv_heads, head_dim], or (layer_loop="unrolled") a list of per-layer LayerKV
-    # [B, P+G, n_kv_heads, head_dim]: each layer's buffer read in place
+    # stacked [n_layers, B, n_kv_heads, P+G, head_dim], or (layer_loop="unrolled") a list of per-layer LayerKV
+    # [B, n_kv_heads, P+G, head_dim]: each layer's buffer read in place
     backbone: LayerKV | list[LayerKV]
     head: LayerKV | list[LayerKV] | None  # as backbone for the head's layers; None for the baselines
 
@@ -66,11 +66,11 @@ def suffix_window(p: int, g: int, block_length: int, block: int) -> tuple[int, i
 
 
 def write_window(cache: LayerKV | list[LayerKV], fresh: LayerKV | list[LayerKV], start: int) -> LayerKV | list:
-    """The cache with the fresh K/V of a window written at canvas column ``start`` (stacked: [n, B, W, ...] at
-    axis 2; per-layer lists: [B, W, ...] at axis 1)."""
+    """The cache with the fresh K/V of a window written at canvas column ``start`` (stacked: [n, B, N, W, h] at
+    axis 3; per-layer lists: [B, N, W, h] at axis 2)."""
     def put(c, f, axis):
         return jax.lax.dynamic_update_slice_in_dim(c, f.astype(c.dtype), start, axis=axis)
 
     if isinstance(cache, list):
-        return [jax.tree.map(lambda c, f: put(c, f, 1), c, f) for c, f in zip(cache, fresh, strict=True)]
-    return jax.tree.map(lambda c, f: put(c, f, 2), cache, fresh)
+        return [jax.tree.map(lambda c, f: put(c, f, 2), c, f) for c, f in zip(cache, fresh, strict=True)]
+    return jax.tree.map(lambda c, f: put(c, f, 3), cache, fresh)

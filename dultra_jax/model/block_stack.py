@@ -78,7 +78,7 @@ class BlockStack(nnx.Module):
     ):
         """The blocks over positions ``x`` [B, W, D]; see :meth:`Block.__call__` for ``cache``/``start``.
 
-        ``cache`` holds every layer's K/V [n, B, L, N_kv, h]. ``query`` [B, Q] restricts the *last* layer's
+        ``cache`` holds every layer's K/V [n, B, N_kv, L, h]. ``query`` [B, Q] restricts the *last* layer's
         queries and MLP to those positions (the earlier layers' outputs are the last layer's keys/values, so
         they run everywhere). Returns the states [B, Q or W, D], and with ``return_kv`` also the stacked fresh
         K/V of the W positions (the cache a full forward fills).

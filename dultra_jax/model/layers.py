@@ -96,7 +96,9 @@ def positions_and_mask(
 class LayerKV:
     """Keys (RoPE-rotated at their absolute positions) and values of attention layers.
 
-    [B, L, N_kv, h] for one layer; a BlockStack holds them stacked on a leading layer axis [n, B, L, N_kv, h].
+    [B, N_kv, L, h] for one layer (heads before positions: the layout attention's matmuls read in place, so a
+    cached iteration reads the cache without a transposed copy); a BlockStack holds them stacked on a leading
+    layer axis [n, B, N_kv, L, h].
     """
 
     keys: jax.Array
@@ -132,16 +134,16 @@ def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, cache: LayerKV, s
                      mask: jax.Array | None) -> jax.Array:
     """Attention of queries q [B, Q, N, h] over [the cache outside columns [start, start+W)] U [the fresh
     window k, v [B, W, N_kv, h]], one float32 softmax over both: what attending to the cache with the window
-    written over it computes, without writing it (the cache is read once, never copied). ``mask`` [B, 1, 1, L]
-    is the canvas' key mask (or None)."""
+    written over it computes, without writing it (the cache [B, N_kv, L, h] is read once, never copied).
+    ``mask`` [B, 1, 1, L] is the canvas' key mask (or None)."""
     b, nq, n, h = q.shape
     width, n_kv = k.shape[1], k.shape[2]
-    length = cache.keys.shape[1]
+    length = cache.keys.shape[2]
     qg = q.reshape(b, nq, n_kv, n // n_kv, h)  # grouped queries share their key/value head
     scale = jnp.float32(1.0 / h**0.5)
 
-    def scores(keys):
-        return jnp.einsum("bqkgh,blkh->bkgql", qg, keys.astype(q.dtype), preferred_element_type=jnp.float32) * scale
+    def scores(spec, keys):
+        return jnp.einsum(spec, qg, keys.astype(q.dtype), preferred_element_type=jnp.float32) * scale
 
     col = jnp.arange(length)
     keep_c = (col < start) | (col >= start + width)  # [L] the window's columns come from k, v
@@ -152,10 +154,10 @@ def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, cache: LayerKV, s
         keep_c = keep_c & kmask
         keep_w = jax.lax.dynamic_slice_in_dim(kmask, start, width, axis=1)
     neg = jnp.finfo(jnp.float32).min
-    s_c = jnp.where(keep_c[:, None, None, None, :], scores(cache.keys), neg)
-    s_w = jnp.where(keep_w[:, None, None, None, :], scores(k), neg)
+    s_c = jnp.where(keep_c[:, None, None, None, :], scores("bqkgh,bklh->bkgql", cache.keys), neg)
+    s_w = jnp.where(keep_w[:, None, None, None, :], scores("bqkgh,blkh->bkgql", k), neg)
     probs = jax.nn.softmax(jnp.concatenate([s_c, s_w], axis=-1), axis=-1).astype(v.dtype)
-    out = (jnp.einsum("bkgql,blkh->bqkgh", probs[..., :length], cache.values.astype(v.dtype))
+    out = (jnp.einsum("bkgql,bklh->bqkgh", probs[..., :length], cache.values.astype(v.dtype))
            + jnp.einsum("bkgql,blkh->bqkgh", probs[..., length:], v))
     return out.reshape(b, nq, n, h)
 
@@ -205,12 +207,12 @@ class Block(nnx.Module):
     ) -> tuple[jax.Array, LayerKV]:
         """One block over the positions ``x`` [B, W, D] (RoPE tables ``cos``/``sin`` [B, W, h] of them).
 
-        Keys/values are computed for all W positions. With ``cache`` (K/V [B, L, N_kv, h] of the whole canvas)
+        Keys/values are computed for all W positions. With ``cache`` (K/V [B, N_kv, L, h] of the whole canvas)
         attention reads the cache outside columns [start, start+W) and the fresh K/V inside
         (:func:`cached_attention`: the cache itself is not rewritten); without it, the W positions attend to
         each other. ``query`` [B, Q] (indices into the W positions, or a static int: the first Q) restricts
         queries, output projection and MLP to those positions (exact: keys/values still cover everything).
-        Returns (states [B, Q or W, D], the fresh K/V of the W positions).
+        Returns (states [B, Q or W, D], the fresh K/V of the W positions, [B, N_kv, W, h]).
         """
         b, width, _ = x.shape
         kv_heads = (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_KV_HEADS, axes.ACT_HEAD_DIM)
@@ -227,7 +229,8 @@ class Block(nnx.Module):
             att = cached_attention(q, k, v, cache, start, mask)
         else:
             att = attention(q, k, v, mask, self.attention_impl)
-        return self.finish(x, att), LayerKV(k, v)
+        heads_major = lambda t: t.transpose(0, 2, 1, 3)  # noqa: E731
+        return self.finish(x, att), LayerKV(heads_major(k), heads_major(v))
 
     def finish(self, x: jax.Array, att: jax.Array) -> jax.Array:
         """Output projection + residual, then the gated MLP + residual, from attention output [B, L, N, h]."""
