@@ -49,10 +49,12 @@ def _timed(fn, repeats: int):
     return res, float(np.median(walls))
 
 
-def measure(model, prompts, gen_length: int, block_length: int, score=None, repeats: int = 3) -> list[dict]:
+def measure(model, prompts, gen_length: int, block_length: int, score=None, repeats: int = 3,
+            strategies=tuple(STRATEGIES)) -> list[dict]:
     """Rows per strategy x setting; ``score(generated ids) -> accuracy`` (None: no accuracy)."""
     rows = []
-    for name, kw in STRATEGIES.items():
+    for name in strategies:
+        kw = STRATEGIES[name]
         exact = None
         for cache, refresh in SETTINGS:
             call = dict(gen_length=gen_length, block_length=block_length, rng=0, cache=cache, refresh=refresh, **kw)
@@ -76,6 +78,7 @@ def main() -> None:
                     help="a trained demo model (e.g. runs/demo/grpo/model), or cpu: random weights, random prompts")
     ap.add_argument("--prompt-length", type=int, default=64, help="--model cpu: prompt tokens")
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per setting (median)")
+    ap.add_argument("--strategies", default=",".join(STRATEGIES), help=f"comma-separated, of {list(STRATEGIES)}")
     ap.add_argument("--num", type=int, default=256)
     ap.add_argument("--max-operand", type=int, default=20)
     ap.add_argument("--gen-length", type=int, default=16)
@@ -99,7 +102,10 @@ def main() -> None:
             texts = tok.batch_decode([r[r < len(tok)] for r in gen], skip_special_tokens=True)
             return float(np.mean(synthetic.exact_answer(texts, examples)))
 
-    rows = measure(model, prompts, args.gen_length, args.block_length, score, args.repeats)
+    strategies = [s for s in args.strategies.split(",") if s]
+    if unknown := [s for s in strategies if s not in STRATEGIES]:
+        raise SystemExit(f"unknown strategies {unknown}: choose from {list(STRATEGIES)}")
+    rows = measure(model, prompts, args.gen_length, args.block_length, score, args.repeats, strategies)
     pct = lambda v, fmt: "-" if v is None else format(v, fmt)  # noqa: E731
     print(f"{'strategy':>10} {'cache':>7} {'refresh':>7} {'accuracy':>9} {'vs exact':>9} {'agreement':>10} "
           f"{'NFE':>6} {'eq.fwd':>7} {'wall s':>7} {'speedup':>7}")
