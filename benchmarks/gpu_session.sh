@@ -15,7 +15,7 @@ SMOKE=0
 OUT=${OUT:-benchmarks/results}
 export PYTHONPATH=.
 if [ "$SMOKE" = 1 ]; then
-    OUT="$OUT/smoke"; MODEL=cpu; FWD=tiny; P=16; G=32; BLOCKS="8 16"; BATCHES="1 2"; L=64; CB_PROMPTS=8; T=10  # shared CPU: generous limits
+    OUT="$OUT/smoke"; MODEL=cpu; FWD=tiny; P=16; G=16; BLOCKS="8"; BATCHES="1 2"; L=64; CB_PROMPTS=8; T=10  # shared CPU: generous limits
 else
     MODEL=llada-8b; FWD=llada-8b; P=256; G=256; BLOCKS="32 128"; BATCHES="1 32"; L=512; CB_PROMPTS=64; T=1
 fi
