@@ -1,18 +1,26 @@
 """How much do the approximate KV caches change what a trained model decodes? (the caching issue's quality check)
 
     python benchmarks/cache_agreement.py --model runs/demo/grpo/model [--num 256]
+    python benchmarks/cache_agreement.py --model cpu --num 16 --gen-length 128 --block-length 32 \
+        --out benchmarks/results/cache_agreement_cpu.json
 
 On the demo's trained tiny model and the built-in addition task (held-out problems): for each strategy and
-cache mode, accuracy, token agreement of the generated region with exact decoding, NFE and FLOP-equivalent
-full forwards. Table + JSON in benchmarks/results/cache_agreement.json.
+cache setting (none, prefix, dual, and each cached mode with every cheaper refresh policy), accuracy, token
+agreement of the generated region with exact decoding, NFE, FLOP-equivalent full forwards and the median wall
+time of the whole batch. ``--model cpu`` uses the decoding benchmark's random-weight CPU config and random
+prompts instead (agreement, NFE and time only: no accuracy). Table + JSON in benchmarks/results/.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import platform
+import sys
+import time
 from pathlib import Path
 
+import jax
 import numpy as np
 
 import dultra_jax
@@ -24,47 +32,99 @@ STRATEGIES = {"planner": dict(strategy="planner"), "threshold": dict(strategy="t
               "factor": dict(strategy="factor", factor=1.0)}
 
 
-def measure(model, tok, examples, gen_length: int, block_length: int) -> list[dict]:
-    prompts = [tok(render_chat(tok, list(e.messages)), add_special_tokens=False)["input_ids"] for e in examples]
+# (cache, refresh policy): the exact reference first
+SETTINGS = (("none", "full"), ("prefix", "full"), ("dual", "full"), ("prefix", "suffix"), ("dual", "suffix"))
+
+
+def _timed(fn, repeats: int):
+    """(last result, median wall seconds over ``repeats`` runs after one compile run)."""
+    res = fn()
+    jax.block_until_ready(res.tokens)
+    walls = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        res = fn()
+        jax.block_until_ready(res.tokens)
+        walls.append(time.perf_counter() - t0)
+    return res, float(np.median(walls))
+
+
+def measure(model, prompts, gen_length: int, block_length: int, score=None, repeats: int = 3,
+            strategies=tuple(STRATEGIES)) -> list[dict]:
+    """Rows per strategy x setting; ``score(generated ids) -> accuracy`` (None: no accuracy)."""
     rows = []
-    for name, kw in STRATEGIES.items():
+    for name in strategies:
+        kw = STRATEGIES[name]
         exact = None
-        for cache in ("none", "prefix", "dual"):
-            res = generate(model, prompts, gen_length=gen_length, block_length=block_length, rng=0, cache=cache, **kw)
+        for cache, refresh in SETTINGS:
+            call = dict(gen_length=gen_length, block_length=block_length, rng=0, cache=cache, refresh=refresh, **kw)
+            res, wall = _timed(lambda call=call: generate(model, prompts, **call), repeats)
             gen = np.asarray(res.generated)
-            texts = tok.batch_decode([r[r < len(tok)] for r in gen], skip_special_tokens=True)
-            acc = float(np.mean(synthetic.exact_answer(texts, examples)))
+            acc = score(gen) if score is not None else None
             if cache == "none":
-                exact = (gen, acc)
-            rows.append({"strategy": name, "cache": cache, "accuracy": acc,
-                         "accuracy_change": acc - exact[1], "token_agreement": float(np.mean(gen == exact[0])),
+                exact = (gen, acc, wall)
+            rows.append({"strategy": name, "cache": cache, "refresh": refresh, "accuracy": acc,
+                         "accuracy_change": None if acc is None else acc - exact[1],
+                         "token_agreement": float(np.mean(gen == exact[0])),
                          "nfe": float(np.mean(np.asarray(res.nfe))),
-                         "equivalent_forwards": float(np.mean(np.asarray(res.equivalent_forwards)))})
+                         "equivalent_forwards": float(np.mean(np.asarray(res.equivalent_forwards))),
+                         "wall_s": wall, "speedup_vs_exact": exact[2] / wall})
     return rows
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True, help="a trained demo model (e.g. runs/demo/grpo/model)")
+    ap.add_argument("--model", required=True,
+                    help="a trained demo model (e.g. runs/demo/grpo/model), or cpu: random weights, random prompts")
+    ap.add_argument("--prompt-length", type=int, default=64, help="--model cpu: prompt tokens")
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs per setting (median)")
+    ap.add_argument("--strategies", default=",".join(STRATEGIES), help=f"comma-separated, of {list(STRATEGIES)}")
     ap.add_argument("--num", type=int, default=256)
     ap.add_argument("--max-operand", type=int, default=20)
     ap.add_argument("--gen-length", type=int, default=16)
     ap.add_argument("--block-length", type=int, default=8)
     ap.add_argument("--out", default=str(RESULTS / "cache_agreement.json"))
     args = ap.parse_args()
-    model = dultra_jax.load(args.model, dtype="fp32")
-    tok = synthetic.build_tokenizer()
-    examples = synthetic.addition_examples(args.num, seed=1, max_operand=args.max_operand)
-    rows = measure(model, tok, examples, args.gen_length, args.block_length)
-    print(f"{'strategy':>10} {'cache':>7} {'accuracy':>9} {'vs exact':>9} {'agreement':>10} {'NFE':>6} {'eq.fwd':>7}")
+    if args.model == "cpu":
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+        from benchmarks._common import model_config, random_model, random_prompts
+
+        cfg = model_config("cpu")
+        model = random_model(cfg, jax.numpy.float32)
+        prompts, score = random_prompts(cfg, args.num, args.prompt_length), None
+    else:
+        model = dultra_jax.load(args.model, dtype="fp32")
+        tok = synthetic.build_tokenizer()
+        examples = synthetic.addition_examples(args.num, seed=1, max_operand=args.max_operand)
+        prompts = [tok(render_chat(tok, list(e.messages)), add_special_tokens=False)["input_ids"] for e in examples]
+
+        def score(gen):
+            texts = tok.batch_decode([r[r < len(tok)] for r in gen], skip_special_tokens=True)
+            return float(np.mean(synthetic.exact_answer(texts, examples)))
+
+    strategies = [s for s in args.strategies.split(",") if s]
+    if unknown := [s for s in strategies if s not in STRATEGIES]:
+        raise SystemExit(f"unknown strategies {unknown}: choose from {list(STRATEGIES)}")
+    rows = measure(model, prompts, args.gen_length, args.block_length, score, args.repeats, strategies)
+    pct = lambda v, fmt: "-" if v is None else format(v, fmt)  # noqa: E731
+    print(f"{'strategy':>10} {'cache':>7} {'refresh':>7} {'accuracy':>9} {'vs exact':>9} {'agreement':>10} "
+          f"{'NFE':>6} {'eq.fwd':>7} {'wall s':>7} {'speedup':>7}")
     for r in rows:
-        print(f"{r['strategy']:>10} {r['cache']:>7} {r['accuracy']:9.1%} {r['accuracy_change']:+9.1%} "
-              f"{r['token_agreement']:10.1%} {r['nfe']:6.2f} {r['equivalent_forwards']:7.2f}")
+        print(f"{r['strategy']:>10} {r['cache']:>7} {r['refresh']:>7} {pct(r['accuracy'], '9.1%'):>9} "
+              f"{pct(r['accuracy_change'], '+9.1%'):>9} {r['token_agreement']:10.1%} {r['nfe']:6.2f} "
+              f"{r['equivalent_forwards']:7.2f} {r['wall_s']:7.3f} {r['speedup_vs_exact']:7.2f}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
+    from dultra_jax.eval.env import git_commit
+
     tmp.write_text(json.dumps({"benchmark": "cache_agreement", "model": args.model, "num": args.num,
-                               "gen_length": args.gen_length, "block_length": args.block_length, "rows": rows},
+                               "commit": git_commit(),
+                               "gen_length": args.gen_length, "block_length": args.block_length,
+                               "machine": {"platform": platform.platform(), "jax": jax.__version__,
+                                           "cpus": len(jax.devices()), "note": (
+                                               "wall times on a shared, loaded 2-core CPU (other jobs running)")},
+                               "rows": rows},
                               indent=2))
     tmp.replace(out)
     print(f"wrote {out}")

@@ -72,6 +72,10 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5, help="alternating timing rounds (median reported)")
     ap.add_argument("--max-iterations", type=int, default=None,
                     help="cap the loop (ms/iteration stays exact; positions/s then counts the positions decoded)")
+    ap.add_argument("--layer-loop", default="scan", choices=("scan", "unrolled"),
+                    help="DecodeConfig.layer_loop (unrolled: per-layer weight buffers, each read once in place)")
+    ap.add_argument("--refresh", default="full", choices=("full", "suffix"),
+                    help="DecodeConfig.refresh of the cached variants")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
@@ -114,7 +118,8 @@ def main() -> None:
     combos = [(c.strip(), s.strip()) for c in args.cache.split(",") if c.strip()
               for s in args.strategies.split(",") if s.strip()]
     kws = {combo: dict(STRATEGY_ARGS[combo[1]], gen_length=g, block_length=bl, rng=0, cache=combo[0],
-                       max_iterations=args.max_iterations) for combo in combos}
+                       max_iterations=args.max_iterations, layer_loop=args.layer_loop,
+                       refresh=args.refresh if combo[0] != "none" else "full") for combo in combos}
     results = {}
     for combo, kw in kws.items():  # compile (and one run) of every variant first
         results[combo] = generate(model, prompts, **kw)
@@ -180,6 +185,7 @@ def main() -> None:
         "benchmark": "decode_throughput", "device": device_name(), "jax": jax.__version__, "commit": commit(),
         "model": args.model, "dtype": jnp.dtype(dtype).name, "batch": b, "prompt_len": p, "gen_len": g,
         "block": bl, "rounds": args.rounds, "max_iterations": args.max_iterations,
+        "layer_loop": args.layer_loop, "refresh": args.refresh,
         "full_logits_forward_ms": round(fwd_ms["full_logits_forward"], 3),
         "block_forward_ms": round(fwd_ms["block_forward"], 3),
         "planner_forward_ms": round(fwd_ms["planner_forward"], 3), "matmul_tflops": round(rate / 1e12, 3),

@@ -25,6 +25,18 @@ def _load(name: str):
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+# Accelerator figures taken before decoding v2 (issue 16: unrolled per-layer weights, split cached attention);
+# each is marked with its commit until benchmarks/gpu_session.sh re-measures it at the new code.
+BEFORE_V2_COMMITS = ("1383f21", "b0df5fe")
+
+
+def _before_v2(d: dict) -> str:
+    """'' or ', commit X, measured before decoding v2' for an accelerator figure taken before decoding v2."""
+    if d.get("commit") in BEFORE_V2_COMMITS and "cpu" not in str(d.get("device", "cpu")).lower():
+        return f", commit {d['commit']}, measured before decoding v2"
+    return ""
+
+
 def _table(header: list[str], rows: list[list]) -> str:
     out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
@@ -35,6 +47,8 @@ def decode_tables() -> list[str]:
     parts = []
     fmt_x = lambda v: f"{v:.2f}x" if v is not None else "-"  # noqa: E731
     for name in sorted(RESULTS.glob("decode_*.json")):
+        if name.name.startswith("decode_bytes"):
+            continue  # compile-time byte counts: kv_cache_tables
         d = json.loads(name.read_text())
         base = {r["strategy"]: r for r in d["rows"] if r["cache"] == "none"}
         rows = []
@@ -54,8 +68,8 @@ def decode_tables() -> list[str]:
         note = f"\n\n{d['note']}." if d.get("note") else (
             f"\n\nMeasured at commit {d['commit']}, before the planner head's restriction and cache: its "
             "equivalent forwards leave the heads out.")
-        parts.append(f"`{name.name}`: {d['device']}, {d['model']} {d['dtype']}, B={d['batch']} P={d['prompt_len']} "
-                     f"G={d['gen_len']} block={d['block']} ({timing}); original-work forward "
+        parts.append(f"`{name.name}`: {d['device']}{_before_v2(d)}, {d['model']} {d['dtype']}, B={d['batch']} "
+                     f"P={d['prompt_len']} G={d['gen_len']} block={d['block']} ({timing}); original-work forward "
                      f"{d['full_logits_forward_ms']:.2f} ms, same-work forward {d['block_forward_ms']:.2f} ms "
                      f"(+planner {d['planner_forward_ms']:.2f} ms){note}\n\n"
                      + _table(["cache", "strategy", "iters", "ms/iter", "eq. full fwd", "cost/iter", "positions/s",
@@ -107,7 +121,7 @@ def forward_tables() -> list[str]:
                 continue
             rows.append([f"{d['batch']} x {d['seq_len']}", r["attention_impl"], f"{r['forward_ms']:.1f}",
                          f"{r['forward_plus_planner_ms']:.1f}", f"{r['roofline_ms']:.1f}",
-                         f"{r['fraction_of_roofline']:.0%}", d["device"]])
+                         f"{r['fraction_of_roofline']:.0%}", d["device"] + _before_v2(d)])
     return [_table(["B x L", "attention", "ms/forward", "+planner", "roofline ms", "of roofline", "device"], rows)]
 
 
@@ -339,8 +353,8 @@ def throughput_table() -> list[str]:
     for r in d["decode"]:
         rows.append([r["batch"], r["block"], r["strategy"], f"{r['ms_per_iteration']:.1f}",
                      f"{r['fraction_of_roofline']:.0%}", f"{r['positions_per_s']:.0f}"])
-    return [f"`throughput_llada-8b_h200.json`: {d['device']}, random LLaDA-8B weights, bf16, P={d['prompt_len']} "
-            f"G={d['gen_len']}, loop capped at {d['max_iterations']} iterations\n\n"
+    return [f"`throughput_llada-8b_h200.json`: {d['device']}{_before_v2(d)}, random LLaDA-8B weights, bf16, "
+            f"P={d['prompt_len']} G={d['gen_len']}, loop capped at {d['max_iterations']} iterations\n\n"
             + _table(["B", "block", "strategy", "ms/iteration", "of roofline", "positions/s"], rows)]
 
 
@@ -375,9 +389,11 @@ def summary_bullets() -> list[str]:
         auto = {d: next(r for r in x["rows"] if r.get("attention_impl") == "auto") for d, x in ((1, f1), (8, f8))}
         ex = next(r for r in d32["rows"] if r["cache"] == "none" and r["strategy"] == "planner")
         out.append(f"- An 8B forward over 512 positions runs at {auto[1]['fraction_of_roofline']:.0%} of the matmul "
-                   f"roofline at batch 1 and at {auto[8]['fraction_of_roofline']:.0%} at batch 8 (H200); a decode "
-                   f"iteration (B={d32['batch']}, P={d32['prompt_len']}, G={d32['gen_len']}) at "
-                   f"{ex['fraction_of_roofline']:.0%}, with {ex['loop_overhead']:.1%} loop overhead.")
+                   f"roofline at batch 1 and at {auto[8]['fraction_of_roofline']:.0%} at batch 8 "
+                   f"(H200{_before_v2(f1)}); "
+                   f"a decode iteration (B={d32['batch']}, P={d32['prompt_len']}, G={d32['gen_len']}) at "
+                   f"{ex['fraction_of_roofline']:.0%}, with {ex['loop_overhead']:.1%} loop overhead (H200"
+                   f"{_before_v2(d32)}).")
     cpu = _load("decode_cpu_b4_none-prefix-dual_cpu.json")
     if cpu:
         by = {(r["cache"], r["strategy"]): r for r in cpu["rows"]}
@@ -444,6 +460,42 @@ def serve_load_tables() -> list[str]:
     return parts
 
 
+def decode_bytes_table() -> list[str]:
+    """docs/kv-cache.md: a cached iteration's bytes against the floor, before and after (decode_bytes.py)."""
+    rows = []
+    for label in ("before", "after"):
+        d = _load(f"decode_bytes_llada-8b_{label}.json")
+        if d is None:
+            continue
+        for r in d["rows"]:
+            rows.append([f"{label} ({d['commit']}, {d['layer_loop']})", r["mode"], r["batch"], r["program"],
+                         f"{r['bytes_accessed'] / 1e9:.1f}", f"{r['floor_bytes'] / 1e9:.1f}", f"{r['ratio']:.2f}x",
+                         f"{r['flops'] / 1e12:.2f}"])
+    if not rows:
+        return []
+    return ["`decode_bytes_llada-8b_{before,after}.json`: LLaDA-8B widths, float32, P=256 G=256 block 32; XLA:CPU "
+            "cost analysis, compiled at 2 and 4 layers, extrapolated to 32\n\n"
+            + _table(["code", "cache", "B", "program", "GB accessed", "GB floor", "vs floor", "TFLOP"], rows)]
+
+
+def refresh_agreement_table() -> list[str]:
+    """docs/kv-cache.md: agreement, NFE and wall time per cache mode and refresh policy (cache_agreement.py)."""
+    parts = []
+    for name in ("cache_agreement_cpu.json", "cache_agreement.json"):
+        d = _load(name)
+        if d is None or not any("refresh" in r for r in d["rows"]):
+            continue
+        pct = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+        rows = [[r["strategy"], r["cache"], r["refresh"], pct(r["accuracy"], ".1%"), f"{r['token_agreement']:.1%}",
+                 f"{r['nfe']:.2f}", f"{r['equivalent_forwards']:.2f}", f"{r['wall_s']:.2f}",
+                 f"{r['speedup_vs_exact']:.2f}x"] for r in d["rows"]]
+        parts.append(f"`{name}`: {d['model']}, {d['num']} prompts, gen {d['gen_length']}, block {d['block_length']}, "
+                     f"commit {d.get('commit', '?')}; {d.get('machine', {}).get('note', '')}\n\n"
+                     + _table(["strategy", "cache", "refresh", "accuracy", "token agreement", "NFE", "eq. full fwd",
+                               "wall s", "vs exact"], rows))
+    return parts
+
+
 SECTIONS = {
     "summary": [],
     "results": [("Forward vs roofline", forward_tables), ("Decoding per cache mode", decode_tables),
@@ -455,6 +507,8 @@ SECTIONS = {
                 ("Memory plan of the shipped configs", memory_plan_tables),
                 ("Planned vs measured memory", memory_check_table)],
     "engine": [("Continuous batching with the KV cache", engine_tables)],
+    "kv-cache": [("Bytes a cached iteration moves", decode_bytes_table),
+                 ("Refresh policies", refresh_agreement_table)],
     "humaneval": [("HumanEval scoring rule: canonical solutions", humaneval_sanitizer_table)],
     "grpo": [("GRPO step and the replay gradient's cost on the CPU", grpo_step_tables)],  # docs/diffu-grpo.md
     "demo": [("The demo's trade-off", demo_sweep_tables)],

@@ -149,3 +149,40 @@ def test_unknown_cache_mode(tiny_model):
     with pytest.raises(ValueError, match="refresh_rows"):  # per_row + cache works (tests/test_engine.py)
         generate(tiny_model, _prompts(), gen_length=16, block_length=8, cache="dual", schedule="per_row",
                  refresh_rows=0)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_suffix_refresh_is_exact_for_a_one_layer_model(mode):
+    """One layer: every position's K/V depend on its own token only, so recomputing only from the previous block
+    onward loses nothing (baseline rule: no planner head, whose K/V see the backbone's whole output)."""
+    m = dultra_jax.DUltra(dultra_jax.preset("tiny", n_layers=1))
+    prompts = _prompts(1)
+    kw = dict(gen_length=24, block_length=8, strategy="threshold", threshold=0.3)
+    base = generate(m, prompts, **kw)
+    full = generate(m, prompts, cache=mode, **kw)
+    suffix = generate(m, prompts, cache=mode, refresh="suffix", **kw)
+    np.testing.assert_array_equal(np.asarray(suffix.tokens), np.asarray(base.tokens))
+    np.testing.assert_array_equal(np.asarray(suffix.nfe), np.asarray(base.nfe))
+    assert np.all(np.asarray(suffix.equivalent_forwards) < np.asarray(full.equivalent_forwards))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_suffix_refresh_and_unrolled_layers_run_the_planner(tiny_model, mode):
+    """Planner with the cheaper refresh decodes everything; the unrolled layer loop (per-layer weights) gives
+    the scanned loop's tokens."""
+    prompts = _prompts(2)
+    kw = dict(gen_length=16, block_length=8, cache=mode, rng=1)
+    scan = generate(tiny_model, prompts, **kw)
+    unrolled = generate(tiny_model, prompts, layer_loop="unrolled", **kw)
+    np.testing.assert_array_equal(np.asarray(unrolled.tokens), np.asarray(scan.tokens))
+    suffix = generate(tiny_model, prompts, refresh="suffix", layer_loop="unrolled", **kw)
+    assert not np.any(np.asarray(suffix.generated) == tiny_model.cfg.mask_token_id)
+
+
+def test_refresh_and_layer_loop_are_validated(tiny_model):
+    with pytest.raises(ValueError, match="unknown refresh"):
+        generate(tiny_model, _prompts(), gen_length=16, block_length=8, cache="dual", refresh="sometimes")
+    with pytest.raises(ValueError, match="needs a cache"):
+        generate(tiny_model, _prompts(), gen_length=16, block_length=8, refresh="suffix")
+    with pytest.raises(ValueError, match="unknown layer_loop"):
+        generate(tiny_model, _prompts(), gen_length=16, block_length=8, layer_loop="vmap")

@@ -16,7 +16,15 @@ window keep the timestep of the block's first iteration). The timestep and mask 
 computed from the current canvas exactly as without a cache. Shapes are static: ``dual`` has a fixed window
 of block_length; ``prefix`` has one window size per block, chosen with ``lax.switch`` (one compiled variant per
 block). Under the ``sync`` schedule the cache is refreshed for the whole batch at once; under ``per_row`` each
-row refreshes its own rows of the cache when it starts a block (``loop._per_row_cached``).
+row refreshes its own rows of the cache when it starts a block (``loop._per_row_cached``). A window attends to
+the cache outside it and to its own fresh K/V (``layers.cached_attention``): the cache is read, never rewritten,
+by a cached iteration.
+
+Refresh policies (``DecodeConfig.refresh``): ``full`` (the default) recomputes the whole canvas at every block's
+first iteration; ``suffix`` does so only at the run's first iteration, then at each later block recomputes from
+the previous block onward (:func:`suffix_window`) against the cache before it, so the prompt's K/V stay those
+of the first forward and a finished block's those of the iteration after it finished (cheaper by the prompt
+and the blocks before the previous one; see docs/kv-cache.md for its measured agreement).
 """
 
 from __future__ import annotations
@@ -30,6 +38,8 @@ from dultra_jax.model.layers import LayerKV
 
 CacheMode = Literal["none", "prefix", "dual"]
 CACHE_MODES = ("none", "prefix", "dual")
+RefreshPolicy = Literal["full", "suffix"]
+REFRESH_POLICIES = ("full", "suffix")
 
 
 @jax.tree_util.register_dataclass
@@ -37,11 +47,31 @@ CACHE_MODES = ("none", "prefix", "dual")
 class DecodeCache:
     """The K/V a cached block iteration reads: refreshed at each block's first iteration."""
 
-    backbone: LayerKV  # [n_layers, B, P+G, n_kv_heads, head_dim]
-    head: LayerKV | None  # [num_head_layers, B, P+G, n_kv_heads, head_dim]; None for the baselines
+    # stacked [n_layers, B, n_kv_heads, P+G, head_dim], or (layer_loop="unrolled") a list of per-layer LayerKV
+    # [B, n_kv_heads, P+G, head_dim]: each layer's buffer read in place
+    backbone: LayerKV | list[LayerKV]
+    head: LayerKV | list[LayerKV] | None  # as backbone for the head's layers; None for the baselines
 
 
 def window_start_width(mode: CacheMode, p: int, g: int, block_length: int, block: int) -> tuple[int, int]:
     """Static (start, width) of the window run at a cached iteration of ``block``."""
     start = p + block * block_length
     return (start, block_length) if mode == "dual" else (start, p + g - start)
+
+
+def suffix_window(p: int, g: int, block_length: int, block: int) -> tuple[int, int]:
+    """Static (start, width) a ``suffix`` refresh recomputes at the first iteration of ``block`` >= 1: from the
+    previous block (finished since the last refresh) to the end of the canvas."""
+    start = p + (block - 1) * block_length
+    return start, p + g - start
+
+
+def write_window(cache: LayerKV | list[LayerKV], fresh: LayerKV | list[LayerKV], start: int) -> LayerKV | list:
+    """The cache with the fresh K/V of a window written at canvas column ``start`` (stacked: [n, B, N, W, h] at
+    axis 3; per-layer lists: [B, N, W, h] at axis 2)."""
+    def put(c, f, axis):
+        return jax.lax.dynamic_update_slice_in_dim(c, f.astype(c.dtype), start, axis=axis)
+
+    if isinstance(cache, list):
+        return [jax.tree.map(lambda c, f: put(c, f, 2), c, f) for c, f in zip(cache, fresh, strict=True)]
+    return jax.tree.map(lambda c, f: put(c, f, 3), cache, fresh)

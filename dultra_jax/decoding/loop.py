@@ -42,6 +42,8 @@ Strategy = Literal["planner", "threshold", "factor", "fixed"]
 STRATEGIES = ("planner", "threshold", "factor", "fixed")
 Schedule = Literal["sync", "per_row"]
 SCHEDULES = ("sync", "per_row")
+LayerLoop = Literal["scan", "unrolled"]
+LAYER_LOOPS = ("scan", "unrolled")
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,11 @@ class DecodeConfig:
     # per_row with a cache: rows given their refresh forward per iteration (a row starting a block beyond them
     # waits an iteration, uncounted); default a quarter of the batch, at least 1
     refresh_rows: int | None = None
+    # when a cached run recomputes K/V at a block's first iteration (kv_cache.REFRESH_POLICIES; "full" = all)
+    refresh: kv_cache.RefreshPolicy = "full"
+    # "unrolled": per-layer weight buffers (one copy of the layers' weights per call) and an unrolled layer
+    # loop, so an iteration reads each weight once in place; "scan" slices each layer out of the stack
+    layer_loop: LayerLoop = "scan"
     # host callback(finished [B] bool, first [B] int, end [B] int, generated [B, G] int) called from the compiled
     # loop whenever some row finalises blocks [first, end) (``dultra generate --stream``); compiled per callback
     # object (the loop stays one compiled while_loop: the call is a jax.debug.callback)
@@ -102,10 +109,21 @@ class DecodeConfig:
                 )
         if self.cache not in kv_cache.CACHE_MODES:
             raise ValueError(f"unknown cache {self.cache!r}; choose one of {list(kv_cache.CACHE_MODES)}")
+        if self.refresh not in kv_cache.REFRESH_POLICIES:
+            raise ValueError(f"unknown refresh {self.refresh!r}; choose one of {list(kv_cache.REFRESH_POLICIES)}")
+        if self.refresh != "full" and self.cache == "none":
+            raise ValueError(f"refresh={self.refresh!r} needs a cache: set cache='prefix' or 'dual'")
+        if self.layer_loop not in LAYER_LOOPS:
+            raise ValueError(f"unknown layer_loop {self.layer_loop!r}; choose one of {list(LAYER_LOOPS)}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {self.schedule!r}; choose one of {list(SCHEDULES)}")
         if self.refresh_rows is not None and self.refresh_rows <= 0:
             raise ValueError(f"refresh_rows must be a positive number of rows, got {self.refresh_rows}")
+        if self.schedule == "per_row" and self.cache != "none" and (self.refresh, self.layer_loop) != ("full", "scan"):
+            raise ValueError(
+                f"schedule='per_row' with a cache (continuous batching) refreshes each row with a full forward over "
+                f"the scanned layers: refresh={self.refresh!r} and layer_loop={self.layer_loop!r} run with "
+                "schedule='sync' only (set refresh='full', layer_loop='scan')")
 
     @property
     def num_blocks(self) -> int:
@@ -244,7 +262,7 @@ def generate(
     data x fsdp, parameters by the rules, jitted with explicit input shardings under the plan's rules.
     Other ``options`` are :class:`DecodeConfig` fields (``cache`` = none | prefix | dual, ``factor_rule``,
     ``planner_temperature``, ``exclude_mask``, ``early_stop``, ``stop_id``, ``max_iterations``, ``schedule`` =
-    sync | per_row, ``on_block``).
+    sync | per_row, ``refresh`` = full | suffix, ``layer_loop`` = scan | unrolled, ``on_block``).
     """
     cfg = decode_config(gen_length=gen_length, block_length=block_length, strategy=strategy, reveal=reveal,
                         temperature=temperature, threshold=threshold, factor=factor, steps=steps,
@@ -373,6 +391,8 @@ def _decode(graphdef, state, prompt_ids, canvas_mask, key, row_seeds, uniforms, 
 
 def _decode_impl(graphdef, state, prompt_ids, canvas_mask, key, row_seeds, uniforms, *, cfg: DecodeConfig):
     mcfg = graphdef_config(graphdef, state)
+    if cfg.layer_loop == "unrolled":
+        graphdef, state = unstacked_layers(graphdef, state)
     b, p = prompt_ids.shape
     x = jnp.concatenate([prompt_ids.astype(jnp.int32), jnp.full((b, cfg.gen_length), mcfg.mask_token_id, jnp.int32)],
                         axis=1)
@@ -381,6 +401,15 @@ def _decode_impl(graphdef, state, prompt_ids, canvas_mask, key, row_seeds, unifo
     st = _run(graphdef, state, st, rows, uniforms, p, cfg, until_a_row_is_done=False)
     return DecodeResult(tokens=st.x, nfe=st.nfe, iterations=st.it, equivalent_forwards=st.eq, prompt_length=p,
                         trajectory=st.traj)
+
+
+def unstacked_layers(graphdef, state):
+    """(graphdef, state) of the model with one parameter buffer per layer (``layer_loop="unrolled"``): made once
+    per call, outside the iteration loop, so each iteration reads every weight in place."""
+    model = nnx.merge(graphdef, state)
+    model.backbone.blocks.unstack()
+    model.planner.blocks.unstack()
+    return nnx.split(model)
 
 
 def _rows(key, row_seeds, canvas_mask, length: int) -> Rows:
@@ -459,9 +488,9 @@ def _window_forward(model: DUltra, x, rows: Rows, start: jax.Array | int, width:
     hidden = model.backbone.hidden_states(win(x), pos_w, kmask, cache.backbone, start)
     plan = None
     if cfg.strategy == "planner":
-        query = jnp.broadcast_to(jnp.arange(bl, dtype=jnp.int32), (b, bl))
-        plan = model.planner(hidden, timestep, win(mask_index), pos_w, kmask, query=query, cache=cache.head,
-                             start=start)
+        # the block is the window's first bl positions: a slice (none when the window is the block), no gather
+        plan = model.planner(hidden, timestep, win(mask_index), pos_w, kmask, query=None if width == bl else bl,
+                             cache=cache.head, start=start)
     return hidden[:, :bl], plan
 
 
@@ -516,18 +545,45 @@ def _per_row_cached(model: DUltra, x, rows: Rows, start, blk, refresh, cfg: Deco
     return h_blk, plan_blk, cache
 
 
-def _cost_table(mcfg, p: int, cfg: DecodeConfig) -> tuple[float, jax.Array]:
-    """(cost of an exact iteration, [nb] cost of a cached iteration of each block), in exact iterations of the
-    same strategy: 1 and the FLOP fraction of what a window iteration computes (backbone, LM head and, for the
-    planner, its head)."""
-    g, bl = cfg.gen_length, cfg.block_length
+def _suffix_refresh(model: DUltra, x, rows: Rows, block: int, p: int, cfg: DecodeConfig, mask_index, timestep,
+                    cache: kv_cache.DecodeCache):
+    """``refresh="suffix"`` at the first iteration of ``block`` >= 1: backbone and head over [the previous block
+    onward] (:func:`kv_cache.suffix_window`) attending to the cache before it, whose fresh K/V replace the
+    cache's there. Returns what :func:`_full_forward` does."""
+    b, length = x.shape
+    bl = cfg.block_length
+    start, width = kv_cache.suffix_window(p, cfg.gen_length, bl, block)
+    positions, kmask = positions_and_mask(b, length, rows.mask)
+    win = lambda a: jax.lax.dynamic_slice_in_dim(a, start, width, axis=1)  # noqa: E731
+    pos_w = win(positions)
+    hidden, bkv = model.backbone.hidden_states(win(x), pos_w, kmask, cache.backbone, start, return_kv=True)
+    off = p + block * bl - start  # the current block's offset in the window (bl)
+    plan, hkv = None, cache.head
+    if cfg.strategy == "planner":
+        query = jnp.broadcast_to(jnp.arange(off, off + bl, dtype=jnp.int32), (b, bl))
+        plan, hkv = model.planner(hidden, timestep, win(mask_index), pos_w, kmask, query=query, cache=cache.head,
+                                  start=start, return_kv=True)
+        hkv = kv_cache.write_window(cache.head, hkv, start)
+    new = kv_cache.DecodeCache(backbone=kv_cache.write_window(cache.backbone, bkv, start), head=hkv)
+    return hidden[:, off:off + bl], plan, new
+
+
+def _cost_table(mcfg, p: int, cfg: DecodeConfig) -> tuple[jax.Array, jax.Array]:
+    """([nb] cost of a block's first (refresh) iteration, [nb] cost of a cached iteration of each block), in
+    exact iterations of the same strategy: 1 for a full forward, else the FLOP fraction of what the window
+    computes (backbone, LM head and, for the planner, its head)."""
+    g, bl, nb = cfg.gen_length, cfg.block_length, cfg.num_blocks
     length = p + g
     planner = cfg.strategy == "planner"
     if cfg.cache == "none":
-        return 1.0, jnp.ones((cfg.num_blocks,), jnp.float32)
+        return jnp.ones((nb,), jnp.float32), jnp.ones((nb,), jnp.float32)
     full = iteration_cost(mcfg, length, length, bl, planner)
-    widths = [kv_cache.window_start_width(cfg.cache, p, g, bl, i)[1] for i in range(cfg.num_blocks)]
-    return 1.0, jnp.asarray([iteration_cost(mcfg, length, w, bl, planner) / full for w in widths], jnp.float32)
+    frac = lambda w: iteration_cost(mcfg, length, w, bl, planner) / full  # noqa: E731
+    widths = [kv_cache.window_start_width(cfg.cache, p, g, bl, i)[1] for i in range(nb)]
+    refresh = [1.0] * nb
+    if cfg.refresh == "suffix":
+        refresh = [1.0] + [frac(kv_cache.suffix_window(p, g, bl, i)[1]) for i in range(1, nb)]
+    return jnp.asarray(refresh, jnp.float32), jnp.asarray([frac(w) for w in widths], jnp.float32)
 
 
 def _run(graphdef, params, st: LoopState, rows: Rows, uniforms, p: int, cfg: DecodeConfig, *,
@@ -546,7 +602,7 @@ def _run(graphdef, params, st: LoopState, rows: Rows, uniforms, p: int, cfg: Dec
     if cfg.early_stop and stop_id is None:
         raise ValueError("early_stop needs an end-of-text id: the model config has no eos_token_id; pass stop_id")
     stop_ids = jnp.asarray([stop_id if stop_id is not None else -1], jnp.int32)
-    full_cost, cached_cost = _cost_table(mcfg, p, cfg)
+    refresh_cost, cached_cost = _cost_table(mcfg, p, cfg)
     row_ids = jnp.arange(b)[:, None]
     n_refresh = min(b, cfg.refresh_rows or max(1, -(-b // 4)))
     reveal_rule = rule_of(cfg, p, uniforms)
@@ -582,8 +638,10 @@ def _run(graphdef, params, st: LoopState, rows: Rows, uniforms, p: int, cfg: Dec
             s0 = start[0]
 
             def refresh(ops):
-                x, _ = ops
-                return _full_forward(model, x, rows, start, cfg, mask_index, timestep)
+                x, cache = ops
+                if cfg.refresh == "full":
+                    return _full_forward(model, x, rows, start, cfg, mask_index, timestep)
+                return _refresh_by_policy(model, x, rows, start, blk[0], st.it, p, cfg, mask_index, timestep, cache)
 
             def reuse(ops):
                 x, cache = ops
@@ -615,7 +673,7 @@ def _run(graphdef, params, st: LoopState, rows: Rows, uniforms, p: int, cfg: Dec
                 num_steps=st.it + 1,
             )
         nfe = st.nfe + active.astype(jnp.int32)
-        eq = st.eq + active * jnp.where(full_forward, full_cost, cached_cost[blk])
+        eq = st.eq + active * jnp.where(full_forward, refresh_cost[blk], cached_cost[blk])
         nxt = jnp.where(st.block >= nb, nb, _next_block(x_new, st.block, p, mask_id, cfg))
         moved = nxt != st.block
         nxt_cols = ps.block_columns(p + jnp.minimum(nxt, nb - 1) * bl, bl)
@@ -641,6 +699,22 @@ def _run(graphdef, params, st: LoopState, rows: Rows, uniforms, p: int, cfg: Dec
 
     # The parameters ride in the carry (unchanged, aliased by XLA) so NNX sees them at the loop body's trace level.
     return jax.lax.while_loop(cond, body, (st, params))[0]
+
+
+def _refresh_by_policy(model: DUltra, x, rows: Rows, start, blk, it, p: int, cfg: DecodeConfig, mask_index,
+                       timestep, cache):
+    """A block's first iteration under a refresh policy other than "full": the run's first iteration is always a
+    full forward (the cache is empty); ``suffix`` then recomputes from the previous block onward."""
+    nb = cfg.num_blocks
+
+    def full(x, cache):
+        return _full_forward(model, x, rows, start, cfg, mask_index, timestep)
+
+    def suffix(i):
+        return lambda x, cache: _suffix_refresh(model, x, rows, i, p, cfg, mask_index, timestep, cache)
+
+    branches = [full] + [suffix(i) for i in range(1, nb)]
+    return jax.lax.switch(jnp.where(it == 0, 0, blk), branches, x, cache)
 
 
 def graphdef_config(graphdef, state):

@@ -58,7 +58,7 @@ class LLaDA(nnx.Module):
         """The post-``ln_f`` states only; decoders apply the LM head to the positions they need (a block).
 
         ``input_ids``/``positions`` [B, W] may be a window of the canvas: with ``cache`` (every layer's K/V of
-        the canvas, [n, B, L, N_kv, h]) the window attends to the cache with its own K/V written at ``start``.
+        the canvas, [n, B, N_kv, L, h]) the window attends to the cache outside it and to its own fresh K/V.
         ``return_kv`` also returns the window's fresh K/V (a full forward's: the cache).
         """
         cos, sin = rope_tables(positions, self.cfg.head_dim, self.cfg.rope_theta)

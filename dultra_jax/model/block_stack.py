@@ -14,7 +14,7 @@ from flax import nnx
 
 from dultra_jax.config import ModelConfig
 from dultra_jax.model import axes
-from dultra_jax.model.layers import AttentionImpl, Block, LayerKV
+from dultra_jax.model.layers import AttentionImpl, Block, LayerKV, Query
 
 RematPolicy = Literal["none", "full", "dots", "dots_no_batch"]
 
@@ -54,6 +54,17 @@ class BlockStack(nnx.Module):
 
         self.layers = make(jnp.arange(n), rngs)
 
+    def unstack(self) -> None:
+        """Give every layer its own parameter buffers (an ``nnx.List`` of Blocks; called inside a jitted decoder,
+        once, outside its iteration loop): a stacked layer loop, scanned or unrolled, slices each layer's weights
+        out of the stack into a new buffer at every call, which a decode iteration pays in bytes moved (3x the
+        weight reads). Costs one copy of the stack's parameters for as long as the unstacked model lives."""
+        if isinstance(self.layers, nnx.List):
+            return
+        graphdef, stacked = nnx.split(self.layers)
+        self.layers = nnx.List(
+            [nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], stacked)) for i in range(self.n)])
+
     def __call__(
         self,
         x: jax.Array,
@@ -62,16 +73,18 @@ class BlockStack(nnx.Module):
         mask: jax.Array | None,
         cache: LayerKV | None = None,
         start: jax.Array | int | None = None,
-        query: jax.Array | None = None,
+        query: Query | None = None,
         return_kv: bool = False,
     ):
         """The blocks over positions ``x`` [B, W, D]; see :meth:`Block.__call__` for ``cache``/``start``.
 
-        ``cache`` holds every layer's K/V [n, B, L, N_kv, h]. ``query`` [B, Q] restricts the *last* layer's
+        ``cache`` holds every layer's K/V [n, B, N_kv, L, h]. ``query`` [B, Q] restricts the *last* layer's
         queries and MLP to those positions (the earlier layers' outputs are the last layer's keys/values, so
         they run everywhere). Returns the states [B, Q or W, D], and with ``return_kv`` also the stacked fresh
         K/V of the W positions (the cache a full forward fills).
         """
+        if isinstance(self.layers, nnx.List):
+            return self._unstacked(x, cos, sin, mask, cache, start, query, return_kv)
         # The scan is over the pure (graphdef, stacked state) pair, each layer merged inside the body: the
         # functional form of nnx.scan, which also composes with any enclosing transform (the decoding
         # while_loop, the GRPO replay scan under grad) without NNX's trace-level checks on closed-over modules.
@@ -111,4 +124,20 @@ class BlockStack(nnx.Module):
             if return_kv:
                 kv_last = jax.tree.map(lambda a: a[None], kv_last)
                 kvs = kv_last if kvs is None else jax.tree.map(lambda a, b: jnp.concatenate([a, b]), kvs, kv_last)
+        return (x, kvs) if return_kv else x
+
+    def _unstacked(self, x, cos, sin, mask, cache, start, query, return_kv):
+        """The layer loop over per-layer Blocks (after :meth:`unstack`): unrolled, each weight read in place.
+        ``cache`` is stacked [n, ...] or a list of per-layer LayerKV (read in place, as the weights); with
+        ``return_kv`` the fresh K/V come back as such a list."""
+        kvs = []
+        for i, block in enumerate(self.layers):
+            if cache is None or isinstance(cache, list):
+                layer_cache = None if cache is None else cache[i]
+            else:
+                layer_cache = jax.tree.map(lambda a, i=i: a[i], cache)
+            q_index = query if i == self.n - 1 else None
+            x, kv = block(axes.constrain(x, axes.BLD), cos, sin, mask, layer_cache, start, q_index)
+            x = axes.constrain(x, axes.BLD)
+            kvs.append(kv)
         return (x, kvs) if return_kv else x

@@ -96,15 +96,24 @@ def positions_and_mask(
 class LayerKV:
     """Keys (RoPE-rotated at their absolute positions) and values of attention layers.
 
-    [B, L, N_kv, h] for one layer; a BlockStack holds them stacked on a leading layer axis [n, B, L, N_kv, h].
+    [B, N_kv, L, h] for one layer (heads before positions: the layout attention's matmuls read in place, so a
+    cached iteration reads the cache without a transposed copy); a BlockStack holds them stacked on a leading
+    layer axis [n, B, N_kv, L, h].
     """
 
     keys: jax.Array
     values: jax.Array
 
 
-def take_positions(t: jax.Array, index: jax.Array) -> jax.Array:
-    """Rows' own positions of t [B, L, ...] at index [B, Q] -> [B, Q, ...] (a per-row gather)."""
+Query = jax.Array | int  # per-row indices [B, Q] into the positions, or a static Q: the first Q positions
+
+
+def take_positions(t: jax.Array, index: Query) -> jax.Array:
+    """Rows' own positions of t [B, L, ...] at index [B, Q] -> [B, Q, ...] (a per-row gather); a static int Q
+    takes the first Q positions (a slice: no gather when the query is a leading run, e.g. a cached window's
+    block)."""
+    if isinstance(index, int):
+        return t[:, :index]
     return jnp.take_along_axis(t, index.reshape(index.shape + (1,) * (t.ndim - 2)), axis=1)
 
 
@@ -119,6 +128,38 @@ def attention(
         on_gpu = jax.default_backend() == "gpu"
         impl = "cudnn" if on_gpu and q.dtype in (jnp.bfloat16, jnp.float16) else "xla"
     return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=False, implementation=impl)
+
+
+def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, cache: LayerKV, start: jax.Array | int,
+                     mask: jax.Array | None) -> jax.Array:
+    """Attention of queries q [B, Q, N, h] over [the cache outside columns [start, start+W)] U [the fresh
+    window k, v [B, W, N_kv, h]], one float32 softmax over both: what attending to the cache with the window
+    written over it computes, without writing it (the cache [B, N_kv, L, h] is read once, never copied).
+    ``mask`` [B, 1, 1, L] is the canvas' key mask (or None)."""
+    b, nq, n, h = q.shape
+    width, n_kv = k.shape[1], k.shape[2]
+    length = cache.keys.shape[2]
+    qg = q.reshape(b, nq, n_kv, n // n_kv, h)  # grouped queries share their key/value head
+    scale = jnp.float32(1.0 / h**0.5)
+
+    def scores(spec, keys):
+        return jnp.einsum(spec, qg, keys.astype(q.dtype), preferred_element_type=jnp.float32) * scale
+
+    col = jnp.arange(length)
+    keep_c = (col < start) | (col >= start + width)  # [L] the window's columns come from k, v
+    keep_c = jnp.broadcast_to(keep_c, (b, length))
+    keep_w = jnp.ones((b, width), bool)
+    if mask is not None:
+        kmask = mask.reshape(b, length)
+        keep_c = keep_c & kmask
+        keep_w = jax.lax.dynamic_slice_in_dim(kmask, start, width, axis=1)
+    neg = jnp.finfo(jnp.float32).min
+    s_c = jnp.where(keep_c[:, None, None, None, :], scores("bqkgh,bklh->bkgql", cache.keys), neg)
+    s_w = jnp.where(keep_w[:, None, None, None, :], scores("bqkgh,blkh->bkgql", k), neg)
+    probs = jax.nn.softmax(jnp.concatenate([s_c, s_w], axis=-1), axis=-1).astype(v.dtype)
+    out = (jnp.einsum("bkgql,bklh->bqkgh", probs[..., :length], cache.values.astype(v.dtype))
+           + jnp.einsum("bkgql,blkh->bqkgh", probs[..., length:], v))
+    return out.reshape(b, nq, n, h)
 
 
 class Block(nnx.Module):
@@ -162,15 +203,16 @@ class Block(nnx.Module):
         mask: jax.Array | None,
         cache: LayerKV | None = None,
         start: jax.Array | int | None = None,
-        query: jax.Array | None = None,
+        query: Query | None = None,
     ) -> tuple[jax.Array, LayerKV]:
         """One block over the positions ``x`` [B, W, D] (RoPE tables ``cos``/``sin`` [B, W, h] of them).
 
-        Keys/values are computed for all W positions. With ``cache`` (K/V [B, L, N_kv, h] of the whole canvas)
-        they are written over it at column ``start`` and attention reads the whole canvas; without it, the W
-        positions attend to each other. ``query`` [B, Q] (indices into the W positions) restricts queries,
-        output projection and MLP to those positions (exact: keys/values still cover everything).
-        Returns (states [B, Q or W, D], the fresh K/V of the W positions).
+        Keys/values are computed for all W positions. With ``cache`` (K/V [B, N_kv, L, h] of the whole canvas)
+        attention reads the cache outside columns [start, start+W) and the fresh K/V inside
+        (:func:`cached_attention`: the cache itself is not rewritten); without it, the W positions attend to
+        each other. ``query`` [B, Q] (indices into the W positions, or a static int: the first Q) restricts
+        queries, output projection and MLP to those positions (exact: keys/values still cover everything).
+        Returns (states [B, Q or W, D], the fresh K/V of the W positions, [B, N_kv, W, h]).
         """
         b, width, _ = x.shape
         kv_heads = (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_KV_HEADS, axes.ACT_HEAD_DIM)
@@ -183,11 +225,12 @@ class Block(nnx.Module):
         q = self.q(a).reshape(b, a.shape[1], self.n_heads, self.head_dim)
         heads = (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_HEADS, axes.ACT_HEAD_DIM)
         q = apply_rope(axes.constrain(q, heads), cos, sin)
-        k_all, v_all = k, v
         if cache is not None:
-            k_all = jax.lax.dynamic_update_slice_in_dim(cache.keys, k.astype(cache.keys.dtype), start, axis=1)
-            v_all = jax.lax.dynamic_update_slice_in_dim(cache.values, v.astype(cache.values.dtype), start, axis=1)
-        return self.finish(x, attention(q, k_all, v_all, mask, self.attention_impl)), LayerKV(k, v)
+            att = cached_attention(q, k, v, cache, start, mask)
+        else:
+            att = attention(q, k, v, mask, self.attention_impl)
+        heads_major = lambda t: t.transpose(0, 2, 1, 3)  # noqa: E731
+        return self.finish(x, att), LayerKV(heads_major(k), heads_major(v))
 
     def finish(self, x: jax.Array, att: jax.Array) -> jax.Array:
         """Output projection + residual, then the gated MLP + residual, from attention output [B, L, N, h]."""

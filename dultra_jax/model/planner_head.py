@@ -103,16 +103,17 @@ class PlannerHead(nnx.Module):
         positions: jax.Array,
         mask: jax.Array | None,
         current_block: jax.Array | None = None,
-        query: jax.Array | None = None,
+        query: jax.Array | int | None = None,
         cache: LayerKV | None = None,
         start: jax.Array | int | None = None,
         return_kv: bool = False,
     ):
         """Planner logits float32 for hidden [B, W, D], timestep [B], mask_index [B, W] (bool).
 
-        ``query`` [B, Q] (indices into the W positions) computes the logits of those positions only: the
-        layers' keys/values still cover all W positions (and the ``cache``, as in the backbone), so this is
-        exact. Returns [B, Q or W] logits, and with ``return_kv`` also the layers' fresh K/V of the W positions.
+        ``query`` [B, Q] (indices into the W positions; a static int Q: the first Q) computes the logits of those
+        positions only: the layers' keys/values still cover all W positions (and the ``cache``, as in the
+        backbone), so this is exact. Returns [B, Q or W] logits, and with ``return_kv`` also the layers' fresh
+        K/V of the W positions.
         """
         table, index = self.conditioning(timestep, mask_index, current_block)
         cos, sin = rope_tables(positions, self.cfg.head_dim, self.cfg.rope_theta)
@@ -120,7 +121,7 @@ class PlannerHead(nnx.Module):
         out = self.blocks(f, cos, sin, mask, cache, start, query, return_kv=return_kv)
         f, kv = out if return_kv else (out, None)
         if query is not None:
-            index = jnp.take_along_axis(index, query, axis=1)
+            index = take_positions(index, query)
         f = axes.constrain(self.adaln_out(f, table, index), axes.BLD)
         logits = axes.constrain(self.out(f)[..., 0].astype(jnp.float32), (axes.ACT_BATCH, axes.ACT_LENGTH))
         return (logits, kv) if return_kv else logits
