@@ -53,7 +53,8 @@ def test_generated_task_examples_and_model():
     train, held_out = t.examples("train", limit=5, max_operand=3), t.examples("eval", limit=5, max_operand=3)
     assert [e.id for e in train] != [e.id for e in held_out]  # different seeds: held-out problems
     assert all(int(e.answer) <= 6 for e in train) and t.target_text(train[0]) == train[0].answer
-    assert t.model_overrides["mask_token_id"] == synthetic.MASK_ID and train[0].kind == "synthetic"
+    assert t.model_overrides["mask_token_id"] == synthetic.MASK_ID and t.kind == "synthetic"
+    assert train[0].kind == "math"  # an example's kind picks its teacher: addition is arithmetic
     with pytest.raises(DataError, match="is generated"):
         t.examples("eval", data_file="x.jsonl")
 
