@@ -3,8 +3,8 @@
 #   1. forward B=1 and B=8, L=512 (bf16 LLaDA-8B widths, random weights) against the roofline
 #   2. decode none/prefix/dual x planner/threshold at block 32 and 128, B=1 and B=32, whole generations
 #      (no iteration cap), unrolled layer loop: tokens/s and ms/iteration against the weight-read floor
-#   3. continuous batching (generate_many) against sync batches (pass the dual cache here once generate_many
-#      keeps it under continuous batching: issue 16 item 1, another branch)
+#   3. continuous batching (generate_many over the engine) against sync batches, without a cache and with the
+#      per-row dual cache
 #   4. one XLA dump of a cached (dual) iteration, for reading what it moves
 # Each step has its own time limit so one slow compile cannot starve the rest. Results go to $OUT (default
 # benchmarks/results); copy them into benchmarks/results/ and commit. `--smoke` runs the same steps at tiny
@@ -44,9 +44,9 @@ for BL in $BLOCKS; do
             --layer-loop unrolled --out "$OUT/decode_${MODEL}_b${B}_block${BL}_${TAG}.json"
     done
 done
-# 3. continuous batching vs sync batches
+# 3. continuous batching vs sync batches, no cache and the per-row dual cache
 step $((50 * T)) benchmarks/continuous_batching.py --model "$MODEL" --prompts "$CB_PROMPTS" --gen-len "$G" \
-    --block "${BLOCKS%% *}" --slots 8 --out "$OUT/continuous_batching_${MODEL}_${TAG}.json"
+    --block "${BLOCKS%% *}" --slots 8 --cache none,dual --out "$OUT/continuous_batching_${MODEL}_${TAG}.json"
 # 4. XLA dump of the cached dual iteration (compile only)
 DUMP="$OUT/xla_dump_cached_iteration"
 export XLA_FLAGS="--xla_dump_to=$DUMP --xla_dump_hlo_as_text --xla_dump_hlo_module_re=.*cached.*"

@@ -27,17 +27,3 @@ def test_cached_iteration_reads_weights_and_cache_once():
 def test_the_measurement_sees_weight_copies():
     """The check can fail: slicing each layer's weights out of the stack (scan_layers=False) is counted."""
     assert _ratio("stacked") > 2.0
-
-
-def test_kv_cache_page_tables_are_current():
-    """docs/kv-cache.md's generated block equals what benchmarks/results_tables.py renders from the JSON."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("results_tables", REPO / "benchmarks" / "results_tables.py")
-    tables = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tables)
-    text = (REPO / "docs" / "kv-cache.md").read_text()
-    begin = tables.BEGIN.format("kv-cache")
-    start = text.index(begin) + len(begin)
-    assert text[start:text.index(tables.END, start)] == tables.render("kv-cache"), (
-        "docs/kv-cache.md is stale: run python benchmarks/results_tables.py --write docs/kv-cache.md")
