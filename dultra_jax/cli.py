@@ -258,7 +258,7 @@ def _text_model(args: argparse.Namespace, *, slots: int = 1):
 def _cmd_score(args: argparse.Namespace) -> int:
     """Score completions produced elsewhere with the training rewards' extraction, verifier and sandbox."""
     from dultra_jax.data.tasks import DataError
-    from dultra_jax.rewards.score import score_completions
+    from dultra_jax.eval.score_file import score_completions
 
     out = Path(args.out or f"runs/score-{args.task}")
     try:

@@ -120,7 +120,7 @@ def test_package_graph_has_no_cycle():
 def test_each_package_imports_alone():
     """In a fresh interpreter, each package imports first (with every dultra_jax module purged before the next)."""
     names = ["dultra_jax.answers", "dultra_jax.accounting", "dultra_jax.data", "dultra_jax.rewards",
-             "dultra_jax.rewards.score", "dultra_jax.rewards.code", "dultra_jax.data.tasks", "dultra_jax.eval",
+             "dultra_jax.eval.score_file", "dultra_jax.rewards.code", "dultra_jax.data.tasks", "dultra_jax.eval",
              "dultra_jax.decoding", "dultra_jax.training", "dultra_jax.checkpoints", "dultra_jax.cli"]
     code = (
         "import importlib, json, sys\n"

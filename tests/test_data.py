@@ -11,12 +11,12 @@ from dultra_jax.data import (
     PromptPipeline,
     find_example,
     load_iterator_state,
-    load_task,
     render_chat,
     save_iterator_state,
     tokenize_prompts,
 )
 from dultra_jax.data import prompts as P
+from dultra_jax.tasks import load_task
 
 FIX = Path(__file__).parent / "fixtures"
 FILES = {

@@ -64,8 +64,8 @@ def _has_planner(directory: Path) -> bool:
 
 def _prompts(directory: Path, rows: list[dict], n: int) -> list[list[int]]:
     """The evaluation's chat-templated GSM8K prompts, tokenised by the checkpoint's own tokenizer."""
-    from dultra_jax.data import make_example
     from dultra_jax.eval import encode_prompts, load_tokenizer
+    from dultra_jax.tasks import make_example
 
     tok = load_tokenizer(directory, "gsm8k")
     examples = [make_example("gsm8k", i, r, style="eval") for i, r in enumerate(rows[:n])]

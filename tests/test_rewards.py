@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import yaml
 
-from dultra_jax.data import load_task
 from dultra_jax.rewards import (
     RewardConfigError,
     RewardInputs,
@@ -18,6 +17,7 @@ from dultra_jax.rewards import (
     think_format,
 )
 from dultra_jax.rewards.speed import trajectory_from_reveals
+from dultra_jax.tasks import load_task
 
 FIX = Path(__file__).parent / "fixtures"
 

@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 
 from dultra_jax.cli import build_parser
-from dultra_jax.data import DataError, make_example, synthetic
+from dultra_jax.data import DataError, synthetic
 from dultra_jax.eval.harness import score
+from dultra_jax.eval.score_file import score_completions
 from dultra_jax.rewards.registry import REWARDS, RewardContext, RewardInputs
-from dultra_jax.rewards.score import score_completions
-from dultra_jax.tasks import TASKS, Verifiers, get_task, task_names
+from dultra_jax.tasks import TASKS, Verifiers, get_task, make_example, task_names
 
 FIX = Path(__file__).parent / "fixtures"
 

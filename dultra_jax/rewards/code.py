@@ -258,6 +258,21 @@ class CodeVerifier:
     def score_mbpp(self, problems: Sequence[dict[str, Any]], completions: Sequence[str]) -> list[CodeResult]:
         return self.score_programs([mbpp_program(p, c) for p, c in zip(problems, completions, strict=True)])
 
+    def score_tests(self, problems: Sequence[dict[str, Any]], completions: Sequence[str]) -> list[CodeResult]:
+        """Each problem by its own kind (``tests["kind"]``: humaneval | mbpp | apps), through that kind's
+        ``score_<kind>``: the one rule the task table's scorers use too."""
+        out: list[CodeResult | None] = [None] * len(problems)
+        groups: dict[str, list[int]] = {}
+        for i, p in enumerate(problems):
+            groups.setdefault(str(p.get("kind")), []).append(i)
+        for kind, idx in groups.items():
+            method = getattr(self, f"score_{kind}", None) if kind in ("humaneval", "mbpp", "apps") else None
+            if method is None:
+                raise ValueError(f"no code tests of kind {kind!r} (humaneval, mbpp or apps)")
+            for i, r in zip(idx, method([problems[i] for i in idx], [completions[i] for i in idx]), strict=True):
+                out[i] = r
+        return out  # type: ignore[return-value]
+
     # -- APPS
     def score_apps(self, problems: Sequence[dict[str, Any]], completions: Sequence[str]) -> list[CodeResult]:
         """``problems`` carry ``input_output`` (JSON). Call-based and stdin/stdout problems both supported."""

@@ -133,22 +133,13 @@ def _apps_execution(ctx: RewardContext, opts: dict) -> RewardFn:
 
 
 def _code_tests(ctx: RewardContext, opts: dict) -> RewardFn:
-    """1.0 when the program is correct by its task's own scorer (:mod:`dultra_jax.tasks`), else 0.0."""
-    from dultra_jax.tasks import get_task
-
+    """1.0 when the program passes its problem's tests in the sandbox (pass@1), else 0.0: the verdict the code
+    tasks' scorers (:mod:`dultra_jax.tasks`) give, through the same ``CodeVerifier.score_tests``."""
     def run(inp: RewardInputs) -> list[float | None]:
-        out: list[float | None] = [None] * len(inp.completions)
-        groups: dict[str, list[int]] = {}
-        for i, e in enumerate(inp.examples):
-            groups.setdefault(e.task, []).append(i)
-        for name, idx in groups.items():
-            task = get_task(name)
-            if task.kind != "code":
-                raise RewardConfigError(f"code_tests cannot score examples of {task.kind} task {name!r}")
-            verdicts = task.score(ctx, [inp.examples[i] for i in idx], [inp.completions[i] for i in idx])
-            for i, v in zip(idx, verdicts, strict=True):
-                out[i] = 1.0 if v["correct"] else 0.0
-        return out
+        problems = [dict(e.tests or {}) for e in inp.examples]
+        if any(p.get("kind") not in ("humaneval", "mbpp", "apps") for p in problems):
+            raise RewardConfigError("code_tests needs code problems (HumanEval, MBPP or APPS examples)")
+        return [1.0 if r.passed else 0.0 for r in ctx.code.score_tests(problems, list(inp.completions))]
 
     return run
 

@@ -57,7 +57,7 @@ class Task:
             n = SYNTHETIC_DEFAULT_N if limit is None else limit
             kw = {} if max_operand is None else {"max_operand": max_operand}
             return synthetic.addition_examples(n, seed=0 if style == "train" else 1, **kw)
-        from dultra_jax.data.tasks import load_task
+        from dultra_jax.tasks.loading import load_task
 
         return load_task(self.name, split=split, data_file=data_file, style=style, prompt_mode=prompt_mode,
                          limit=limit, cache_dir=cache_dir, **hub_options)
