@@ -88,7 +88,7 @@ ROWS = [
     ("train-mesh-banana", lambda t: _train(t, "train.mesh=banana"), "mesh"),
     ("train-unknown-task", lambda t: _train(t, "task.name=banana"), "banana"),
     ("train-sequence-gen-length-0", lambda t: _train(t, "sequence.gen_length=0"), "gen_length"),
-    ("train-eval-block-length-0", lambda t: _train(t, "eval.block_length=0"), "block_length"),
+    ("train-eval-block-length-0", lambda t: _train(t, "eval.decode.block_length=0"), "block_length"),
     ("train-into-model-dir", lambda t: ["train", *CFG, "--output-dir", str(_model(t))], "model directory"),
     ("train-output-dir-is-file", lambda t: ["train", *CFG, "--output-dir", str(_file(t, "run"))], "not a directory"),
     ("train-non-utf8-yaml", lambda t: ["train", "--config", str(_file(t, "c.yaml", BAD_UTF8)),
