@@ -80,8 +80,9 @@ def test_engine_cancels_a_running_request_and_widens_for_long_prompts(tiny_model
 
 
 def test_width_admission_keeps_long_prompts_together_and_does_not_starve_them(tiny_model):
-    """admission="width": a free slot takes the oldest prompt that fits the batch's width, the queue's head once
-    passed over 2 x slots times; every result stays its prompt's alone (same programs as the test above)."""
+    """admission="width": a free slot takes the widest queued prompt that fits the batch's width (else the
+    narrowest), the queue's head once passed over 2 x slots times; every result stays its prompt's alone (same
+    programs as the test above)."""
     short, long_ = _prompts(6, seed=1), _prompts(1, seed=2, lo=20, hi=21)
     eng = DecodeEngine(tiny_model, decode_config(**KW, max_iterations=17), slots=2, segment=2, admission="width")
     hs = [eng.submit(p) for p in short[:1] + long_ + short[1:]]  # s0, L, s1..s5
@@ -103,6 +104,13 @@ def test_width_admission_keeps_long_prompts_together_and_does_not_starve_them(ti
     eng._slot[0] = eng._queue.popleft()
     picked = [eng._next_request().handle for _ in range(len(hs) - 1)]
     assert picked == [hs[2], hs[3], hs[4], hs[5], hs[1], hs[6], hs[7]]  # L's 4th pass puts it first
+    # a long row in a slot: the other long prompt joins first; an empty batch: the narrowest first
+    hs = [eng.submit(p) for p in long_ + short[1:2] + long_ + short[2:3]]
+    eng._slot[0] = eng._queue.popleft()
+    assert [eng._next_request().handle for _ in range(3)] == [hs[2], hs[1], hs[3]]
+    eng._slot[0] = None
+    hs = [eng.submit(p) for p in long_ + short[1:2]]
+    assert [eng._next_request().handle for _ in range(2)] == [hs[1], hs[0]]
     with pytest.raises(ValueError, match="admission"):
         DecodeEngine(tiny_model, decode_config(**KW), slots=2, admission="sorted")
 

@@ -18,9 +18,11 @@ default, or :func:`merge_widths` for a known set of prompts) bound the compiles.
 
 Admission order: ``admission="fifo"`` fills free slots in queue order (``generate_many`` submits its prompts
 sorted by length, so that already keeps widths narrow). A server sees prompts in arrival order, where one long
-prompt among short ones makes every slot pay its width: ``admission="width"`` lets a free slot take the oldest
-queued prompt that fits the batch's current width, and the head of the queue once it has been passed over
-``2 * slots`` times (no prompt waits forever). Order never changes a result, only which rows share a batch.
+prompt among short ones makes every slot pay its width: ``admission="width"`` lets a free slot take the queued
+prompt of the widest width that fits the batch's current one (the batch pays it anyway; the shorter prompts wait
+for a narrow batch), else of the narrowest width, the oldest of those; and the head of the queue once it has
+been passed over ``2 * slots`` times (no prompt waits without bound). Order never changes a result, only which
+rows share a batch.
 """
 
 from __future__ import annotations
@@ -266,18 +268,22 @@ class DecodeEngine:
     # ------------------------------------------------------------------------------------------ internals
     def _next_request(self) -> _Request:
         """The queued request a free slot takes (see ``admission``)."""
-        busy = [len(r.prompt) for r in self._slot if r is not None]
         head = self._queue[0]
-        if self._admission == "fifo" or not busy or head.passed >= 2 * self._n:
+        if self._admission == "fifo" or head.passed >= 2 * self._n:
             return self._queue.popleft()
-        width = self._width_for(max(busy))
-        for k, r in enumerate(self._queue):
-            if len(r.prompt) <= width:  # joins without widening the batch
-                for earlier in itertools.islice(self._queue, k):
-                    earlier.passed += 1
-                del self._queue[k]
-                return r
-        return self._queue.popleft()
+        busy = [len(r.prompt) for r in self._slot if r is not None]
+        width = self._width_for(max(busy)) if busy else 0
+        best, pick = None, 0
+        for k, r in enumerate(self._queue):  # the oldest of the best width
+            w = self._width_for(len(r.prompt))
+            key = (0, -w) if w <= width else (1, w)  # the widest that fits (the batch pays it anyway), else the
+            if best is None or key < best:  # narrowest, so short prompts are left for narrow batches
+                best, pick = key, k
+        for earlier in itertools.islice(self._queue, pick):
+            earlier.passed += 1
+        r = self._queue[pick]
+        del self._queue[pick]
+        return r
 
     def _width_for(self, n: int) -> int:
         if self._widths is not None:

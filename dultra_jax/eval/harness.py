@@ -77,7 +77,7 @@ from dultra_jax.eval.settings import (
     sweep_settings,
 )
 from dultra_jax.outputs import check_results_dir
-from dultra_jax.text import TextModel, generate_kwargs
+from dultra_jax.text import TextModel
 
 __all__ = [
     "BATCHING", "CONTINUOUS_CHUNK", "EVAL_TASKS", "RUN_FILE", "SAMPLES_FILE", "SHARD_GLOB", "SWEEP_FACTORS",
@@ -132,8 +132,9 @@ def evaluate(model, tokenizer, examples: Sequence[Example], settings: EvalSettin
         raise EvalError(f"task {task!r} has no problems to evaluate")
     _local_plan_check(plan)
     cfg = model.cfg
-    # prompts in, answers out through the one text object the server and `dultra generate` use
-    text = TextModel(model, tokenizer, slots=settings.batch_size, **generate_kwargs(settings.decode))
+    # prompts in, answers out through the one text object the server and `dultra generate` use; the decoding
+    # itself stays decode_prompts' (sync or continuous batches, mesh, resume) with `settings`
+    text = TextModel(model, tokenizer, slots=settings.batch_size)
     texts, prompts = encode_prompts(text, examples)
     too_long = [(e.id, len(p)) for e, p in zip(examples, prompts, strict=True)
                 if len(p) + settings.decode.gen_length > cfg.max_sequence_length]

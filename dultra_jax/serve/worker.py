@@ -186,8 +186,8 @@ class Worker:
                     if not (e.queued or e.busy) and len(self._engines) >= self.max_engines:
                         del self._engines[c]
             try:
-                # arrival order: a free slot takes the oldest prompt that fits the batch's width (bounded), so one
-                # long prompt does not make every row pay its width, as sorting by length spares generate_many
+                # arrival order: a free slot takes a prompt that fits the batch's width (bounded), so one long
+                # prompt does not make every row pay its width, as sorting by length spares generate_many
                 eng = DecodeEngine(self.text.model, job.cfg, slots=self.slots, plan=self.plan, admission="width")
             except Exception as e:
                 self._finish(job, Event("error", job.index, text=f"cannot decode with these settings: {e}"))
