@@ -34,12 +34,12 @@ from dultra_jax.eval.harness import (
     completion_text,
     decode_prompts,
     encode_prompts,
-    known_ids,
     load_examples,
     load_tokenizer,
     score,
 )
 from dultra_jax.tasks import get_task, task_names
+from dultra_jax.text import TextCodec
 
 # name -> settings overrides (the planner's two decision rules are separate rows)
 STRATEGIES = {
@@ -111,7 +111,8 @@ def main(argv: list[str] | None = None) -> dict:
                 for bl in blocks for name in names]  # validated before the model is built
     model, tok = _model_and_tokenizer(args, dtype, 4096)
     cfg = model.cfg
-    texts, prompts = encode_prompts(tok, examples)
+    codec = TextCodec(tok)  # prompts and answers as the server and the harness encode them
+    texts, prompts = encode_prompts(codec, examples)
     tok_eos = tok.convert_tokens_to_ids(tok.eos_token) if tok.eos_token else None
     # the tokenizer's <|eot_id|> counts as end-of-text only when the tokenizer is the model's own
     exclude = accounting.model_excluded_ids(cfg, tok if tok_eos == cfg.eos_token_id else None)
@@ -129,8 +130,7 @@ def main(argv: list[str] | None = None) -> dict:
                "mean_masks_left": float(np.mean([x["masks_left"] for x in run.samples])),
                "decode_time_s": round(sum(b["time_s"] for b in run.batches), 4)}
         if get_task(args.task).kind != "code" or args.score_code:  # the task's own definition of correct
-            known = known_ids(tok)
-            completions = [completion_text(tok, x["ids"], known) for x in run.samples]
+            completions = [completion_text(codec, x["ids"]) for x in run.samples]
             row["accuracy"] = float(np.mean([v["correct"] for v in score(args.task, examples, completions)]))
         rows.append(row)
     result = {

@@ -6,8 +6,9 @@
 
 ``complete`` decodes every prompt through continuous batching (:func:`dultra_jax.decoding.generate_many`);
 prompt i with seed s returns exactly ``generate(model, [ids_i], row_seeds=[s], **settings)``, whatever else is
-in the call. The server (:mod:`dultra_jax.serve`), ``dultra generate`` and the lm-eval model share this object,
-so prompts are encoded, answers cut and NFE/TPF counted the same way everywhere (docs/serving.md).
+in the call. The server (:mod:`dultra_jax.serve`), ``dultra generate``, the lm-eval model and the evaluation
+harness (:mod:`dultra_jax.eval`) share this object (its :class:`TextCodec`), so prompts are encoded, answers
+cut and NFE/TPF counted the same way everywhere (docs/serving.md).
 """
 
 from __future__ import annotations
@@ -44,6 +45,34 @@ class Completion:
     finish_reason: str  # "stop" (end-of-text or a stop string) | "length" (gen_length reached)
 
 
+class TextCodec:
+    """Text <-> ids with one tokenizer, the only place prompts are rendered and answers turned back into text.
+
+    Split from :class:`TextModel` so code that has a tokenizer but no model (benchmarks reading prompts, the
+    harness's helpers) encodes exactly as the server and the harness do. Texts are tokenised with the tokenizer's
+    default special tokens (LLaDA's: BOS first), as the original's evaluation does."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.known = np.unique(np.fromiter(tokenizer.get_vocab().values(), np.int64))  # ids that carry text
+
+    def render(self, messages: Messages) -> str:
+        """The chat-templated prompt text of ``messages`` (the tokenizer's template, generation prompt added)."""
+        from dultra_jax.data.prompts import render_chat
+
+        return render_chat(self.tokenizer, [{"role": m["role"], "content": m["content"]} for m in messages])
+
+    def encode_text(self, text: str, *, add_special_tokens: bool | None = None) -> list[int]:
+        """Ids of ``text`` (the tokenizer's default special tokens unless ``add_special_tokens`` says)."""
+        kw = {} if add_special_tokens is None else {"add_special_tokens": add_special_tokens}
+        return list(self.tokenizer(text, **kw)["input_ids"])
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of generated ids without special tokens (ids the tokenizer does not know carry no text)."""
+        arr = np.asarray(list(ids), np.int64)
+        return self.tokenizer.decode(arr[np.isin(arr, self.known)].tolist(), skip_special_tokens=True)
+
+
 def decode_settings(defaults: DecodeConfig, **overrides: Any) -> DecodeConfig:
     """``defaults`` with ``overrides`` (DecodeConfig fields; validated there); unknown names are one clear error."""
     bad = sorted(set(overrides) - set(DECODE_OPTIONS))
@@ -74,8 +103,7 @@ class TextModel:
         self.mask_id = cfg.mask_token_id
         self.excluded = accounting.model_excluded_ids(cfg, tokenizer)  # not effective tokens
         self.end_ids = np.asarray([i for i in self.excluded if i != self.mask_id], np.int64)  # end-of-text ids
-        vocab = tokenizer.get_vocab()
-        self._known = np.unique(np.fromiter(vocab.values(), np.int64))
+        self.codec = TextCodec(tokenizer)
 
     @classmethod
     def load(cls, path_or_hub_id: str | Path, *, dtype: str = "bf16", tokenizer: str | Path | Any = None,
@@ -96,13 +124,11 @@ class TextModel:
     def encode(self, prompt: Prompt, *, chat: bool | None = None) -> list[int]:
         """Prompt ids of a text (``chat=True``: as one user turn), chat messages (the model's chat template) or
         token ids (checked, passed through)."""
-        from dultra_jax.data.prompts import render_chat
-
         if isinstance(prompt, str):
             if chat:
                 prompt = [{"role": "user", "content": prompt}]
             else:
-                return list(self.tokenizer(prompt)["input_ids"])
+                return self.codec.encode_text(prompt)
         seq = list(prompt)
         if not seq:
             raise ValueError("empty prompt: give a text, chat messages or at least one token id")
@@ -110,8 +136,7 @@ class TextModel:
             for m in seq:
                 if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
                     raise ValueError("each chat message needs a string 'role' and a string 'content'")
-            text = render_chat(self.tokenizer, [{"role": m["role"], "content": m["content"]} for m in seq])
-            return list(self.tokenizer(text)["input_ids"])
+            return self.codec.encode_text(self.codec.render(seq))
         if chat:
             raise ValueError("chat=True needs a text or chat messages, not token ids")
         if not all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in seq):
@@ -125,10 +150,13 @@ class TextModel:
             raise ValueError(f"prompt token ids contain the MASK id {self.mask_id}")
         return ids
 
+    def render(self, messages: Messages) -> str:
+        """The chat-templated prompt text of ``messages`` (what :meth:`encode` tokenises)."""
+        return self.codec.render(messages)
+
     def decode(self, ids: Sequence[int]) -> str:
         """Text of generated ids without special tokens (ids the tokenizer does not know carry no text)."""
-        arr = np.asarray(list(ids), np.int64)
-        return self.tokenizer.decode(arr[np.isin(arr, self._known)].tolist(), skip_special_tokens=True)
+        return self.codec.decode(ids)
 
     # ------------------------------------------------------------------------------------------- answers
     def answer_ids(self, generated: Sequence[int]) -> tuple[list[int], bool]:

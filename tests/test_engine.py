@@ -79,6 +79,42 @@ def test_engine_cancels_a_running_request_and_widens_for_long_prompts(tiny_model
         assert got[h].nfe == nfe
 
 
+def test_width_admission_keeps_long_prompts_together_and_does_not_starve_them(tiny_model):
+    """admission="width": a free slot takes the widest queued prompt that fits the batch's width (else the
+    narrowest), the queue's head once passed over 2 x slots times; every result stays its prompt's alone (same
+    programs as the test above)."""
+    short, long_ = _prompts(6, seed=1), _prompts(1, seed=2, lo=20, hi=21)
+    eng = DecodeEngine(tiny_model, decode_config(**KW, max_iterations=17), slots=2, segment=2, admission="width")
+    hs = [eng.submit(p) for p in short[:1] + long_ + short[1:]]  # s0, L, s1..s5
+    order, out = [], []
+    while eng.step():
+        order += [h for h in eng.running() if h not in order]
+        out += eng.harvest()
+    got = {f.handle: f for f in out + eng.harvest()}
+    later_first = [h for h in order[:order.index(hs[1])] if h > hs[1]]
+    assert 1 <= len(later_first) <= 4  # L let s1.. pass, at most 2 x slots of them
+    assert got[hs[1]].width == 24 and sum(got[h].width == 16 for h in hs) >= 2
+    for h, p in zip(hs, short[:1] + long_ + short[1:], strict=True):
+        tokens, nfe = _alone(tiny_model, p, h, **KW)
+        np.testing.assert_array_equal(got[h].tokens, tokens)
+        assert got[h].nfe == nfe
+    # the rule alone (host bookkeeping, nothing decoded): a short row in a slot, then L and six short prompts
+    eng = DecodeEngine(tiny_model, decode_config(**KW, max_iterations=17), slots=2, admission="width")
+    hs = [eng.submit(p) for p in short[:1] + long_ + short[1:] + short[:1]]
+    eng._slot[0] = eng._queue.popleft()
+    picked = [eng._next_request().handle for _ in range(len(hs) - 1)]
+    assert picked == [hs[2], hs[3], hs[4], hs[5], hs[1], hs[6], hs[7]]  # L's 4th pass puts it first
+    # a long row in a slot: the other long prompt joins first; an empty batch: the narrowest first
+    hs = [eng.submit(p) for p in long_ + short[1:2] + long_ + short[2:3]]
+    eng._slot[0] = eng._queue.popleft()
+    assert [eng._next_request().handle for _ in range(3)] == [hs[2], hs[1], hs[3]]
+    eng._slot[0] = None
+    hs = [eng.submit(p) for p in long_ + short[1:2]]
+    assert [eng._next_request().handle for _ in range(2)] == [hs[1], hs[0]]
+    with pytest.raises(ValueError, match="admission"):
+        DecodeEngine(tiny_model, decode_config(**KW), slots=2, admission="sorted")
+
+
 def test_engine_refuses_what_it_cannot_do(tiny_model):
     with pytest.raises(ValueError, match="slots"):
         DecodeEngine(tiny_model, decode_config(**KW), slots=0)

@@ -128,6 +128,43 @@ def test_batching_does_not_change_results(model):
     assert sum(s["batch_rows"] == 1 for s in runs[2].samples) == 1
 
 
+@pytest.mark.parametrize("tokenizer", ["char", "llada"])
+def test_harness_encodes_and_decodes_through_text_model(tokenizer, model, tiny_text_dir, monkeypatch, tmp_path):
+    """The harness hands the decoder TextModel's ids (the server's, with the tokenizer's default special tokens:
+    LLaDA's BOS first) for each example and records TextModel's text of each answer."""
+    from dultra_jax.checkpoints.tokenizer import load_tokenizer
+    from dultra_jax.eval import DecodeRun, evaluate, harness
+    from dultra_jax.text import TextModel
+
+    if tokenizer == "char":
+        tok, examples = synthetic.build_tokenizer(), synthetic.addition_examples(2, seed=5)
+    else:
+        tok = load_tokenizer(tiny_text_dir)
+        examples = load_examples("gsm8k", data_file=DATA["gsm8k"], limit=2)
+    tm = TextModel(model, tok)
+    want = [tm.encode(list(e.messages)) for e in examples]
+    assert tokenizer == "char" or all(ids[0] == tok.bos_token_id for ids in want)
+    answers = [np.array([tok.eos_token_id, 7, 40, 299, 45]), np.array([299, 299, 12, 33, 34])]  # special, MASK
+    seen = []
+
+    def fake_decode(model, prompts, settings, *, on_batch, **kw):  # the decoder, minus the decoding
+        seen.extend(list(p) for p in prompts)
+        samples = [dict(ids=a, nfe=1, effective_tokens=1, equivalent_forwards=1.0, masks_left=0, time_s=0.1,
+                        batch_rows=2, width=8) for a in answers]
+        on_batch([0, 1], samples, {"rows": 2})
+        return DecodeRun(samples=samples, batches=[{"rows": 2, "width": 8, "time_s": 0.2}])
+
+    monkeypatch.setattr(harness, "decode_prompts", fake_decode)
+    summary = evaluate(model, tok, examples, EvalSettings.create(gen_length=16, block_length=8), task="gsm8k",
+                       progress=False, warmup=False, out_dir=tmp_path,
+                       scorer=lambda exs, comps: [{"correct": False} for _ in exs])
+    assert seen == want == encode_prompts(tok, examples)[1]
+    rows = _rows(tmp_path / "samples.jsonl")
+    assert [r["prompt"] for r in rows] == [tm.render(e.messages) for e in examples]
+    assert [r["completion"] for r in rows] == [tm.decode(a) for a in answers]
+    assert all(r["completion"] for r in rows) and summary["excluded_ids"] == sorted(tm.excluded)
+
+
 def test_factor_sweep_and_plot(model_dir, tmp_path, capsys):
     out = tmp_path / "sweep"
     assert main(["eval", "--model", str(model_dir), "--task", "synthetic-addition", "--limit", "2",

@@ -15,12 +15,21 @@ prompt widens the running batch in place (canvas, masks and cache are left-padde
 tokens only, so running rows compute the same), and the width narrows again once the long prompts are gone.
 The loop compiles once per width used, so the allowed widths (:func:`bucket_width`'s geometric ladder by
 default, or :func:`merge_widths` for a known set of prompts) bound the compiles.
+
+Admission order: ``admission="fifo"`` fills free slots in queue order (``generate_many`` submits its prompts
+sorted by length, so that already keeps widths narrow). A server sees prompts in arrival order, where one long
+prompt among short ones makes every slot pay its width: ``admission="width"`` lets a free slot take the queued
+prompt of the widest width that fits the batch's current one (the batch pays it anyway; the shorter prompts wait
+for a narrow batch), else of the narrowest width, the oldest of those; and the head of the queue once it has
+been passed over ``2 * slots`` times (no prompt waits without bound). Order never changes a result, only which
+rows share a batch.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -89,6 +98,7 @@ class _Request:
     seed: int
     width: int = 0  # widest width while in a slot
     admitted_at: int = 0  # engine iteration at admission
+    passed: int = 0  # later requests admitted before it (admission="width")
 
 
 class DecodeEngine:
@@ -98,17 +108,21 @@ class DecodeEngine:
     ``on_block`` are not available: a slot's trajectory would be indexed by batch iterations it shares).
     ``rng`` is the run key each request's seed is folded into (as :func:`generate`'s ``rng``); ``widths`` the
     allowed padded prompt widths (default: the :func:`bucket_width` ladder); ``segment`` caps the iterations of
-    one :meth:`step`.
+    one :meth:`step`; ``admission`` is ``"fifo"`` or ``"width"`` (see the module's docstring).
     """
 
     def __init__(self, model: DUltra, cfg: loop.DecodeConfig, *, slots: int, plan=None,
-                 rng: jax.Array | int | None = None, widths: Sequence[int] | None = None, segment: int = SEGMENT):
+                 rng: jax.Array | int | None = None, widths: Sequence[int] | None = None, segment: int = SEGMENT,
+                 admission: str = "fifo"):
         if not isinstance(slots, int) or slots <= 0:
             raise ValueError(f"slots must be a positive integer, got {slots!r}")
         if cfg.return_trajectory or cfg.on_block is not None:
             raise ValueError("DecodeEngine does not record trajectories or stream blocks: use generate for those")
         if segment <= 0:
             raise ValueError(f"segment must be a positive number of iterations, got {segment}")
+        if admission not in ("fifo", "width"):
+            raise ValueError(f"admission must be 'fifo' or 'width', got {admission!r}")
+        self._admission = admission
         self.cfg = dataclasses.replace(cfg, schedule="per_row")
         self.model = model
         self.mcfg = model.cfg
@@ -172,6 +186,10 @@ class DecodeEngine:
         if any(r is not None and r.handle == handle for r in self._slot):
             self._cancelled.add(handle)
 
+    def running(self) -> list[int]:
+        """Handles of the requests in slots."""
+        return [r.handle for r in self._slot if r is not None]
+
     def harvest(self) -> list[Finished]:
         """Everything finished or cancelled since the last harvest."""
         out, self._finished = self._finished, []
@@ -203,8 +221,7 @@ class DecodeEngine:
         fills = []
         for s in range(self._n):
             if self._slot[s] is None and self._queue:
-                r = self._queue.popleft()
-                self._slot[s] = r
+                self._slot[s] = self._next_request()
                 fills.append(s)
         busy = [r for r in self._slot if r is not None]
         if not busy:
@@ -249,6 +266,25 @@ class DecodeEngine:
         return self.harvest()
 
     # ------------------------------------------------------------------------------------------ internals
+    def _next_request(self) -> _Request:
+        """The queued request a free slot takes (see ``admission``)."""
+        head = self._queue[0]
+        if self._admission == "fifo" or head.passed >= 2 * self._n:
+            return self._queue.popleft()
+        busy = [len(r.prompt) for r in self._slot if r is not None]
+        width = self._width_for(max(busy)) if busy else 0
+        best, pick = None, 0
+        for k, r in enumerate(self._queue):  # the oldest of the best width
+            w = self._width_for(len(r.prompt))
+            key = (0, -w) if w <= width else (1, w)  # the widest that fits (the batch pays it anyway), else the
+            if best is None or key < best:  # narrowest, so short prompts are left for narrow batches
+                best, pick = key, k
+        for earlier in itertools.islice(self._queue, pick):
+            earlier.passed += 1
+        r = self._queue[pick]
+        del self._queue[pick]
+        return r
+
     def _width_for(self, n: int) -> int:
         if self._widths is not None:
             fit = [w for w in self._widths if w >= n]

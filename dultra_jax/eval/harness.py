@@ -36,7 +36,6 @@ from typing import Any
 
 import numpy as np
 
-from dultra_jax import accounting
 from dultra_jax.atomic import write_atomic
 from dultra_jax.checkpoints.hub import parse_hub_id, resolve_model_path
 from dultra_jax.checkpoints.store import recorded_task
@@ -78,6 +77,7 @@ from dultra_jax.eval.settings import (
     sweep_settings,
 )
 from dultra_jax.outputs import check_results_dir
+from dultra_jax.text import TextModel
 
 __all__ = [
     "BATCHING", "CONTINUOUS_CHUNK", "EVAL_TASKS", "RUN_FILE", "SAMPLES_FILE", "SHARD_GLOB", "SWEEP_FACTORS",
@@ -132,7 +132,10 @@ def evaluate(model, tokenizer, examples: Sequence[Example], settings: EvalSettin
         raise EvalError(f"task {task!r} has no problems to evaluate")
     _local_plan_check(plan)
     cfg = model.cfg
-    texts, prompts = encode_prompts(tokenizer, examples)
+    # prompts in, answers out through the one text object the server and `dultra generate` use; the decoding
+    # itself stays decode_prompts' (sync or continuous batches, mesh, resume) with `settings`
+    text = TextModel(model, tokenizer, slots=settings.batch_size)
+    texts, prompts = encode_prompts(text, examples)
     too_long = [(e.id, len(p)) for e, p in zip(examples, prompts, strict=True)
                 if len(p) + settings.decode.gen_length > cfg.max_sequence_length]
     if too_long:
@@ -145,8 +148,7 @@ def evaluate(model, tokenizer, examples: Sequence[Example], settings: EvalSettin
         raise EvalError(f"task {task!r}: problem ids are not unique")
     if plan is not None:
         model = plan.shard_model(model)
-    exclude = accounting.model_excluded_ids(cfg, tokenizer)
-    known = known_ids(tokenizer)
+    exclude = text.excluded
     pid, nproc = jax.process_index(), jax.process_count()
     mine = list(range(pid, len(examples), nproc))  # this process's share of the problems
     # batch size does not change any result (rows are keyed by their problem), so a resume may use another
@@ -194,7 +196,7 @@ def evaluate(model, tokenizer, examples: Sequence[Example], settings: EvalSettin
                 batch_id = f"{run_token}-p{pid}-s{seed}-{next(counter)}"
                 for k, e, smp in zip(positions, exs, samples, strict=True):
                     new.append({"seed": seed, "id": str(e.id), "index": e.index, "prompt": texts[todo[k]],
-                                "completion": completion_text(tokenizer, smp["ids"], known), "nfe": smp["nfe"],
+                                "completion": text.decode(smp["ids"]), "nfe": smp["nfe"],
                                 "effective_tokens": smp["effective_tokens"],
                                 "equivalent_forwards": round(smp["equivalent_forwards"], 4),
                                 "masks_left": smp["masks_left"], "time_s": round(smp["time_s"], 6),

@@ -11,6 +11,7 @@ from dultra_jax.data import synthetic
 from dultra_jax.data.tasks import DataError, Example
 from dultra_jax.eval.settings import EvalError
 from dultra_jax.tasks import SYNTHETIC_DEFAULT_N, TOKENIZER_FILES, Task, get_task, task_names
+from dultra_jax.text import TextCodec, TextModel
 
 EVAL_TASKS = tuple(task_names("eval"))
 __all__ = ["EVAL_TASKS", "SYNTHETIC_DEFAULT_N", "TOKENIZER_FILES", "completion_text", "encode_prompts", "eval_task",
@@ -56,24 +57,29 @@ def load_tokenizer(model_path: str | Path | None, task: str):
         raise EvalError(str(e)) from None
 
 
-def encode_prompts(tokenizer, examples: Sequence[Example], *, add_special_tokens: bool | None = None
+def encode_prompts(text, examples: Sequence[Example], *, add_special_tokens: bool | None = None
                    ) -> tuple[list[str], list[list[int]]]:
-    """Chat-templated prompt texts and their ids, tokenised with the tokenizer's default special tokens as the
-    original's evaluation does (``add_special_tokens`` overrides)."""
-    from dultra_jax.data import render_chat
-
-    texts = [render_chat(tokenizer, list(e.messages)) for e in examples]
-    kw = {} if add_special_tokens is None else {"add_special_tokens": add_special_tokens}
-    return texts, [list(tokenizer(t, **kw)["input_ids"]) for t in texts]
+    """Chat-templated prompt texts and their ids, encoded by :class:`~dultra_jax.text.TextCodec` as
+    :class:`~dultra_jax.text.TextModel` (the server, ``dultra generate``) encodes them: with the tokenizer's
+    default special tokens as the original's evaluation does (``add_special_tokens`` overrides). ``text``: a
+    TextModel, a TextCodec or a tokenizer."""
+    codec = _codec(text)
+    texts = [codec.render(e.messages) for e in examples]
+    return texts, [codec.encode_text(t, add_special_tokens=add_special_tokens) for t in texts]
 
 
 def known_ids(tokenizer) -> np.ndarray:
     """Sorted ids the tokenizer can decode (the model's embedding may have more rows than the vocabulary)."""
-    return np.unique(np.fromiter(tokenizer.get_vocab().values(), np.int64))
+    return TextCodec(tokenizer).known
 
 
-def completion_text(tokenizer, ids, known: np.ndarray | None = None) -> str:
-    """Generated ids -> text without special tokens; ids the tokenizer does not know carry no text."""
-    ids = np.asarray(ids)
-    known = known_ids(tokenizer) if known is None else known
-    return tokenizer.decode(ids[np.isin(ids, known)].tolist(), skip_special_tokens=True)
+def completion_text(text, ids) -> str:
+    """Generated ids -> text without special tokens (:meth:`TextCodec.decode`); ids the tokenizer does not know
+    carry no text. ``text``: a TextModel, a TextCodec (build it once for many calls) or a tokenizer."""
+    return _codec(text).decode(ids)
+
+
+def _codec(text) -> TextCodec:
+    if isinstance(text, TextModel):
+        return text.codec
+    return text if isinstance(text, TextCodec) else TextCodec(text)

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import signal
+import sys
 
 from dultra_jax.text import TextModel
+
+# The worker thread gives up the GIL at every device wait and must win it back from the event loop thread; under
+# load each win can take Python's whole switch interval (default 5 ms), longer than a small model's segment.
+SWITCH_INTERVAL_S = 0.001
 
 
 def serve(text: TextModel, *, model_name: str, host: str = "127.0.0.1", port: int = 8000, slots: int = 8,
@@ -29,8 +34,11 @@ def serve(text: TextModel, *, model_name: str, host: str = "127.0.0.1", port: in
     # uvicorn re-raises the signal it caught once it has shut down; with these no-op handlers in place that is
     # harmless and the process exits 0 after a clean drain
     previous = {s: signal.signal(s, lambda *_: None) for s in (signal.SIGTERM, signal.SIGINT)}
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(min(interval, SWITCH_INTERVAL_S))
     try:
         _Server(config).run()
     finally:
+        sys.setswitchinterval(interval)
         for s, h in previous.items():
             signal.signal(s, h)

@@ -58,6 +58,7 @@ class Job:
     stream: bool = False
     handle: int | None = None
     sent: str = field(default="")  # streamed so far
+    committed: int = 0  # generated ids of the committed prefix when ``sent`` was made
 
 
 class Worker:
@@ -185,7 +186,9 @@ class Worker:
                     if not (e.queued or e.busy) and len(self._engines) >= self.max_engines:
                         del self._engines[c]
             try:
-                eng = DecodeEngine(self.text.model, job.cfg, slots=self.slots, plan=self.plan)
+                # arrival order: a free slot takes a prompt that fits the batch's width (bounded), so one long
+                # prompt does not make every row pay its width, as sorting by length spares generate_many
+                eng = DecodeEngine(self.text.model, job.cfg, slots=self.slots, plan=self.plan, admission="width")
             except Exception as e:
                 self._finish(job, Event("error", job.index, text=f"cannot decode with these settings: {e}"))
                 return
@@ -199,10 +202,12 @@ class Worker:
 
     def _after_step(self, cfg: DecodeConfig, eng, seconds: float) -> None:
         self._collect(cfg, eng, seconds)
-        for (c, h), job in list(self._jobs.items()):
-            if c == cfg and job.stream:
+        for h in eng.running():  # only rows in slots can have progressed (not every queued job)
+            job = self._jobs.get((cfg, h))
+            if job is not None and job.stream:
                 ids = eng.committed(h)
-                if ids is not None:
+                if ids is not None and len(ids) > job.committed:  # the prefix only grows: no growth, no new text
+                    job.committed = len(ids)
                     self._stream(job, ids)
         self._busy = sum(e.busy for e in self._engines.values())
 
