@@ -174,7 +174,8 @@ class GRPOSection(GRPOLossConfig):
                  f"grpo.scale_rewards must be none, group or batch, got {self.scale_rewards!r}")
         _require(self.ref_sync_every >= 0 and self.beta >= 0,
                  f"grpo.ref_sync_every ({self.ref_sync_every}) and grpo.beta ({self.beta}) must be >= 0")
-        _require(self.loss in OBJECTIVES, f"grpo.loss must be one of {sorted(OBJECTIVES)}, got {self.loss!r}")
+        _require(self.loss in OBJECTIVES,
+                 f"grpo.loss: unknown grpo.loss {self.loss!r}; choose one of {sorted(OBJECTIVES)}")
         _require(not (OBJECTIVES[self.loss].replays_trajectory and self.rollout.strategy != "planner"),
                  f"grpo.loss={self.loss} replays the planner's decisions: it needs grpo.rollout.strategy=planner "
                  f"(got {self.rollout.strategy!r}); or use grpo.loss=diffu_grpo")
