@@ -49,6 +49,19 @@ def _timed(fn, repeats: int):
     return res, float(np.median(walls))
 
 
+def addition_inputs(examples) -> tuple[list[list[int]], object]:
+    """(prompt ids, ``score(generated ids) -> accuracy``) of the built-in addition task's ``examples``, as the demo's
+    trained model reads them (the char tokenizer, chat template)."""
+    tok = synthetic.build_tokenizer()
+    prompts = [tok(render_chat(tok, list(e.messages)), add_special_tokens=False)["input_ids"] for e in examples]
+
+    def score(gen):
+        texts = tok.batch_decode([r[r < len(tok)] for r in gen], skip_special_tokens=True)
+        return float(np.mean(synthetic.exact_answer(texts, examples)))
+
+    return prompts, score
+
+
 def measure(model, prompts, gen_length: int, block_length: int, score=None, repeats: int = 3,
             strategies=tuple(STRATEGIES)) -> list[dict]:
     """Rows per strategy x setting; ``score(generated ids) -> accuracy`` (None: no accuracy)."""
@@ -94,13 +107,8 @@ def main() -> None:
         prompts, score = random_prompts(cfg, args.num, args.prompt_length), None
     else:
         model = dultra_jax.load(args.model, dtype="fp32")
-        tok = synthetic.build_tokenizer()
         examples = synthetic.addition_examples(args.num, seed=1, max_operand=args.max_operand)
-        prompts = [tok(render_chat(tok, list(e.messages)), add_special_tokens=False)["input_ids"] for e in examples]
-
-        def score(gen):
-            texts = tok.batch_decode([r[r < len(tok)] for r in gen], skip_special_tokens=True)
-            return float(np.mean(synthetic.exact_answer(texts, examples)))
+        prompts, score = addition_inputs(examples)
 
     strategies = [s for s in args.strategies.split(",") if s]
     if unknown := [s for s in strategies if s not in STRATEGIES]:
