@@ -233,4 +233,6 @@ def test_training_time_evaluation_equals_dultra_eval_on_the_exported_model(tmp_p
                  "--batch-size", "3", "--out", str(out)]) == 0
     after = json.loads((out / "summary.json").read_text())
     assert during == {"eval_accuracy": after["accuracy"], "eval_nfe": after["mean_nfe"], "eval_tpf": after["tpf"]}
-    assert 0 < after["accuracy"] < 1 or after["mean_nfe"] < 8  # a model that learned something (not a trivial match)
+    # Measured (seed 0, CPU): accuracy 0.25, mean NFE 3 of 8. Both parts hold: some answers right and some wrong, so
+    # the equal accuracies compare something; fewer forwards than tokens, so the threshold rule revealed in parallel.
+    assert 0 < after["accuracy"] < 1 and after["mean_nfe"] < 8

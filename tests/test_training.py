@@ -406,11 +406,11 @@ def test_grpo_compiles_once_per_padded_length_and_bucket(tmp_path):
 
 def test_num_iterations_counts_updates_and_reference_stays_at_step_0(tmp_path):
     """mu = 2: three optimiser updates are three steps (rows, schedule, max_steps), the second update reuses
-    the first's rollout, checkpoints land on rollout boundaries; beta > 0 without a sync interval keeps the
-    step-0 policy as the reference (checkpointed)."""
-    cfg = _cfg(tmp_path, *_GRPO_SMALL, "train.max_steps=3", "train.save_every=2", "grpo.num_iterations=2",
-               "grpo.beta=0.05", "optim.schedule=linear", "optim.total_steps=4", "optim.min_learning_rate=1e-4",
-               "logging.samples_every=2", "logging.samples_per_step=4")
+    the first's rollout, checkpoints land on rollout boundaries (train.keep = 1 keeps the last); beta > 0 without a
+    sync interval keeps the step-0 policy as the reference (checkpointed)."""
+    cfg = _cfg(tmp_path, *_GRPO_SMALL, "train.max_steps=3", "train.save_every=2", "train.keep=1",
+               "grpo.num_iterations=2", "grpo.beta=0.05", "optim.schedule=linear", "optim.total_steps=4",
+               "optim.min_learning_rate=1e-4", "logging.samples_every=2", "logging.samples_per_step=4")
     trainer = Trainer(cfg, tmp_path / "mu", progress=False)
     start = [np.asarray(a).copy() for a in jax.tree.leaves(trainer.trainable)]
     trainer.run()
@@ -423,12 +423,38 @@ def test_num_iterations_counts_updates_and_reference_stays_at_step_0(tmp_path):
     assert rows[0]["lr"] > rows[1]["lr"] > rows[2]["lr"]
     count = [a for p, a in jax.tree_util.tree_leaves_with_path(trainer.opt_state) if "count" in str(p)]
     assert count and all(int(c) == 3 for c in count)
-    assert sorted(trainer.ckpt.all_steps()) == [2, 3]
+    trainer.ckpt.wait_until_finished()  # rollout boundaries 2 and 3 were saved; train.keep = 1 pruned step 2
+    assert trainer.ckpt.all_steps() == [3]
+    assert sorted(p.name for p in (tmp_path / "mu" / "checkpoints").iterdir() if p.name.isdigit()) == ["3"]
     for a, b in zip(start, jax.tree.leaves(trainer.ref_trainable), strict=True):
         np.testing.assert_array_equal(a, np.asarray(b))
     assert any(not np.array_equal(a, np.asarray(b)) for a, b in zip(start, jax.tree.leaves(trainer.trainable),
                                                                     strict=True))
     _check_watchable(tmp_path / "mu", rows, groups=2, generations=2)
+
+
+def test_reference_resyncs_every_k_updates(tmp_path):
+    """grpo.ref_sync_every = 2: after 3 updates the reference is the policy after update 2 (not step 0, not the
+    latest). (train.keep: test_num_iterations_counts_updates_and_reference_stays_at_step_0.)"""
+    cfg = _cfg(tmp_path, *_GRPO_SMALL, "train.max_steps=3", "train.save_every=1000", "grpo.beta=0.05",
+               "grpo.ref_sync_every=2")
+    trainer = Trainer(cfg, tmp_path / "sync", progress=False)
+    start = [np.asarray(a).copy() for a in jax.tree.leaves(trainer.trainable)]
+    after = {}  # step -> the policy's leaves after that update (metrics are written every update)
+    write = trainer.metrics.write
+
+    def snapshot(row):
+        after[row["step"]] = [np.asarray(a).copy() for a in jax.tree.leaves(trainer.trainable)]
+        write(row)
+
+    trainer.metrics.write = snapshot
+    trainer.run()
+    ref = [np.asarray(a) for a in jax.tree.leaves(trainer.ref_trainable)]
+    assert sorted(after) == [1, 2, 3]
+    for a, b in zip(after[2], ref, strict=True):
+        np.testing.assert_array_equal(a, b)
+    for other in (start, after[1], after[3]):
+        assert any(not np.array_equal(a, b) for a, b in zip(other, ref, strict=True))
 
 
 def _check_watchable(out, rows, *, groups: int, generations: int):
