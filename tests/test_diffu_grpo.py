@@ -119,7 +119,9 @@ def test_updates_raise_the_advantage_weighted_likelihood(tiny_model, batch, jitt
     (-mean A), so what must fall is its surrogate -sum_b A_b sum_t l_bt (SGD steps small enough to be first
     order: the random tiny model's gradient norm is ~200)."""
     _, _, estimate, _, _ = jitted
-    gd, tr, fr = split_trainable(nnx.merge(*nnx.split(tiny_model)), "all")  # a private copy
+    # a private copy of the arrays: the train step donates what it updates, and tiny_model is the session's
+    graphdef, state = nnx.split(tiny_model)
+    gd, tr, fr = split_trainable(nnx.merge(graphdef, jax.tree.map(jnp.copy, state)), "all")
     tx = optax.sgd(1e-5)
     step = make_train_step(gd, make_loss(GRPOLossConfig(advantage_min_clip=None)), tx)
     opt = tx.init(tr)
