@@ -106,15 +106,15 @@ def encode_conversation(tokenizer, messages: Sequence[dict[str, str]], max_lengt
 # --------------------------------------------------------------------------------------------- reading rows
 def _hub_snapshot(repo: str, revision: str | None) -> Path | None:
     """The cached snapshot of a hub dataset when offline (HF_HUB_OFFLINE=1), else None (stream it)."""
-    from dultra_jax.checkpoints.hub import hub_offline
+    from dultra_jax.checkpoints.hub import hub_cache_dir, hub_offline
 
     if not hub_offline():
         return None
     import huggingface_hub
 
-    try:
+    try:  # the cache as the environment says now (huggingface_hub reads HF_HUB_CACHE once, at its import)
         return Path(huggingface_hub.snapshot_download(repo, repo_type="dataset", revision=revision,
-                                                      local_files_only=True))
+                                                      cache_dir=str(hub_cache_dir()), local_files_only=True))
     except Exception as e:  # noqa: BLE001 - the hub's not-cached errors vary by version
         raise DataError(f"dataset {repo!r} is not in the hub cache and HF_HUB_OFFLINE is set; fetch it once "
                         "online or give a local directory as data.path") from e
