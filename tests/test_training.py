@@ -695,6 +695,7 @@ def test_memory_plan_lays_out_the_trainers_own_batch(tmp_path, mode):
     t = Trainer.__new__(Trainer)  # the data path only: no model to build
     t.cfg = _cfg(tmp_path, f"train.mode={mode}", "train.batch_size=4", "train.micro_batches=2")
     t.plan, t.num_processes, t.step, t.tokenizer = None, 1, 0, build_tokenizer(t.cfg)
+    t.streamed = False  # data.source: task (the streamed sources build their batches the same way per row)
     t.mcfg, t.examples = preset("tiny", **get_task(t.cfg.task.name).model_overrides), load_examples(t.cfg, "train")
     MODES[mode].build_data(t)
     batch, _ = MODES[mode].make_batch(t, jax.random.key(0))
