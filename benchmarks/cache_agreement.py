@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -97,7 +98,11 @@ def main() -> None:
     ap.add_argument("--gen-length", type=int, default=16)
     ap.add_argument("--block-length", type=int, default=8)
     ap.add_argument("--out", default=str(RESULTS / "cache_agreement.json"))
+    ap.add_argument("--summary", default=None,
+                    help="the demo's summary.json (default: beside the model's run, e.g. runs/demo/summary.json): "
+                         "its baseline sweeps are drawn with these points in <out>.png")
     args = ap.parse_args()
+    load_at_start = os.getloadavg()[0]
     if args.model == "cpu":
         sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
         from benchmarks._common import model_config, random_model, random_prompts
@@ -130,12 +135,50 @@ def main() -> None:
                                "commit": git_commit(),
                                "gen_length": args.gen_length, "block_length": args.block_length,
                                "machine": {"platform": platform.platform(), "jax": jax.__version__,
-                                           "cpus": len(jax.devices()), "note": (
-                                               "wall times on a shared, loaded 2-core CPU (other jobs running)")},
+                                           "cpus": os.cpu_count(),
+                                           "load_average_at_start": round(load_at_start, 2)},
                                "rows": rows},
                               indent=2))
     tmp.replace(out)
     print(f"wrote {out}")
+    if args.model != "cpu":
+        summary = Path(args.summary) if args.summary else Path(args.model).parent.parent / "summary.json"
+        png = plot(rows, summary if summary.is_file() else None, out.with_suffix(".png"))
+        if png:
+            print(f"wrote {png}")
+
+
+def plot(rows: list[dict], summary: Path | None, png: Path) -> Path | None:
+    """Accuracy against FLOP-equivalent full forwards: each strategy's cache settings next to the demo's baseline
+    sweeps (no cache: one forward per NFE), the demo's trade-off plot with the caches' points added."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if summary is not None:
+        sweep = json.loads(summary.read_text()).get("sweep", [])
+        for strategy in ("threshold", "factor"):
+            pts = sorted((r["nfe"], r["accuracy"]) for r in sweep if r["strategy"] == strategy)
+            if pts:
+                ax.plot(*zip(*pts, strict=True), marker=".", alpha=0.5, label=f"{strategy} sweep (no cache)")
+    markers = {("none", "full"): "o", ("prefix", "full"): "s", ("dual", "full"): "D", ("prefix", "suffix"): "v",
+               ("dual", "suffix"): "^"}
+    for i, name in enumerate(dict.fromkeys(r["strategy"] for r in rows)):
+        for r in (r for r in rows if r["strategy"] == name):
+            label = f"{name}: {r['cache']}" + ("" if r["refresh"] == "full" else f" ({r['refresh']} refresh)")
+            ax.scatter(r["equivalent_forwards"], r["accuracy"], marker=markers[(r["cache"], r["refresh"])],
+                       color=f"C{i + 2}", label=label)
+    ax.set_xlabel("FLOP-equivalent full forwards per problem")
+    ax.set_ylabel("held-out accuracy")
+    ax.set_title("KV caches and refresh policies on the demo's model")
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    return png
 
 
 if __name__ == "__main__":

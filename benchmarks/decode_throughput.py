@@ -214,7 +214,8 @@ def main() -> None:
               f"{fmt(r['flop_cost_per_iteration_vs_exact'])} {over}")
     print("targets:", json.dumps(targets))
     print("note:", result["note"])
-    tag = args.cache.replace(",", "-")
+    tag = args.cache.replace(",", "-") + ("" if args.layer_loop == "scan" else f"_{args.layer_loop}") + (
+        "" if args.refresh == "full" else f"_refresh-{args.refresh}")
     out = Path(args.out) if args.out else RESULTS / f"decode_{args.model}_b{b}_{tag}_{jax.default_backend()}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     write_json(out, result)
