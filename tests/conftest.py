@@ -112,6 +112,41 @@ def tiny_text_dir(tmp_path_factory) -> Path:
     return d
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _compilation_cache(tmp_path_factory):
+    """One on-disk compilation cache for the whole run (and the subprocesses tests start): the suite builds the same
+    programs many times over (three trainers per resume test, a model exported then evaluated, the same decode
+    after each file's caches are cleared), and a program read back from disk costs a fraction of compiling it.
+    Fresh per run, so nothing carries over between runs; DULTRA_TEST_COMPILATION_CACHE=0 turns it off."""
+    if os.environ.get("DULTRA_TEST_COMPILATION_CACHE", "1") == "0":
+        yield None
+        return
+    import jax
+
+    cache = tmp_path_factory.mktemp("xla-cache")
+    settings = {"jax_compilation_cache_dir": str(cache), "jax_persistent_cache_min_compile_time_secs": 0.0,
+                "jax_persistent_cache_min_entry_size_bytes": 0}
+    before = {name: getattr(jax.config, name) for name in settings}
+    env_before = {name.upper(): os.environ.get(name.upper()) for name in settings}
+    for name, value in settings.items():
+        jax.config.update(name, value)
+        os.environ[name.upper()] = str(value)  # the CLI subprocesses the tests start
+    try:  # the cache is set up once per process, at the first compile: start it over with these settings
+        from jax._src import compilation_cache
+
+        compilation_cache.reset_cache()
+    except (ImportError, AttributeError):
+        pass
+    yield cache
+    for name, value in before.items():
+        jax.config.update(name, value)
+    for name, value in env_before.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _release_compiled_programs():
     """Drop JAX's compiled programs after each test file. Every XLA:CPU executable keeps ~3 memory maps of JIT code

@@ -22,6 +22,7 @@ from dultra_jax.eval.harness import evaluate, read_samples
 
 FIX = Path(__file__).parent / "fixtures"
 REPO = Path(__file__).resolve().parents[1]
+TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"  # as tests/conftest.py sets for the suite
 # sync batches, in the reference and the mesh runs alike (continuous batching gives the same rows,
 # tests/test_eval.py::test_batching_does_not_change_results; on a mesh too, tests/test_engine.py)
 SETTINGS = EvalSettings.create(gen_length=16, block_length=8, batch_size=2, pad_multiple=64, batching="batched")
@@ -109,7 +110,8 @@ def test_a_killed_eval_process_resumes_to_the_uninterrupted_summary(model_dir, t
     args = ["eval", "--model", str(model_dir), "--task", synthetic.TASK_NAME, "--limit", "48", "--seeds", "0", "1",
             "--gen-length", "16", "--block-length", "8", "--dtype", "fp32"]
     killed = tmp_path / "killed"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    env = {**os.environ, "PYTHONPATH": str(REPO),
+           "XLA_FLAGS": f"--xla_force_host_platform_device_count=1 {TEST_XLA_FLAGS}"}
     proc = subprocess.Popen([sys.executable, "-m", "dultra_jax.cli", *args, "--batch-size", "1", "--out",
                              str(killed)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     samples = killed / "samples.jsonl"
@@ -179,7 +181,8 @@ def test_two_processes_split_the_problems_and_process_0_merges(model_dir, refere
         port = sock.getsockname()[1]
     out = tmp_path / "mp"
     env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu", "JAX_NUM_PROCESSES": "2",
-           "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+           "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
+           "XLA_FLAGS": f"--xla_force_host_platform_device_count=2 {TEST_XLA_FLAGS}"}
     procs = [subprocess.Popen([sys.executable, "-c", _WORKER, str(model_dir), str(out)], cwd=tmp_path,
                               env={**env, "JAX_PROCESS_ID": str(i)}, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for i in range(2)]

@@ -19,6 +19,7 @@ CONFIG = ROOT / "configs" / "tiny_cpu.yaml"
 OVERRIDES = ["train.mesh=data=1,fsdp=4,tensor=1", "train.save_every=2", "grpo.gen_length=8", "grpo.block_length=8",
              "grpo.reward_weights.teacher_logprob=1.0"]
 TEACHER = ROOT / "tests" / "fixtures" / "qwen2-tiny"
+TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"  # as tests/conftest.py sets for the suite
 
 
 def _free_port() -> int:
@@ -29,7 +30,7 @@ def _free_port() -> int:
 
 def _env(devices: int, cache: Path, **extra) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_"))}
-    env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", PYTHONPATH=str(ROOT),
+    env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} {TEST_XLA_FLAGS}", PYTHONPATH=str(ROOT),
                JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(cache),  # the resumed run reuses programs
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", **extra)
     return env
