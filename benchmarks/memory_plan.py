@@ -251,7 +251,10 @@ def train_step_program(setup: Setup, *, micro_rows: int | None = None, recorded_
             ref_logps=_sds((n, s, micro_rows, length), np.float32, hist) if beta > 0 else None,
         )
     else:
-        length = setup.prompt_len + run.sequence.gen_length
+        # a streamed conversation source (data.source != task) cuts/pads every sequence to data.max_length; a
+        # task's worked solutions are the longest prompt plus sequence.gen_length
+        streamed = run.data.source != "task"
+        length = run.data.max_length if streamed else setup.prompt_len + run.sequence.gen_length
         # the trainer's own batch (keys, dtypes), stacked into micro-batches as _split_micro stacks it
         like = sequence_batch_like(run.train.mode, micro_rows, length)
         batch = {k: _sds((n, *a.shape), a.dtype, rows3 if a.ndim == 2 else plan.sharding([None, b]))

@@ -60,21 +60,25 @@ def decode_tables() -> list[str]:
             cost = r.get("cost_per_iteration")
             roof = f"{r['fraction_of_roofline']:.0%}" if r.get("fraction_of_roofline") is not None else "-"
             over = f"{r['loop_overhead']:+.1%}" if r.get("loop_overhead") is not None else "-"
+            flop_x = r.get("flop_cost_per_iteration_vs_exact")
+            # of the FLOP ceiling: the measured per-iteration speed-up over the exact mode / the FLOP ratio
+            ceiling = f"{ms_x / flop_x:.0%}" if ms_x is not None and flop_x and r["cache"] != "none" else "-"
             rows.append([r["cache"], r["strategy"], r["iterations"], f"{r['ms_per_iteration']:.2f}",
                          f"{r['mean_equivalent_forwards']:.2f}", f"{cost:.3f}" if cost is not None else "-",
-                         f"{r['positions_per_s']:.0f}", fmt_x(pos_x), fmt_x(ms_x),
-                         fmt_x(r.get("flop_cost_per_iteration_vs_exact")), over, roof])
+                         f"{r['positions_per_s']:.0f}", fmt_x(pos_x), fmt_x(ms_x), fmt_x(flop_x), ceiling, over,
+                         roof])
         timing = (f"{d['rounds']} alternating rounds, medians" if "rounds" in d else "consecutive repeats, medians")
         note = f"\n\n{d['note']}." if d.get("note") else (
             f"\n\nMeasured at commit {d['commit']}, before the planner head's restriction and cache: its "
             "equivalent forwards leave the heads out.")
+        loop = f", layer loop {d['layer_loop']}, refresh {d['refresh']}" if "layer_loop" in d else ""
         parts.append(f"`{name.name}`: {d['device']}{_before_v2(d)}, {d['model']} {d['dtype']}, B={d['batch']} "
-                     f"P={d['prompt_len']} G={d['gen_len']} block={d['block']} ({timing}); original-work forward "
+                     f"P={d['prompt_len']} G={d['gen_len']} block={d['block']}{loop} ({timing}); original-work forward "
                      f"{d['full_logits_forward_ms']:.2f} ms, same-work forward {d['block_forward_ms']:.2f} ms "
                      f"(+planner {d['planner_forward_ms']:.2f} ms){note}\n\n"
                      + _table(["cache", "strategy", "iters", "ms/iter", "eq. full fwd", "cost/iter", "positions/s",
-                               "positions/s vs exact", "ms/iter vs exact", "FLOP/iter vs exact", "loop overhead",
-                               "of roofline"], rows))
+                               "positions/s vs exact", "ms/iter vs exact", "FLOP/iter vs exact",
+                               "of FLOP ceiling", "loop overhead", "of roofline"], rows))
     return parts
 
 
@@ -478,6 +482,13 @@ def decode_bytes_table() -> list[str]:
             + _table(["code", "cache", "B", "program", "GB accessed", "GB floor", "vs floor", "TFLOP"], rows)]
 
 
+def _machine_note(m: dict) -> str:
+    """The wall-time context a cache_agreement JSON records: a note, or the load average when it started."""
+    if "load_average_at_start" in m:
+        return f"{m.get('cpus', '?')} CPUs, load average {m['load_average_at_start']} when it started"
+    return m.get("note", "")
+
+
 def refresh_agreement_table() -> list[str]:
     """docs/kv-cache.md: agreement, NFE and wall time per cache mode and refresh policy (cache_agreement.py)."""
     parts = []
@@ -490,7 +501,7 @@ def refresh_agreement_table() -> list[str]:
                  f"{r['nfe']:.2f}", f"{r['equivalent_forwards']:.2f}", f"{r['wall_s']:.2f}",
                  f"{r['speedup_vs_exact']:.2f}x"] for r in d["rows"]]
         parts.append(f"`{name}`: {d['model']}, {d['num']} prompts, gen {d['gen_length']}, block {d['block_length']}, "
-                     f"commit {d.get('commit', '?')}; {d.get('machine', {}).get('note', '')}\n\n"
+                     f"commit {d.get('commit', '?')}; {_machine_note(d.get('machine', {}))}\n\n"
                      + _table(["strategy", "cache", "refresh", "accuracy", "token agreement", "NFE", "eq. full fwd",
                                "wall s", "vs exact"], rows))
     return parts

@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 import dultra_jax
-from dultra_jax.decoding import generate
+from dultra_jax.decoding import DecodeConfig, generate
 from dultra_jax.model.layers import positions_and_mask, rope_tables
 
 MODES = ("prefix", "dual")
@@ -184,6 +184,11 @@ def test_unknown_cache_mode(tiny_model):
     with pytest.raises(ValueError, match="refresh_rows"):  # per_row + cache works (tests/test_engine.py)
         generate(tiny_model, _prompts(), gen_length=16, block_length=8, cache="dual", schedule="per_row",
                  refresh_rows=0)
+    with pytest.raises(ValueError, match=r"refresh='suffix' needs schedule='sync' \(sync batches: `--batching"):
+        DecodeConfig(gen_length=16, block_length=8, cache="dual", refresh="suffix", schedule="per_row")
+    with pytest.raises(ValueError, match="refresh='suffix' and layer_loop='unrolled' need schedule='sync'"):
+        DecodeConfig(gen_length=16, block_length=8, cache="dual", refresh="suffix", layer_loop="unrolled",
+                     schedule="per_row")
 
 
 @pytest.mark.parametrize("mode", MODES)

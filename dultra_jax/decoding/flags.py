@@ -30,6 +30,10 @@ HELP: dict[str, str] = {
     "cache": "block KV cache: none (exact), prefix, dual (approximate, faster)",
     "early_stop": "stop a row once it has emitted end-of-text",
     "planner_temperature": "planner strategy: reveal probability sigmoid(logit / T) (default: T = 1)",
+    "refresh": "with a cache: full (every block's first iteration recomputes the whole canvas) or suffix (from "
+               "the previous block on: cheaper, approximate; docs/kv-cache.md)",
+    "layer_loop": "scan (one stacked layer loop: least memory) or unrolled (each layer's weights read in place: "
+                  "fewer bytes per cached iteration)",
     "refresh_rows": "per-row KV cache (continuous batching): rows whose block starts that get their cache "
                     "refresh forward in one iteration (default: a quarter of the slots)",
 }

@@ -120,10 +120,13 @@ class DecodeConfig:
         if self.refresh_rows is not None and self.refresh_rows <= 0:
             raise ValueError(f"refresh_rows must be a positive number of rows, got {self.refresh_rows}")
         if self.schedule == "per_row" and self.cache != "none" and (self.refresh, self.layer_loop) != ("full", "scan"):
+            off = [f"{k}={v!r}" for k, v in (("refresh", self.refresh), ("layer_loop", self.layer_loop))
+                   if v != {"refresh": "full", "layer_loop": "scan"}[k]]
+            verb = "need" if len(off) > 1 else "needs"
             raise ValueError(
                 f"schedule='per_row' with a cache (continuous batching) refreshes each row with a full forward over "
-                f"the scanned layers: refresh={self.refresh!r} and layer_loop={self.layer_loop!r} run with "
-                "schedule='sync' only (set refresh='full', layer_loop='scan')")
+                f"the scanned layers: {' and '.join(off)} {verb} schedule='sync' (sync batches: `--batching "
+                "batched` on the command line), or set refresh='full', layer_loop='scan'")
 
     @property
     def num_blocks(self) -> int:
