@@ -482,6 +482,27 @@ def decode_bytes_table() -> list[str]:
             + _table(["code", "cache", "B", "program", "GB accessed", "GB floor", "vs floor", "TFLOP"], rows)]
 
 
+def diffu_grpo_curve_table() -> list[str]:
+    """docs/diffu-grpo.md: d1's objective from the demo's SFT model (benchmarks/diffu_grpo_curve.py)."""
+    return [_diffu_grpo_curve({**json.loads(p.read_text()), "file": p.name})
+            for p in sorted(RESULTS.glob("diffu_grpo_curve*.json"))]
+
+
+def _diffu_grpo_curve(d: dict) -> str:
+    rows = [[c["step"], f"{c['reward_mean']:.3f}", f"{c['reward_std']:.3f}",
+             f"{c['frac_reward_zero_std']:.2f}" if c.get("frac_reward_zero_std") is not None else "-",
+             f"{c['kl']:.4f}" if c.get("kl") is not None else "-"] for c in d["curve"]]
+    evals = [[e["step"], f"{e['eval_accuracy']:.1%}", f"{e['eval_nfe']:.2f}"] for e in d["evals"]]
+    return (f"`{d['file']}` ({d['device']}, commit {d['commit']}, {d['wall_s'] / 60:.0f} min): "
+            f"`{d['config']}` from {d['start']}, {d['note']}; mu = {d['mu']}, beta = {d['beta']}, learning rate "
+            f"{d['learning_rate']:g}. Mean reward {d['reward_first_quarter']:.3f} over the first quarter of the "
+            f"rollouts -> {d['reward_last_quarter']:.3f} over the last; held-out accuracy "
+            f"{d['accuracy_before']:.1%} -> {d['accuracy_after']:.1%} (NFE {d['nfe_before']:.2f} -> "
+            f"{d['nfe_after']:.2f}).\n\n"
+            + _table(["update", "rollout mean reward", "reward std", "groups with zero std", "KL"], rows)
+            + "\n\n" + _table(["update", "held-out accuracy", "NFE"], evals))
+
+
 def _machine_note(m: dict) -> str:
     """The wall-time context a cache_agreement JSON records: a note, or the load average when it started."""
     if "load_average_at_start" in m:
@@ -521,7 +542,8 @@ SECTIONS = {
     "kv-cache": [("Bytes a cached iteration moves", decode_bytes_table),
                  ("Refresh policies", refresh_agreement_table)],
     "humaneval": [("HumanEval scoring rule: canonical solutions", humaneval_sanitizer_table)],
-    "grpo": [("GRPO step and the replay gradient's cost on the CPU", grpo_step_tables)],  # docs/diffu-grpo.md
+    "grpo": [("GRPO step and the replay gradient's cost on the CPU", grpo_step_tables),  # docs/diffu-grpo.md
+             ("diffu-GRPO from the demo's SFT model", diffu_grpo_curve_table)],
     "demo": [("The demo's trade-off", demo_sweep_tables)],
     "evaluation": [("NFE and TPF of the demo's models", tpf_tables), ("Evaluation throughput", eval_throughput_tables),
                    ("Decoding throughput on the CPU", cpu_throughput_table)],

@@ -20,6 +20,8 @@ CONFIGS = REPO / "configs"
 sys.path.insert(0, str(REPO / "benchmarks"))
 import memory_plan as mp  # noqa: E402
 
+USE_COMPILATION_CACHE = False  # compile-only programs at 8B widths, each built once (tests/conftest.py)
+
 NOT_RUN_CONFIGS = {"rewards.yaml"}  # the reward table (dultra_jax.rewards), not a run
 RUN_CONFIGS = sorted(p for p in CONFIGS.glob("*.yaml") if p.name not in NOT_RUN_CONFIGS)
 

@@ -8,6 +8,8 @@ sys.path.insert(0, str(REPO))
 from benchmarks import decode_bytes as db  # noqa: E402
 from benchmarks._common import model_config  # noqa: E402
 
+USE_COMPILATION_CACHE = False  # compile-only programs at 8B widths, each built once (tests/conftest.py)
+
 # wide enough that weights, not activations, dominate what an iteration must read; two layers, one compile each
 CFG = model_config("cpu", d_model=512, mlp_hidden_size=1536, n_heads=8, n_kv_heads=8, n_layers=2)
 

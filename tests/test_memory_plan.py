@@ -14,6 +14,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 import memory_plan as mp  # noqa: E402
 
+USE_COMPILATION_CACHE = False  # compile-only programs at 8B widths, each built once (tests/conftest.py)
+
 TINY = REPO / "configs" / "tiny_cpu.yaml"
 
 
