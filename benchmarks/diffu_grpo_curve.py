@@ -51,7 +51,7 @@ def main() -> None:
     cfg = load_run_config(CONFIG, [
         f"model.path={sft.absolute()}", "task.max_operand=20", f"task.num_eval={args.num_eval}",
         f"eval.num_examples={args.num_eval}", f"train.max_steps={args.steps}", f"train.batch_size={args.prompts}",
-        f"grpo.num_generations={8}", f"train.eval_every={args.eval_every}", f"train.save_every={args.steps}",
+        "grpo.num_generations=8", f"train.eval_every={args.eval_every}", f"train.save_every={args.steps}",
         f"optim.learning_rate={args.learning_rate}"])
     trainer = Trainer(cfg, run_dir, progress=True)
     t0 = time.perf_counter()
