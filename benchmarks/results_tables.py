@@ -519,18 +519,40 @@ def refresh_agreement_table() -> list[str]:
             continue
         pct = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
         rows = [[r["strategy"], r["cache"], r["refresh"], pct(r["accuracy"], ".1%"), f"{r['token_agreement']:.1%}",
-                 f"{r['nfe']:.2f}", f"{r['equivalent_forwards']:.2f}", f"{r['wall_s']:.2f}",
-                 f"{r['speedup_vs_exact']:.2f}x"] for r in d["rows"]]
+                 pct(r.get("agreement_with_full_refresh"), ".1%"), f"{r['nfe']:.2f}",
+                 f"{r['equivalent_forwards']:.2f}", f"{r['wall_s']:.2f}", f"{r['speedup_vs_exact']:.2f}x"]
+                for r in d["rows"]]
         parts.append(f"`{name}`: {d['model']}, {d['num']} prompts, gen {d['gen_length']}, block {d['block_length']}, "
                      f"commit {d.get('commit', '?')}; {_machine_note(d.get('machine', {}))}\n\n"
-                     + _table(["strategy", "cache", "refresh", "accuracy", "token agreement", "NFE", "eq. full fwd",
-                               "wall s", "vs exact"], rows))
+                     + _table(["strategy", "cache", "refresh", "accuracy", "token agreement",
+                               "agreement with full refresh", "NFE", "eq. full fwd", "wall s", "vs exact"], rows))
+    return parts
+
+
+def original_side_by_side_table() -> list[str]:
+    """benchmarks/original_side_by_side.py: our planner decoders against the original's, in PyTorch."""
+    parts = []
+    for name in sorted(RESULTS.glob("original_side_by_side_*.json")):
+        d = json.loads(name.read_text())
+        fmt = lambda v: "-" if v is None else f"{v:.1%}"  # noqa: E731
+        rows = [[r["variant"], r["iterations"], f"{r['wall_s']:.3f}", f"{r['ms_per_iteration']:.2f}",
+                 f"{r['vs_original']:.2f}x", f"{r['vs_original_per_iteration']:.2f}x",
+                 fmt(r["agreement_with_original"]), fmt(r["agreement_with_dual"])] for r in d["rows"]]
+        golden = "all passed" if all(v is True or (not isinstance(v, bool) and v <= 1e-4)
+                                     for v in d["golden_checks"].values()) else "FAILED"
+        parts.append(f"`{name.name}`: {d['device']}, torch {d['torch']} ({d['torch_threads']} threads) and jax "
+                     f"{d['jax']}, commit {d['commit']}, {d['model']} {d['dtype']} B={d['batch']} P={d['prompt_len']} "
+                     f"G={d['gen_len']} block={d['block']}; golden checks of the PyTorch port: {golden}. "
+                     f"{d['note']}.\n\n"
+                     + _table(["variant", "iterations", "wall s", "ms/iter", "vs original", "vs original per iteration",
+                               "tokens as original", "tokens as dual"], rows))
     return parts
 
 
 SECTIONS = {
     "summary": [],
     "results": [("Forward vs roofline", forward_tables), ("Decoding per cache mode", decode_tables),
+                ("Against the original's PyTorch decoder", original_side_by_side_table),
                 ("Continuous batching", continuous_tables),
                 ("Decode throughput sweep (8B shapes)", throughput_table),
                 ("Toy acceptance (GRPO with a step penalty)", toy_table),
