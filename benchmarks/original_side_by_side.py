@@ -41,6 +41,12 @@ VARIANTS = {
 }
 
 
+# Idle time before every timed run: the other side's thread pool (OpenMP in torch, by default) keeps spinning
+# on the cores for a while after its last parallel region, and would be timed as ours (measured: +30% on our
+# exact run without it).
+SETTLE_S = 1.0
+
+
 class TorchWorker:
     """The original's decoder in its own process, driven one JSON command at a time."""
 
@@ -113,8 +119,10 @@ def main() -> None:
         original_tokens = np.load(tmp / "original.npy")
         walls: dict[str, list[float]] = {n: [] for n in ["original", *names]}
         for r in range(args.rounds):
+            time.sleep(SETTLE_S)
             walls["original"].append(worker.ask(**torch_cmd)["wall_s"])
             for n, kw in kws.items():
+                time.sleep(SETTLE_S)
                 t0 = time.perf_counter()
                 jax.block_until_ready(generate(model, prompts, **kw).tokens)
                 walls[n].append(time.perf_counter() - t0)
