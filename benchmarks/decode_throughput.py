@@ -110,6 +110,8 @@ def main() -> None:
                     help="DecodeConfig.layer_loop (unrolled: per-layer weight buffers, each read once in place)")
     ap.add_argument("--refresh", default="full", choices=("full", "suffix"),
                     help="DecodeConfig.refresh of the cached variants")
+    ap.add_argument("--skip-bare", action="store_true",
+                    help="do not time the dual planner's refresh and cached iteration bare (saves two compiles)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
@@ -146,9 +148,9 @@ def main() -> None:
         return m.lm_logits(h[:, p:p + bl]), m.planner_logits(h, t, mask_index, query_cols=cols)
 
     # dual only: its window is the block at every iteration (prefix's shrinks block by block)
-    dual = ["dual"] if "dual" in [c.strip() for c in args.cache.split(",")] else []
+    dual = ["dual"] if "dual" in [c.strip() for c in args.cache.split(",")] and not args.skip_bare else []
     bare = cached_programs(cfg, graphdef, state, canvas, mask_index, t, p, g, bl, dual, args.layer_loop)
-    rate = matmul_rate(dtype, 8192 if on_gpu else 1024, iters=10)
+    rate = matmul_rate(dtype, 8192 if on_gpu else 1024, iters=10, best=True)  # peak: robust to drift
     bandwidth = memory_bandwidth(2**28 if on_gpu else 2**24)
     weight_bytes = sum(int(a.size) * a.dtype.itemsize for a in jax.tree.leaves(state))
     floor_ms = 1e3 * weight_bytes / bandwidth  # every weight read once per iteration: the batch-1 floor

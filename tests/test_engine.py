@@ -153,6 +153,23 @@ def test_per_row_cache_rows_equal_each_prompt_alone(tiny_model, cache, kw):
     assert waited > 0  # both first rows start their first block together: one waits for its refresh
 
 
+def test_per_row_cache_survives_the_batch_widening_and_narrowing(tiny_model):
+    """A long prompt joins running short rows with the dual cache: the canvas and every row's cached K/V are
+    re-padded to the wider prompt width and back (the cache's canvas axis, not its heads axis); each prompt
+    still decodes as alone with the same cache."""
+    short, long_ = _prompts(4, seed=1), _prompts(1, seed=2, lo=20, hi=21)
+    prompts = short[:2] + long_ + short[2:]  # runs at 16, widens to 24 for the long one, narrows after it
+    common = dict(KW, cache="dual")
+    eng = DecodeEngine(tiny_model, decode_config(**common), slots=2, segment=2)
+    handles = [eng.submit(p, seed=i) for i, p in enumerate(prompts)]
+    got = {f.handle: f for f in eng.run()}
+    assert eng.widths_used == {16, 24}
+    for h, p in zip(handles, prompts, strict=True):
+        tokens, nfe = _alone(tiny_model, p, h, **common)
+        np.testing.assert_array_equal(got[h].tokens, tokens)
+        assert got[h].nfe == nfe
+
+
 def test_engine_on_a_mesh_equals_one_device_per_prompt(tiny_model):
     """Slots split over 4 fake CPU devices (data=4), with the dual cache: each prompt as decoded alone."""
     import jax
