@@ -57,6 +57,8 @@ def main() -> None:
     ap.add_argument("--cache", default="none,dual", help="cache modes to run (none | prefix | dual), comma-separated")
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--dtype", default=None, help="default fp32 on CPU, bf16 on GPU")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="alternating timed rounds (both runs once per round); wall times and their ratio are medians")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
@@ -75,21 +77,25 @@ def main() -> None:
     rows = []
     for cache, slots in [(c, int(s)) for c in args.cache.split(",") for s in args.slots.split(",")]:
         kw = dict(base, cache=cache)
-        out = {}
-        for name, run in (("generate_many", lambda s=slots, kw=kw: generate_many(model, prompts, slots=s, **kw)),
-                          ("batched_generate", lambda s=slots, kw=kw: batched(model, prompts, s, kw))):
-            run()  # compile every bucket's loop
-            t0 = time.perf_counter()
-            res = run()
-            out[name] = (time.perf_counter() - t0, res)
-        wall_m, many = out["generate_many"]
-        wall_b, (tok_b, nfe_b, it_b) = out["batched_generate"]
+        runs = {"generate_many": lambda s=slots, kw=kw: generate_many(model, prompts, slots=s, **kw),
+                "batched_generate": lambda s=slots, kw=kw: batched(model, prompts, s, kw)}
+        out = {name: run() for name, run in runs.items()}  # compile every bucket's loop
+        walls = {name: [] for name in runs}
+        for _ in range(args.rounds):  # alternate, so a drift of the machine's speed hits both alike
+            for name, run in runs.items():
+                t0 = time.perf_counter()
+                out[name] = run()
+                walls[name].append(time.perf_counter() - t0)
+        wall_m, many = float(np.median(walls["generate_many"])), out["generate_many"]
+        wall_b, (tok_b, nfe_b, it_b) = float(np.median(walls["batched_generate"])), out["batched_generate"]
+        ratio = float(np.median(np.asarray(walls["batched_generate"]) / np.asarray(walls["generate_many"])))
         same = all(np.array_equal(a, b) for a, b in zip(many.tokens, tok_b, strict=True))
         timing = many.timing
         rows.append({
             "cache": cache, "slots": slots, "generate_many_iterations": many.iterations, "batched_iterations": it_b,
             "iterations_ratio": round(it_b / many.iterations, 3), "generate_many_wall_s": round(wall_m, 3),
-            "batched_wall_s": round(wall_b, 3), "wall_ratio": round(wall_b / wall_m, 3),
+            "batched_wall_s": round(wall_b, 3), "wall_ratio": round(ratio, 3),
+            "wall_s_rounds": {k: [round(w, 3) for w in v] for k, v in walls.items()},
             "mean_nfe": float(np.mean(many.nfe)), "max_nfe": int(np.max(many.nfe)),
             "same_tokens_and_nfe": bool(same and np.array_equal(many.nfe, nfe_b)),
             "segments": timing["segments"], "segment_ms": round(1e3 * timing["segment_s"] / timing["segments"], 2),
@@ -100,11 +106,12 @@ def main() -> None:
         "benchmark": "continuous_batching", "device": device_name(), "jax": jax.__version__, "commit": commit(),
         "model": args.model, "dtype": jnp.dtype(dtype).name, "prompts": args.prompts,
         "prompt_lengths": [args.min_len, args.max_len], "gen_len": args.gen_len, "block": args.block,
-        "strategy": "planner (bernoulli)", "rows": rows,
+        "strategy": "planner (bernoulli)", "rounds": args.rounds, "rows": rows,
         "note": ("random weights: the NFE spread across rows is a random planner's. Iterations are loop forwards "
                  "of the batch; host_fraction is the engine's host time between compiled segments over its time "
                  "in them; "
-                 "wall time is one warm run of each on "
+                 + (f"wall times are medians of {args.rounds} alternating warm rounds (the ratio: the median of "
+                    "the ratios within a round) on " if args.rounds > 1 else "wall time is one warm run of each on ")
                  + ("a GPU" if on_gpu else "a CPU machine shared with other jobs (its speed drifts)")),
     }
     print(f"{result['device']}  {args.model} {result['dtype']}  {args.prompts} prompts of {args.min_len}-"
