@@ -115,6 +115,8 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
+    if args.rounds < 1:
+        raise SystemExit(f"--rounds must be at least 1, got {args.rounds}")
     on_gpu = jax.default_backend() == "gpu"
     dtype = parse_dtype(args.dtype or ("bf16" if on_gpu else "fp32"))
     cfg = model_config(args.model)

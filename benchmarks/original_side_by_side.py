@@ -85,9 +85,18 @@ def main() -> None:
     args = ap.parse_args()
     if not args.torch_python:
         sys.exit("--torch-python is required: an interpreter with torch==2.13.0 (e.g. a separate venv)")
+    if args.rounds < 1:
+        raise SystemExit(f"--rounds must be at least 1, got {args.rounds}")
     names = [n.strip() for n in args.variants.split(",") if n.strip()]
     if unknown := [n for n in names if n not in VARIANTS]:
         sys.exit(f"--variants: unknown {unknown}; choose from {list(VARIANTS)}")
+    try:
+        probe = subprocess.run([args.torch_python, "-c", "import torch, safetensors"], capture_output=True, timeout=120)
+    except OSError as e:
+        sys.exit(f"--torch-python {args.torch_python!r} cannot be run ({e.strerror}): pass an interpreter with torch")
+    if probe.returncode != 0:
+        sys.exit(f"--torch-python {args.torch_python!r} cannot import torch and safetensors: install them there "
+                 "(pip install torch==2.13.0 safetensors numpy)")
     if jax.default_backend() != "cpu":
         sys.exit("this comparison runs on the CPU (the PyTorch side is the original's CPU fp32 path)")
 

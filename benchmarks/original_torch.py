@@ -227,6 +227,9 @@ def main() -> None:
     if args.worker:
         worker()
     elif args.check_golden:
+        if not (Path(args.check_golden) / "golden.npz").is_file():
+            sys.exit(f"{args.check_golden}: no golden.npz there; pass the fixture directory "
+                     "(tests/fixtures/lladou-tiny)")
         result = check_golden(args.check_golden)
         print(json.dumps(result, indent=2))
         sys.exit(0 if result["ok"] else 1)
