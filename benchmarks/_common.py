@@ -13,11 +13,14 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from dultra_jax.atomic import write_atomic
 from dultra_jax.config import ModelConfig, preset
+from dultra_jax.decoding import kv_cache
+from dultra_jax.decoding import loop as decode_loop
 from dultra_jax.eval.env import device_name, git_commit
 from dultra_jax.model import DUltra
 
@@ -36,7 +39,7 @@ STRATEGY_ARGS = {
 }
 
 __all__ = [
-    "CPU_CONFIG", "RANDOM_MODELS", "RESULTS", "STRATEGY_ARGS", "commit", "device_name",
+    "CPU_CONFIG", "RANDOM_MODELS", "RESULTS", "STRATEGY_ARGS", "commit", "device_name", "loop_programs",
     "matmul_params", "matmul_rate", "median_ms", "model_config", "random_model",
     "random_prompts", "write_json",
 ]
@@ -104,6 +107,34 @@ def matmul_params(model: DUltra) -> dict[str, int]:
     return {"total": total, "planner": planner, "planner_per_position": planner_tokens, "embedding": embed,
             "lm_head": lm_head,
             "blocks": backbone - lm_head, "backbone_matmul": backbone}
+
+
+def loop_programs(graphdef, *, batch: int, prompt: int, gen: int, block_length: int, mode: str, block: int = 0):
+    """The decoding loop's own refresh and cached iteration of ``block``, jitted bare (no loop), each followed by
+    the block's logits as the loop body does: ``(refresh, cached, shape)`` with
+    ``refresh(state, x, mask_index, timestep) -> (logits, plan, cache)``,
+    ``cached(state, x, mask_index, timestep, cache, s) -> (logits, plan)`` (``s``: dual's window start, traced as
+    the loop passes it; prefix's is static) and ``shape`` = window, window_start and canvas widths."""
+    dcfg = decode_loop.DecodeConfig(gen_length=gen, block_length=block_length, strategy="planner", cache=mode)
+    length = prompt + gen
+    rows = decode_loop.Rows(keys=None, length=jnp.full((batch,), float(length), jnp.float32), mask=None)
+    start = jnp.full((batch,), prompt + block * block_length, jnp.int32)
+    w_start, width = kv_cache.window_start_width(mode, prompt, gen, block_length, block)
+
+    @jax.jit
+    def refresh(state, x, mask_index, timestep):
+        model = nnx.merge(graphdef, state)
+        h, plan, cache = decode_loop._full_forward(model, x, rows, start, dcfg, mask_index, timestep)
+        return model.lm_logits(h), plan, cache
+
+    @jax.jit
+    def cached(state, x, mask_index, timestep, cache, s):
+        model = nnx.merge(graphdef, state)
+        w = s if mode == "dual" else w_start
+        h, plan = decode_loop._window_forward(model, x, rows, w, width, dcfg, mask_index, timestep, cache)
+        return model.lm_logits(h), plan
+
+    return refresh, cached, {"window": width, "window_start": w_start, "canvas": length}
 
 
 def write_json(path: Path, obj: Any) -> None:

@@ -34,8 +34,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from benchmarks._common import RESULTS, commit, model_config, write_json  # noqa: E402
-from dultra_jax.decoding import kv_cache  # noqa: E402
+from benchmarks._common import RESULTS, commit, loop_programs, model_config, write_json  # noqa: E402
 from dultra_jax.decoding import loop as L  # noqa: E402
 from dultra_jax.model import DUltra  # noqa: E402
 
@@ -67,24 +66,9 @@ def programs(cfg, *, batch: int, prompt: int, gen: int, block_length: int, mode:
              dtype=jnp.float32, layer_loop: str = "unrolled"):
     """{name: (jitted fn, abstract args, floor bytes)} of the cached iteration and the refresh of ``block``."""
     graphdef, state = abstract_model(cfg, dtype, layer_loop)
-    dcfg = L.DecodeConfig(gen_length=gen, block_length=block_length, strategy="planner", cache=mode)
-    length = prompt + gen
-    rows = L.Rows(keys=None, length=jnp.full((batch,), float(length), jnp.float32), mask=None)
-    s0 = prompt + block * block_length
-    start = jnp.full((batch,), s0, jnp.int32)
-
-    def refresh(state, x, mask_index, timestep):
-        model = nnx.merge(graphdef, state)
-        h, plan, cache = L._full_forward(model, x, rows, start, dcfg, mask_index, timestep)
-        return model.lm_logits(h), plan, cache
-
-    w_start, width = kv_cache.window_start_width(mode, prompt, gen, block_length, block)
-
-    def cached(state, x, mask_index, timestep, cache, s):
-        model = nnx.merge(graphdef, state)
-        w = s if mode == "dual" else w_start  # the loop passes dual's start traced, prefix's static
-        h, plan = L._window_forward(model, x, rows, w, width, dcfg, mask_index, timestep, cache)
-        return model.lm_logits(h), plan
+    refresh, cached, shape = loop_programs(graphdef, batch=batch, prompt=prompt, gen=gen,
+                                           block_length=block_length, mode=mode, block=block)
+    length, width = shape["canvas"], shape["window"]
 
     x = jax.ShapeDtypeStruct((batch, length), jnp.int32)
     mi = jax.ShapeDtypeStruct((batch, length), jnp.bool_)
@@ -99,11 +83,11 @@ def programs(cfg, *, batch: int, prompt: int, gen: int, block_length: int, mode:
     param_read = _nbytes(params) - embed
     cache_bytes = _nbytes(cache)
     return {
-        "cached": (jax.jit(cached), (state, x, mi, t, cache, s),
+        "cached": (cached, (state, x, mi, t, cache, s),
                    {"params": param_read + batch * width * row_bytes, "cache": cache_bytes}),
-        "refresh": (jax.jit(refresh), (state, x, mi, t),
+        "refresh": (refresh, (state, x, mi, t),
                     {"params": param_read + batch * length * row_bytes, "cache": cache_bytes}),
-    }, {"window": width, "window_start": w_start, "canvas": length}
+    }, shape
 
 
 def measure(fn, args) -> dict:

@@ -33,6 +33,7 @@ from _common import (
     STRATEGY_ARGS,
     commit,
     device_name,
+    loop_programs,
     matmul_rate,
     model_config,
     random_model,
@@ -42,7 +43,7 @@ from _common import (
 from flax import nnx
 
 from dultra_jax.checkpoints.hf import parse_dtype
-from dultra_jax.decoding import generate, kv_cache
+from dultra_jax.decoding import generate
 from dultra_jax.decoding import loop as decode_loop
 from dultra_jax.decoding.cost import iteration_flops
 
@@ -60,36 +61,19 @@ def memory_bandwidth(n: int, iters: int = 10) -> float:
     return 2 * 4 * n / float(np.median(times))
 
 
-def cached_programs(cfg, graphdef, state, canvas, mask_index, t, p: int, g: int, bl: int, modes, layer_loop: str):
-    """{name: call} of the planner loop's own refresh (``_full_forward``) and cached iteration (``_window_forward``)
-    of each cache mode, each followed by the block's logits as the loop body does, jitted bare (no loop): what a
-    cached iteration's time is made of, at block 0."""
+def cached_programs(graphdef, state, canvas, mask_index, t, p: int, g: int, bl: int, modes, layer_loop: str):
+    """{name: call} of the planner loop's own refresh and cached iteration (:func:`_common.loop_programs`) of
+    each cache mode at block 0 on these weights and this canvas: what a cached iteration's time is made of."""
     if layer_loop == "unrolled":
         graphdef, state = decode_loop.unstacked_layers(graphdef, state)
-    b, length = canvas.shape
-    rows = decode_loop.Rows(keys=None, length=jnp.full((b,), float(length), jnp.float32), mask=None)
-    start = jnp.full((b,), p, jnp.int32)
     calls = {}
     for mode in modes:
-        dcfg = decode_loop.DecodeConfig(gen_length=g, block_length=bl, strategy="planner", cache=mode,
-                                        layer_loop=layer_loop)
-        width = kv_cache.window_start_width(mode, p, g, bl, 0)[1]
-
-        @jax.jit
-        def refresh(state, x, dcfg=dcfg):
-            m = nnx.merge(graphdef, state)
-            h, plan, cache = decode_loop._full_forward(m, x, rows, start, dcfg, mask_index, t)
-            return m.lm_logits(h), plan, cache
-
-        @jax.jit
-        def window(state, x, cache, dcfg=dcfg, width=width):
-            m = nnx.merge(graphdef, state)
-            h, plan = decode_loop._window_forward(m, x, rows, p, width, dcfg, mask_index, t, cache)
-            return m.lm_logits(h), plan
-
-        cache = refresh(state, canvas)[2]
-        calls[f"refresh_{mode}"] = lambda refresh=refresh: refresh(state, canvas)
-        calls[f"window_{mode}"] = lambda window=window, cache=cache: window(state, canvas, cache)
+        refresh, cached, _ = loop_programs(graphdef, batch=canvas.shape[0], prompt=p, gen=g, block_length=bl,
+                                           mode=mode)
+        cache = refresh(state, canvas, mask_index, t)[2]
+        calls[f"refresh_{mode}"] = lambda refresh=refresh: refresh(state, canvas, mask_index, t)
+        calls[f"window_{mode}"] = lambda cached=cached, cache=cache: cached(state, canvas, mask_index, t, cache,
+                                                                            jnp.int32(p))
     return calls
 
 
@@ -151,7 +135,7 @@ def main() -> None:
 
     # dual only: its window is the block at every iteration (prefix's shrinks block by block)
     dual = ["dual"] if "dual" in [c.strip() for c in args.cache.split(",")] and not args.skip_bare else []
-    bare = cached_programs(cfg, graphdef, state, canvas, mask_index, t, p, g, bl, dual, args.layer_loop)
+    bare = cached_programs(graphdef, state, canvas, mask_index, t, p, g, bl, dual, args.layer_loop)
     rate = matmul_rate(dtype, 8192 if on_gpu else 1024, iters=10, best=True)  # peak: robust to drift
     bandwidth = memory_bandwidth(2**28 if on_gpu else 2**24)
     weight_bytes = sum(int(a.size) * a.dtype.itemsize for a in jax.tree.leaves(state))

@@ -86,7 +86,7 @@ def main() -> None:
     if not args.torch_python:
         sys.exit("--torch-python is required: an interpreter with torch==2.13.0 (e.g. a separate venv)")
     if args.rounds < 1:
-        raise SystemExit(f"--rounds must be at least 1, got {args.rounds}")
+        sys.exit(f"--rounds must be at least 1, got {args.rounds}")
     names = [n.strip() for n in args.variants.split(",") if n.strip()]
     if unknown := [n for n in names if n not in VARIANTS]:
         sys.exit(f"--variants: unknown {unknown}; choose from {list(VARIANTS)}")
@@ -152,7 +152,7 @@ def main() -> None:
         iters = int(res.iterations)
         tokens = np.asarray(res.tokens)
         rows.append({
-            "variant": n, **{k: v for k, v in VARIANTS[n].items()}, "iterations": iters,
+            "variant": n, **VARIANTS[n], "iterations": iters,
             "wall_s": round(wall, 4), "wall_s_rounds": [round(w, 4) for w in walls[n]],
             "ms_per_iteration": round(1e3 * wall / iters, 3),
             "vs_original": round(original_wall / wall, 3),

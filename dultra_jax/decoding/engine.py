@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dultra_jax.decoding import loop
+from dultra_jax.decoding import kv_cache, loop
 from dultra_jax.model.dultra import DUltra
 
 SEGMENT = 64  # default cap on the iterations of one compiled segment (a streaming host sees progress this often)
@@ -405,7 +405,7 @@ def _repad(st: loop.LoopState, rws: loop.Rows, old: int, new: int, pad_id: int):
             return jnp.pad(a, widths, constant_values=fill)
         return jax.lax.slice_in_dim(a, old - new, a.shape[axis], axis=axis)
 
-    # the per-row cache is stacked and heads-major: [layers, n, N_kv, L, h], canvas columns on axis -2
-    cache = None if st.cache is None else jax.tree.map(lambda a: cols(a, a.ndim - 2, 0), st.cache)
+    cache = None if st.cache is None else jax.tree.map(lambda a: cols(a, a.ndim + kv_cache.POSITION_AXIS, 0),
+                                                       st.cache)
     st = dataclasses.replace(st, x=cols(st.x, 1, pad_id), cache=cache)
     return st, dataclasses.replace(rws, mask=cols(rws.mask, 1, 0))

@@ -40,6 +40,9 @@ CacheMode = Literal["none", "prefix", "dual"]
 CACHE_MODES = ("none", "prefix", "dual")
 RefreshPolicy = Literal["full", "suffix"]
 REFRESH_POLICIES = ("full", "suffix")
+# The canvas (position) axis of a cache buffer, from the end: [B, N_kv, L, h] per layer, [n, B, N_kv, L, h]
+# stacked. Everything that slices, pads or writes a cache along the canvas goes through it.
+POSITION_AXIS = -2
 
 
 @jax.tree_util.register_dataclass
@@ -67,11 +70,9 @@ def suffix_window(p: int, g: int, block_length: int, block: int) -> tuple[int, i
 
 
 def write_window(cache: LayerKV | list[LayerKV], fresh: LayerKV | list[LayerKV], start: int) -> LayerKV | list:
-    """The cache with the fresh K/V of a window written at canvas column ``start`` (stacked: [n, B, N, W, h] at
-    axis 3; per-layer lists: [B, N, W, h] at axis 2)."""
-    def put(c, f, axis):
-        return jax.lax.dynamic_update_slice_in_dim(c, f.astype(c.dtype), start, axis=axis)
+    """The cache with the fresh K/V of a window written at canvas column ``start`` (stacked [n, B, N, W, h] or
+    per-layer lists of [B, N, W, h]: along :data:`POSITION_AXIS` either way)."""
+    def put(c, f):
+        return jax.lax.dynamic_update_slice_in_dim(c, f.astype(c.dtype), start, axis=c.ndim + POSITION_AXIS)
 
-    if isinstance(cache, list):
-        return [jax.tree.map(lambda c, f: put(c, f, 2), c, f) for c, f in zip(cache, fresh, strict=True)]
-    return jax.tree.map(lambda c, f: put(c, f, 3), cache, fresh)
+    return jax.tree.map(put, cache, fresh)
