@@ -135,7 +135,12 @@ def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, cache: LayerKV, s
     """Attention of queries q [B, Q, N, h] over [the cache outside columns [start, start+W)] U [the fresh
     window k, v [B, W, N_kv, h]], one float32 softmax over both: what attending to the cache with the window
     written over it computes, without writing it (the cache [B, N_kv, L, h] is read once, never copied).
-    ``mask`` [B, 1, 1, L] is the canvas' key mask (or None)."""
+    ``mask`` [B, 1, 1, L] is the canvas' key mask (or None).
+
+    The softmax is taken in two parts that share one maximum and one denominator (no concatenation of the two
+    score blocks, and the normalisation is applied to the [Q, h] output rather than to the [Q, L] weights), with
+    keys before queries in the score layout, the order the cache's matmul produces: each score element is
+    written once and read by the reductions and the exponent only (docs/kv-cache.md, bytes per iteration)."""
     b, nq, n, h = q.shape
     width, n_kv = k.shape[1], k.shape[2]
     length = cache.keys.shape[2]
@@ -154,12 +159,17 @@ def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, cache: LayerKV, s
         keep_c = keep_c & kmask
         keep_w = jax.lax.dynamic_slice_in_dim(kmask, start, width, axis=1)
     neg = jnp.finfo(jnp.float32).min
-    s_c = jnp.where(keep_c[:, None, None, None, :], scores("bqkgh,bklh->bkgql", cache.keys), neg)
-    s_w = jnp.where(keep_w[:, None, None, None, :], scores("bqkgh,blkh->bkgql", k), neg)
-    probs = jax.nn.softmax(jnp.concatenate([s_c, s_w], axis=-1), axis=-1).astype(v.dtype)
-    out = (jnp.einsum("bkgql,bklh->bqkgh", probs[..., :length], cache.values.astype(v.dtype))
-           + jnp.einsum("bkgql,blkh->bqkgh", probs[..., length:], v))
-    return out.reshape(b, nq, n, h)
+    # [B, N_kv, G, keys, Q]
+    s_c = jnp.where(keep_c[:, None, None, :, None], scores("bqkgh,bklh->bkglq", cache.keys), neg)
+    s_w = jnp.where(keep_w[:, None, None, :, None], scores("bqkgh,blkh->bkglq", k), neg)
+    top = jnp.maximum(s_c.max(-2, keepdims=True), s_w.max(-2, keepdims=True))
+    p_c, p_w = jnp.exp(s_c - top), jnp.exp(s_w - top)
+    total = p_c.sum(-2) + p_w.sum(-2)  # [B, N_kv, G, Q]
+    out = (jnp.einsum("bkglq,bklh->bqkgh", p_c.astype(v.dtype), cache.values.astype(v.dtype),
+                      preferred_element_type=jnp.float32)
+           + jnp.einsum("bkglq,blkh->bqkgh", p_w.astype(v.dtype), v, preferred_element_type=jnp.float32))
+    out = out / jnp.moveaxis(total, -1, 1)[..., None]
+    return out.astype(v.dtype).reshape(b, nq, n, h)
 
 
 class Block(nnx.Module):
