@@ -36,7 +36,7 @@ from dultra_jax.decoding import planner_step as ps
 from dultra_jax.decoding.cost import iteration_cost
 from dultra_jax.decoding.reveal import BlockStep, rule_of
 from dultra_jax.model.dultra import DUltra
-from dultra_jax.model.layers import positions_and_mask
+from dultra_jax.model.layers import WindowStart, positions_and_mask, take_positions
 
 Strategy = Literal["planner", "threshold", "factor", "fixed"]
 STRATEGIES = ("planner", "threshold", "factor", "fixed")
@@ -480,30 +480,45 @@ def _full_forward(model: DUltra, x, rows: Rows, start, cfg: DecodeConfig, mask_i
 
 
 def _window_forward(model: DUltra, x, rows: Rows, start: jax.Array | int, width: int, cfg: DecodeConfig,
-                    mask_index, timestep, cache: kv_cache.DecodeCache):
+                    mask_index, timestep, cache: kv_cache.DecodeCache, fresh: jax.Array | None = None):
     """Cached iteration: backbone and head on canvas columns [start, start + width) over the cached K/V; the
-    block is the window's first block_length positions."""
+    block is the window's first block_length positions. With ``fresh`` (a column of the window, [B]) the block
+    is the block_length positions from ``fresh`` on, and the window's columns before it read the cache
+    (:class:`WindowStart`): what a window starting at ``fresh`` computes, at a static width."""
     b, length = x.shape
     bl = cfg.block_length
     positions, kmask = positions_and_mask(b, length, rows.mask)
     win = lambda a: jax.lax.dynamic_slice_in_dim(a, start, width, axis=1)  # noqa: E731
     pos_w = win(positions)
-    hidden = model.backbone.hidden_states(win(x), pos_w, kmask, cache.backbone, start)
+    span = start if fresh is None else WindowStart(window=start, fresh=fresh)
+    hidden = model.backbone.hidden_states(win(x), pos_w, kmask, cache.backbone, span)
+    if fresh is None:
+        # the block is the window's first bl positions: a slice (none when the window is the block), no gather
+        query, block = (None if width == bl else bl), hidden[:, :bl]
+    else:
+        off = (fresh - start).reshape(b, 1)
+        query = off + jnp.arange(bl, dtype=jnp.int32)
+        block = take_positions(hidden, query)
     plan = None
     if cfg.strategy == "planner":
-        # the block is the window's first bl positions: a slice (none when the window is the block), no gather
-        plan = model.planner(hidden, timestep, win(mask_index), pos_w, kmask, query=None if width == bl else bl,
-                             cache=cache.head, start=start)
-    return hidden[:, :bl], plan
+        plan = model.planner(hidden, timestep, win(mask_index), pos_w, kmask, query=query, cache=cache.head,
+                             start=span)
+    return block, plan
 
 
 def _cached_window(model: DUltra, x, rows: Rows, start, blk, cfg: DecodeConfig, mask_index, timestep,
                    cache: kv_cache.DecodeCache, p: int):
     """A cached iteration of block ``blk`` (a scalar) starting at column ``start``: dual's window is the block,
-    prefix's everything from it on (one static width per block, chosen with ``lax.switch``)."""
+    prefix's everything from it on (one static width per block, chosen with ``lax.switch``). Under ``per_row``
+    (vmapped over rows, where a switch would run every branch) prefix's window is block 0's for every block,
+    the row's finished blocks in it read from the cache: the same result at one static width."""
     g, bl, nb = cfg.gen_length, cfg.block_length, cfg.num_blocks
     if cfg.cache == "dual":
         return _window_forward(model, x, rows, start, bl, cfg, mask_index, timestep, cache)
+    if cfg.schedule == "per_row":
+        w_start, width = kv_cache.window_start_width("prefix", p, g, bl, 0)
+        fresh = jnp.broadcast_to(start, (x.shape[0],))
+        return _window_forward(model, x, rows, w_start, width, cfg, mask_index, timestep, cache, fresh=fresh)
 
     def branch(i):
         w_start, width = kv_cache.window_start_width("prefix", p, g, bl, i)

@@ -109,6 +109,19 @@ class LayerKV:
     values: jax.Array
 
 
+@jax.tree_util.register_dataclass
+@dataclass
+class WindowStart:
+    """Where a cached window sits: its first canvas column ``window``, and ``fresh``, the first of its columns
+    whose keys/values are the window's own; the columns in between read the cache, as the columns outside the
+    window do. One static window width can then serve every block of a row (per-row prefix caching: the window
+    always starts at the prompt's end, and a row's finished blocks in it are read from the cache, exactly as a
+    window starting at the row's block would read them)."""
+
+    window: jax.Array | int
+    fresh: jax.Array | int
+
+
 Query = jax.Array | int  # per-row indices [B, Q] into the positions, or a static Q: the first Q positions
 
 
@@ -134,12 +147,13 @@ def attention(
     return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=False, implementation=impl)
 
 
-def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, cache: LayerKV, start: jax.Array | int,
-                     mask: jax.Array | None) -> jax.Array:
+def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, cache: LayerKV,
+                     start: jax.Array | int | WindowStart, mask: jax.Array | None) -> jax.Array:
     """Attention of queries q [B, Q, N, h] over [the cache outside columns [start, start+W)] U [the fresh
     window k, v [B, W, N_kv, h]], one float32 softmax over both: what attending to the cache with the window
     written over it computes, without writing it (the cache [B, N_kv, L, h] is read once, never copied).
-    ``mask`` [B, 1, 1, L] is the canvas' key mask (or None).
+    ``mask`` [B, 1, 1, L] is the canvas' key mask (or None). A :class:`WindowStart` ``start`` takes the
+    window's columns before its ``fresh`` one from the cache as well.
 
     The softmax is taken in two parts that share one maximum and one denominator (no concatenation of the two
     score blocks, and the normalisation is applied to the [Q, h] output rather than to the [Q, L] weights), with
@@ -154,14 +168,18 @@ def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, cache: LayerKV, s
     def scores(spec, keys):
         return jnp.einsum(spec, qg, keys.astype(q.dtype), preferred_element_type=jnp.float32) * scale
 
+    fresh = None
+    if isinstance(start, WindowStart):  # a scalar or one column per row
+        start, fresh = start.window, jnp.maximum(start.window, jnp.reshape(start.fresh, (-1, 1)))
     col = jnp.arange(length)
-    keep_c = (col < start) | (col >= start + width)  # [L] the window's columns come from k, v
-    keep_c = jnp.broadcast_to(keep_c, (b, length))
-    keep_w = jnp.ones((b, width), bool)
+    # [B, L] the cache's columns read: all but the window's fresh ones, which come from k, v
+    keep_c = jnp.broadcast_to((col < (start if fresh is None else fresh)) | (col >= start + width), (b, length))
+    keep_w = (jnp.ones((b, width), bool) if fresh is None
+              else jnp.broadcast_to(start + jnp.arange(width) >= fresh, (b, width)))
     if mask is not None:
         kmask = mask.reshape(b, length)
         keep_c = keep_c & kmask
-        keep_w = jax.lax.dynamic_slice_in_dim(kmask, start, width, axis=1)
+        keep_w = keep_w & jax.lax.dynamic_slice_in_dim(kmask, start, width, axis=1)
     neg = jnp.finfo(jnp.float32).min
     # [B, N_kv, G, keys, Q]
     s_c = jnp.where(keep_c[:, None, None, :, None], scores("bqkgh,bklh->bkglq", cache.keys), neg)
@@ -216,7 +234,7 @@ class Block(nnx.Module):
         sin: jax.Array,
         mask: jax.Array | None,
         cache: LayerKV | None = None,
-        start: jax.Array | int | None = None,
+        start: jax.Array | int | WindowStart | None = None,
         query: Query | None = None,
     ) -> tuple[jax.Array, LayerKV]:
         """One block over the positions ``x`` [B, W, D] (RoPE tables ``cos``/``sin`` [B, W, h] of them).
