@@ -170,8 +170,10 @@ def test_per_row_cache_survives_the_batch_widening_and_narrowing(tiny_model):
         assert got[h].nfe == nfe
 
 
-def test_engine_on_a_mesh_equals_one_device_per_prompt(tiny_model):
-    """Slots split over 4 fake CPU devices (data=4), with the dual cache: each prompt as decoded alone."""
+@pytest.mark.parametrize("cache", ["dual", "prefix"])
+def test_engine_on_a_mesh_equals_one_device_per_prompt(tiny_model, cache):
+    """Slots split over 4 fake CPU devices (data=4), with a per-row cache (prefix: one window width for every
+    block, layers.WindowStart): each prompt as decoded alone."""
     import jax
 
     from dultra_jax.decoding import generate_many
@@ -181,7 +183,7 @@ def test_engine_on_a_mesh_equals_one_device_per_prompt(tiny_model):
         pytest.skip("needs 4 (fake) devices; tests/conftest.py sets them up")
     plan = ShardingPlan.create("data=4,fsdp=1,tensor=1", devices=jax.devices()[:4])
     prompts, seeds = _prompts(3, seed=4), [5, 0, 9]
-    common = dict(gen_length=16, block_length=8, cache="dual", strategy="planner", temperature=0.7)
+    common = dict(gen_length=16, block_length=8, cache=cache, strategy="planner", temperature=0.7)
     many = generate_many(tiny_model, prompts, slots=2, row_seeds=seeds, plan=plan, **common)  # 2 -> 4 slots
     for i, (p, s) in enumerate(zip(prompts, seeds, strict=True)):
         ids, mask = pad_prompts([p], tiny_model.cfg.pad_token_id, 16)
