@@ -72,26 +72,24 @@ def test_window_over_a_fresh_cache_is_exact(tiny_model, pad_aware):
 
 
 @nnx.jit(static_argnames=("start", "width"))
-def _window(model, canvas, attn, cache, start, width, block, fresh=None):
-    """(states, cached-head logits) at each row's 8 columns from ``block`` [B] of a cached window [start, start +
-    width) over ``cache``; with ``fresh``, the window's columns before it read the cache (WindowStart)."""
-    from dultra_jax.model.layers import WindowStart, take_positions
-    positions, kmask = positions_and_mask(*canvas.shape, attn)
-    win = slice(start, start + width)
-    span = start if fresh is None else WindowStart(window=start, fresh=fresh)
-    hidden = model.backbone.hidden_states(canvas[:, win], positions[:, win], kmask, cache[0], span)
-    query = (block - start)[:, None] + jnp.arange(8)
-    t = jnp.asarray([0.3, 0.6])
-    plan = model.planner(hidden, t, (canvas == model.cfg.mask_token_id)[:, win], positions[:, win], kmask,
-                         query=query, cache=cache[1], start=span)
-    return take_positions(hidden, query), plan
+def _loop_window(model, canvas, attn, cache, start, width, fresh=None):
+    """The decoding loop's cached iteration (``loop._window_forward``, prefix, block 8) of the window [start,
+    start + width) over ``cache`` = (backbone K/V, head K/V): (block states, planner block logits)."""
+    from dultra_jax.decoding import kv_cache
+    from dultra_jax.decoding import loop as L
+
+    cfg = L.decode_config(gen_length=16, block_length=8, strategy="planner", cache="prefix")
+    rows = L.Rows(keys=None, length=jnp.full((canvas.shape[0],), float(canvas.shape[1])), mask=attn)
+    return L._window_forward(model, canvas, rows, start, width, cfg, canvas == model.cfg.mask_token_id,
+                             jnp.asarray([0.3, 0.6]), kv_cache.DecodeCache(*cache), fresh)
 
 
 @pytest.mark.parametrize("pad_aware", [False, True])
 def test_a_window_reading_its_first_columns_from_the_cache_is_the_shorter_window(tiny_model, pad_aware):
     """Per-row prefix caching runs block 0's window for every block, the row's finished columns in it read from
-    the cache (WindowStart): over a stale cache, each row's block equals that of the window starting at the
-    row's block, and differs from the wide window's own (all fresh) result, so the check can fail."""
+    the cache (``fresh``: WindowStart): over a stale cache, each row's block equals that of the window starting
+    at the row's block. The stale columns matter (that block differs from the exact forward's), so a window that
+    computed them fresh would fail the check."""
     stale, attn = _canvas(tiny_model, pad_aware)
     positions, kmask = positions_and_mask(*stale.shape, attn)
     hidden, bkv = tiny_model.backbone.hidden_states(stale, positions, kmask, return_kv=True)
@@ -99,16 +97,15 @@ def test_a_window_reading_its_first_columns_from_the_cache_is_the_shorter_window
                                 kmask, return_kv=True)
     canvas = stale.at[:, 9:21].set(11)  # revealed since the cache was filled: block 0, and some of block 1
     cache = (bkv, hkv)
-    blocks = jnp.asarray([17, 9])  # each row's block start (per row: row 0 is at block 1, row 1 at block 0)
-    wide = _window(tiny_model, canvas, attn, cache, 9, 16, blocks, blocks)
-    plain = _window(tiny_model, canvas, attn, cache, 9, 16, blocks)
+    # each row's block start (per row: row 0 is at block 1, row 1 at block 0)
+    wide = _loop_window(tiny_model, canvas, attn, cache, 9, 16, jnp.asarray([17, 9]))
+    exact = tiny_model.backbone.hidden_states(canvas, positions, kmask)
     for r, f in enumerate((17, 9)):
-        own = _window(tiny_model, canvas, attn, cache, f, 25 - f, jnp.asarray([f, f]))
-        for got, want, other in zip(wide, own, plain, strict=True):
+        own = _loop_window(tiny_model, canvas, attn, cache, f, 25 - f)
+        for got, want in zip(wide, own, strict=True):
             assert np.isfinite(np.asarray(got)).all()
             np.testing.assert_allclose(np.asarray(got[r]), np.asarray(want[r]), atol=1e-5)
-            if f > 9:  # the wide window computed all fresh is a different approximation
-                assert np.abs(np.asarray(other[r]) - np.asarray(want[r])).max() > 1e-3
+    assert np.abs(np.asarray(wide[0][0]) - np.asarray(exact[0, 17:25])).max() > 1e-3
 
 
 def test_restricted_head_equals_the_full_canvas_head():
@@ -280,19 +277,13 @@ def test_per_row_prefix_runs_one_window_per_row(tiny_model):
     b, p, g, bl = 2, 8, 32, 8
     cfg = L.decode_config(gen_length=g, block_length=bl, strategy="planner", cache="prefix", schedule="per_row")
     x = jnp.full((b, p + g), tiny_model.cfg.mask_token_id, jnp.int32).at[:, :p].set(5)
-    rows = L.Rows(keys=None, length=jnp.full((b,), float(p + g)), mask=None)
+    rows = L.Rows(keys=jnp.zeros((b,)), length=jnp.full((b,), float(p + g)), mask=None)
     mi, ts = x == tiny_model.cfg.mask_token_id, jnp.full((b,), 0.5)
     cache = jax.eval_shape(lambda s: L._full_forward(nnx.merge(graphdef, s), x, rows, jnp.full((b,), p), cfg, mi,
                                                      ts)[2], state)
 
-    def per_row(state, x, mi, ts, cache, blk):
-        model = nnx.merge(graphdef, state)
-
-        def one(x1, mi1, ts1, c1, blk1):
-            r1 = L.Rows(keys=None, length=jnp.full((1,), float(p + g)), mask=None)
-            return L._cached_window(model, x1[None], r1, p + blk1 * bl, blk1, cfg, mi1[None], ts1[None],
-                                    jax.tree.map(lambda a: a[:, None], c1), p)
-        return jax.vmap(one, in_axes=(0, 0, 0, 1, 0))(x, mi, ts, cache, blk)
+    def per_row(state, x, mi, ts, cache, blk):  # the loop's per-row windows (vmapped over rows)
+        return L._per_row_windows(nnx.merge(graphdef, state), x, rows, p + blk * bl, blk, cfg, mi, ts, cache, p)
 
     def window(state, x, mi, ts, cache):  # the batch's block-0 window: width G for each row
         w_start, width = kv_cache.window_start_width("prefix", p, g, bl, 0)

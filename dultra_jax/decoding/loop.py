@@ -549,18 +549,25 @@ def _per_row_cached(model: DUltra, x, rows: Rows, start, blk, refresh, cfg: Deco
 
     h_new, plan_new, cache = jax.lax.cond(refresh.any(), fresh, skip, cache)
 
+    h_win, plan_win = _per_row_windows(model, x, rows, start, blk, cfg, mask_index, timestep, cache, p)
+    put = lambda new, win: win.at[target].set(new.astype(win.dtype), mode="drop")  # noqa: E731
+    h_blk = put(h_new, h_win)
+    plan_blk = None if plan_win is None else put(plan_new, plan_win)
+    return h_blk, plan_blk, cache
+
+
+def _per_row_windows(model: DUltra, x, rows: Rows, start, blk, cfg: DecodeConfig, mask_index, timestep,
+                     cache: kv_cache.DecodeCache, p: int):
+    """Every row's cached iteration at its own block (``start``, ``blk`` [B]): :func:`_cached_window` vmapped
+    over rows, each a batch of one. -> (block states [B, bl, D], planner logits [B, bl] or None)."""
     def one_row(x1, keys1, len1, mask1, start1, blk1, mi1, ts1, cache1):
         rows1 = Rows(keys=keys1[None], length=len1[None], mask=None if mask1 is None else mask1[None])
         cache1 = jax.tree.map(lambda a: a[:, None], cache1)
         h, plan = _cached_window(model, x1[None], rows1, start1, blk1, cfg, mi1[None], ts1[None], cache1, p)
         return h[0], None if plan is None else plan[0]
 
-    h_win, plan_win = jax.vmap(one_row, in_axes=(0, 0, 0, 0, 0, 0, 0, 0, 1))(
+    return jax.vmap(one_row, in_axes=(0, 0, 0, 0, 0, 0, 0, 0, 1))(
         x, rows.keys, rows.length, rows.mask, start, blk, mask_index, timestep, cache)
-    put = lambda new, win: win.at[target].set(new.astype(win.dtype), mode="drop")  # noqa: E731
-    h_blk = put(h_new, h_win)
-    plan_blk = None if plan_win is None else put(plan_new, plan_win)
-    return h_blk, plan_blk, cache
 
 
 def _suffix_refresh(model: DUltra, x, rows: Rows, block: int, p: int, cfg: DecodeConfig, mask_index, timestep,
